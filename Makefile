@@ -1,0 +1,37 @@
+# `make demo` and `make test` work on a fresh machine: each sets up .venv first.
+# torch==2.13.0 is installed on the same pip command line as the project so that pip takes the
+# local CPU wheel instead of resolving a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test bench lint sample clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q '$(TORCH)' -e '.[dev]'
+	touch $(STAMP)
+
+demo: install  ## train llama_tiny on the bundled sample corpus (CPU, a few minutes)
+	$(PY) train.py trainer.run_dir=runs/demo
+
+test: install  ## the CPU test suite
+	$(PY) -m pytest -q
+
+bench: install  ## benchmarks; tables go to bench/RESULTS.md
+	$(PY) -m bench.unigram
+	$(PY) -m bench.throughput --models llama_tiny llama_60m
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+sample: install  ## rebuild data/sample from Debian's python3.11-doc (byte-identical)
+	$(PY) -m data.sample_corpus
+
+clean:
+	rm -rf $(VENV) runs outputs .pytest_cache

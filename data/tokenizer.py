@@ -1,0 +1,157 @@
+"""Tokenizers: the paper's T5 sentencepiece model, or one trained here on the sample corpus.
+
+GaLore and LORENZA use T5's tokenizer, which is only reachable from the Hugging Face Hub;
+offline runs (CI, the quickstart) need a tokenizer too, so `sample` trains a small BPE
+model on the sample corpus's training split and caches it next to the shards. Every
+tokenizer is a sentencepiece `.model` file behind the same small `Tokenizer` wrapper.
+"""
+
+import io
+import os
+import socket
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import sentencepiece as spm
+
+from data.shards import read_documents, repo_path, shard_files
+
+T5_REPO, T5_FILE = "google-t5/t5-base", "spiece.model"
+TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads boolean variables
+NAMES = ("sample", "t5", "<path to a sentencepiece .model file>")
+
+
+class TokenizerUnavailable(RuntimeError):
+    """The requested tokenizer cannot be obtained here (e.g. T5 while offline)."""
+
+
+class Tokenizer:
+    """A sentencepiece model with the few methods training needs.
+
+    `bos_id` is -1 for models without a BOS piece (T5's); packing only uses `eos_id`.
+    """
+
+    def __init__(self, model_file: str | os.PathLike[str]) -> None:
+        self.model_file = Path(model_file)
+        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+
+def _lines(train_files: Sequence[Path]) -> Iterator[str]:
+    for doc in read_documents(train_files):
+        yield from doc.splitlines()
+
+
+def train_sample_tokenizer(
+    train_files: Sequence[Path], out_dir: str | os.PathLike[str], vocab_size: int = 8000
+) -> Path:
+    """Train (or reuse) `out_dir/sp_bpe_{vocab_size}.model` on the given training shards.
+
+    Only training shards are read, so validation text never shapes the vocabulary. The
+    settings are fixed (one thread, byte fallback so no text is ever `<unk>`) so the model
+    is reproducible; the file is written under a temporary name and renamed, so processes
+    training the same model at once (parallel tests, ranks) never read a partial file.
+    The cache is keyed by vocabulary size only: delete it after changing the corpus.
+    """
+    out = Path(out_dir) / f"sp_bpe_{vocab_size}.model"
+    if out.exists():
+        return out
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(train_files),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        max_sentence_length=1 << 16,
+        num_threads=1,
+        minloglevel=2,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(model.getvalue())
+    os.replace(tmp.name, out)
+    return out
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    # The constant is read when huggingface_hub is imported; the variable may be set later.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def t5_tokenizer() -> Tokenizer:
+    """The paper's T5 (t5-base) sentencepiece model, from the Hub or its local cache.
+
+    Without network access `hf_hub_download` retries for a long time; checking
+    reachability first (3 s) and falling back to the cache makes an offline run fail at
+    once with a message that says what to do instead.
+    """
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(T5_REPO, T5_FILE, local_files_only=not _hub_reachable())
+    except Exception as e:
+        raise TokenizerUnavailable(
+            f"cannot get the T5 tokenizer ({T5_REPO}/{T5_FILE}) from the Hugging Face Hub "
+            f"or its cache ({type(e).__name__}); use data.tokenizer=sample or a local path "
+            f"to a sentencepiece .model file"
+        ) from None
+    return Tokenizer(path)
+
+
+def load_tokenizer(name: str, vocab_size: int, data_path: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer named by `data.tokenizer`: `sample`, `t5`, or a `.model` file path.
+
+    `sample` is trained on `data_path`'s training shards with `vocab_size` pieces. For the
+    others `vocab_size` is the model's embedding size, which must hold every piece.
+    """
+    if name == "sample":
+        files = shard_files(data_path, "train")
+        out_dir = repo_path(data_path) / "tokenizer"
+        return Tokenizer(train_sample_tokenizer(files, out_dir, vocab_size))
+    if name == "t5":
+        tokenizer = t5_tokenizer()
+    elif name.endswith(".model"):
+        if not repo_path(name).is_file():
+            raise FileNotFoundError(f"data.tokenizer={name!r}: no such file {repo_path(name)}")
+        tokenizer = Tokenizer(repo_path(name))
+    else:
+        raise ValueError(f"data.tokenizer={name!r} is not one of: {', '.join(NAMES)}")
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"data.vocab_size={vocab_size} is smaller than the {tokenizer.vocab_size} pieces "
+            f"of tokenizer {name!r}"
+        )
+    return tokenizer

@@ -1,0 +1,39 @@
+"""Learning-rate and SAM-radius schedules as pure functions of the step.
+
+Per-parameter optimizers updated inside backward hooks read these at the step they are at, so
+there is no scheduler object to forget to advance, step twice, or checkpoint (nanoGPT's
+``get_lr``; see STYLE.md on torchtune's and GaLore's scheduler bugs).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def cosine_lr(
+    step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1
+) -> float:
+    """Linear warm-up from ``max_lr / warmup_steps`` to ``max_lr`` over ``warmup_steps``, then a
+    cosine decay to ``min_lr_ratio * max_lr`` at ``total_steps``, and flat after it.
+
+    ``step`` counts optimizer updates from 0 (the first update uses ``step=0``), so warm-up never
+    applies a zero learning rate.
+    """
+    min_lr = min_lr_ratio * max_lr
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def rho_for_lr(lr: float, max_lr: float, min_lr: float, rho_max: float, rho_min: float) -> float:
+    """GSAM's radius tied to the learning rate:
+    ``rho_t = rho_min + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min)``, clamped to
+    ``[rho_min, rho_max]`` (during warm-up ``lr_t`` starts below ``lr_min``); ``rho_max`` when the
+    schedule is constant."""
+    if max_lr == min_lr:
+        return rho_max
+    rho = rho_min + (rho_max - rho_min) * (lr - min_lr) / (max_lr - min_lr)
+    return min(rho_max, max(rho_min, rho))

@@ -1,0 +1,196 @@
+"""The LLaMA decoder used for every experiment: RMSNorm, rotary embeddings, SwiGLU MLP,
+causal SDPA attention and untied input/output embeddings.
+
+Module names mirror Hugging Face's ``LlamaForCausalLM`` (``embed_tokens``,
+``layers.i.self_attn.q_proj``, ``mlp.gate_proj``, ``lm_head`` ...) so that importing or
+exporting weights is a renaming of the top-level prefix only, and so that GaLore's rule for
+choosing low-rank parameters (linear weights of ``self_attn`` and ``mlp``) reads the same on
+both. Numerics follow Hugging Face too (RMSNorm in float32, rotary tables in float32,
+``rotate_half`` layout), which the parity tests check to 1e-5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a LLaMA model. Defaults are llama_60m from GaLore's ``configs/llama_60m.json``."""
+
+    name: str = "llama_60m"
+    """Name of the size, used in run names and error messages."""
+    vocab_size: int = 32000
+    """Rows of the embedding and of ``lm_head``; ``train.py`` sets it to ``data.vocab_size``."""
+    hidden_size: int = 512
+    """Width d_model of the residual stream."""
+    intermediate_size: int = 1376
+    """Width of the SwiGLU MLP's hidden layer."""
+    num_attention_heads: int = 8
+    """Number of attention heads; ``hidden_size`` must be divisible by it."""
+    num_hidden_layers: int = 8
+    """Number of transformer blocks."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the model accepts (``data.seq_len`` may not exceed it)."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon inside RMSNorm's square root."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal init of every linear and embedding weight."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the key for a shape that cannot build a model."""
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "max_position_embeddings",
+        ):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(
+                f"head dim {self.hidden_size // self.num_attention_heads} must be even"
+            )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like Hugging Face (matters under bf16)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, ...]:
+    """cos and sin of the rotary angles, [seq_len, head_dim], in float32 (HF's ``rotate_half``
+    layout: the two halves of the head dimension are rotated together, not interleaved pairs)."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    )
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, self.n_heads = cfg.hidden_size, cfg.num_attention_heads
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        heads = [
+            p(x).view(b, t, self.n_heads, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        ]
+        q, k, v = apply_rotary(heads[0], cos, sin), apply_rotary(heads[1], cos, sin), heads[2]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only LLaMA returning next-token logits ``[batch, seq, vocab]``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        if t > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {t} exceeds max_position_embeddings "
+                f"{self.cfg.max_position_embeddings}"
+            )
+        head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
+        cos, sin = rotary_tables(t, head_dim, self.cfg.rope_theta, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, ``6 N + 12 L d T`` (PaLM appendix B; N without the input
+        embedding, which is a lookup; the second term is attention's score and value matmuls)."""
+        c = self.cfg
+        return (
+            6 * self.num_params(exclude_embeddings=True)
+            + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+        )
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in float32; ``-100`` targets (padding) are ignored."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction
+    )

@@ -1,0 +1,32 @@
+"""Shared fixtures: composing the real Hydra configs and running train.py in-process."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run small enough for a test: tiny model, short sequences, few validation tokens.
+SMALL_RUN = [
+    "data.seq_len=64",
+    "data.val_tokens=2048",
+    "trainer.batch_size=4",
+    "trainer.progress=false",
+    "trainer.log_every=1",
+]
+
+
+def make_config(run_dir: Path, *overrides: str) -> train.Config:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        dict_cfg = compose(
+            "config", overrides=[*SMALL_RUN, f"trainer.run_dir={run_dir}", *overrides]
+        )
+    return train.to_config(dict_cfg)
+
+
+@pytest.fixture
+def config(tmp_path):
+    return lambda *overrides: make_config(tmp_path / "run", *overrides)

@@ -1,0 +1,117 @@
+"""The LLaMA family: sizes equal GaLore's, logits equal Hugging Face's, HF folders round-trip."""
+
+import pytest
+import torch
+import yaml
+
+from models import Llama, ModelConfig, load_hf, save_hf
+from models.hf import to_hf_state_dict
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = "configs/model"
+
+
+def config(name: str, **overrides) -> ModelConfig:
+    with open(f"{CONFIGS}/{name}.yaml") as f:
+        return ModelConfig(**{**yaml.safe_load(f), **overrides})
+
+
+@pytest.mark.parametrize(
+    "name,millions",
+    [
+        ("llama_60m", 58.1),
+        ("llama_130m", 134.1),
+        ("llama_350m", 368.0),
+        ("llama_1b", 1339.0),
+        ("llama_7b", 6738.4),
+    ],
+)
+def test_parameter_counts_match_galore_sizes(name, millions):
+    with torch.device("meta"):
+        model = Llama(config(name))
+    assert model.num_params() / 1e6 == pytest.approx(millions, rel=2e-3)
+
+
+def hf_twin(model: Llama) -> "transformers.LlamaForCausalLM":
+    c = model.cfg
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_attention_heads,
+        num_hidden_layers=c.num_hidden_layers,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(to_hf_state_dict(model), strict=True)
+    return hf
+
+
+SMALL = [
+    dict(
+        hidden_size=64,
+        intermediate_size=172,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=300,
+        rope_theta=10000.0,
+    ),
+    dict(
+        hidden_size=96,
+        intermediate_size=256,
+        num_attention_heads=6,
+        num_hidden_layers=3,
+        vocab_size=517,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    ),
+]
+
+
+@pytest.mark.parametrize("shape", SMALL)
+def test_logits_match_hugging_face(shape):
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(name="small", **shape)).eval()
+    # Perturb the norm gains so that a swapped or missing norm cannot hide behind all-ones.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    ids = torch.randint(0, shape["vocab_size"], (2, 37))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf_twin(model)(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_export_loads_in_hugging_face_and_imports_back(tmp_path):
+    torch.manual_seed(1)
+    model = Llama(ModelConfig(name="small", **SMALL[0])).eval()
+    save_hf(model, tmp_path, bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    back = load_hf(tmp_path).eval()
+    ids = torch.randint(0, SMALL[0]["vocab_size"], (1, 16))
+    with torch.no_grad():
+        ref = model(ids)
+        assert (hf(ids).logits - ref).abs().max().item() <= 1e-5
+        assert torch.equal(back(ids), ref)
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(2)
+    model = Llama(ModelConfig(name="small", **SMALL[0])).eval()
+    ids = torch.randint(0, 300, (1, 20))
+    changed = ids.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 300
+    with torch.no_grad():
+        assert torch.allclose(model(ids)[0, :10], model(changed)[0, :10], atol=1e-6)
+
+
+def test_bad_shape_names_the_key():
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        Llama(ModelConfig(hidden_size=100, num_attention_heads=3))

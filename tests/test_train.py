@@ -1,0 +1,115 @@
+"""train.py end to end on the sample corpus: run folder contents, learning, accumulation,
+and one-line refusals of bad input before any work."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from models import load_hf
+from tests.conftest import ROOT
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_has_config_metrics_model_and_plot(config):
+    cfg = config("trainer.max_steps=4", "trainer.eval_every=2")
+    result = train.fit(cfg)
+    run_dir = Path(cfg.trainer.run_dir)
+    rows = read_metrics(run_dir)
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all({"step", "loss", "lr", "tokens"} <= r.keys() for r in steps)
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert evals[-1]["val_ppl"] == pytest.approx(result["val_ppl"])
+    assert steps[-1]["tokens"] == 4 * 4 * 64
+    assert (run_dir / "config.yaml").read_text().count("max_steps: 4") == 1
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    model = load_hf(run_dir / "model")
+    assert model.cfg.vocab_size == 8000 and (run_dir / "model" / "tokenizer.model").exists()
+
+
+def test_warmup_then_cosine_lr_reaches_the_optimizer(config):
+    cfg = config(
+        "trainer.max_steps=10",
+        "optim.warmup_ratio=0.2",
+        "optim.lr=0.01",
+        "trainer.eval_every=100",
+        "trainer.save_model=false",
+    )
+    train.fit(cfg)
+    lrs = [r["lr"] for r in read_metrics(Path(cfg.trainer.run_dir)) if "lr" in r]
+    assert lrs[:2] == pytest.approx([0.005, 0.01])
+    assert lrs[-1] < lrs[2] and lrs == sorted(lrs[:2]) + sorted(lrs[2:], reverse=True)
+
+
+@pytest.mark.slow
+def test_validation_loss_falls(config):
+    cfg = config(
+        "trainer.max_steps=40", "trainer.eval_every=40", "optim.lr=3e-3", "trainer.save_model=false"
+    )
+    train.fit(cfg)
+    evals = [r["val_loss"] for r in read_metrics(Path(cfg.trainer.run_dir)) if "val_loss" in r]
+    assert evals[0] > 8.5  # ~ln(8000) at init
+    assert evals[-1] < evals[0] - 1.0
+
+
+def test_gradient_accumulation_equals_one_big_batch(config):
+    """batch 4 x accumulation 1 and batch 2 x accumulation 2 see the same tokens and must
+    follow the same trajectory (up to float summation order)."""
+    losses = []
+    for b, acc in ((4, 1), (2, 2)):
+        cfg = config(
+            "trainer.max_steps=3",
+            f"trainer.batch_size={b}",
+            f"trainer.grad_accum={acc}",
+            "trainer.eval_every=100",
+            "trainer.save_model=false",
+            "trainer.grad_clip=0",
+        )
+        cfg.trainer.run_dir = f"{cfg.trainer.run_dir}_{b}"
+        train.fit(cfg)
+        losses.append([r["loss"] for r in read_metrics(Path(cfg.trainer.run_dir)) if "loss" in r])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_bf16_autocast_trains(config):
+    cfg = config("trainer.max_steps=2", "trainer.precision=bf16", "trainer.save_model=false")
+    result = train.fit(cfg)
+    assert torch.isfinite(torch.tensor(result["val_loss"]))
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("optim.lr=0", "optim.lr=0.0 must be positive"),
+        ("trainer.max_steps=-3", "trainer.max_steps=-3 must be positive"),
+        ("trainer.batch_size=0", "trainer.batch_size=0 must be positive"),
+        ("data.seq_len=0", "data.seq_len=0"),
+        ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_position_embeddings=1024"),
+        ("data.path=/nonexistent/c4", "data.path='/nonexistent/c4'"),
+        ("trainer.precision=fp8", "trainer.precision='fp8' is not one of fp32, bf16"),
+        ("model=llama_nope", "Could not find 'model/llama_nope'"),
+        ("model=llama_nope", "llama_60m"),  # the allowed names are listed
+        ("optim=nope", "Could not find 'optim/nope'"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, override, needle):
+    proc = subprocess.run(
+        [sys.executable, "train.py", override, f"trainer.run_dir={tmp_path}/r"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # refused before any work
