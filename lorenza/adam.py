@@ -1,0 +1,141 @@
+"""The one Adam core every optimizer variant shares, on full-size or projected gradients.
+
+32-bit states use GaLore's (Hugging Face ``AdamW``'s) formula: ``N = m / (sqrt(v) + eps)`` with
+step size ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``. That places ``eps`` slightly differently
+from ``torch.optim.AdamW`` and is what step-for-step parity with ``galore-torch`` needs.
+
+8-bit states are bitsandbytes' blockwise-quantized Adam (dynamic quantile maps, blocks of 256,
+tensors under 4096 elements keep 32-bit states), run through its own kernels so that the
+numbers are bitsandbytes' and nothing is quantized by hand. Its formula is torch's (``eps``
+scaled by ``sqrt(1 - beta2^t)``), and for a full-rank parameter its kernel also applies the
+weight decay, before the update, exactly as ``bitsandbytes.optim.AdamW8bit`` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BITS = (8, 32)
+MIN_8BIT_SIZE = 4096  # bitsandbytes' default min_8bit_size: smaller tensors stay 32-bit
+BLOCKSIZE = 256  # bitsandbytes' blockwise quantization block
+_QMAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _qmaps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' signed (first moment) and unsigned (second moment) dynamic maps."""
+    if device not in _QMAPS:
+        import bitsandbytes.functional as bnbf
+
+        _QMAPS[device] = (
+            bnbf.create_dynamic_map(signed=True).to(device),
+            bnbf.create_dynamic_map(signed=False).to(device),
+        )
+    return _QMAPS[device]
+
+
+def quantized(state: dict) -> bool:
+    return state["exp_avg"].dtype == torch.uint8
+
+
+def init_moments(state: dict, like: torch.Tensor, bits: int) -> None:
+    """Zero first and second moments shaped like ``like`` (float32, or uint8 blockwise)."""
+    if bits == 8 and like.numel() >= MIN_8BIT_SIZE:
+        blocks = math.ceil(like.numel() / BLOCKSIZE)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = torch.zeros_like(like, dtype=torch.uint8)
+        for key in ("absmax1", "absmax2"):
+            state[key] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
+    else:
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = torch.zeros_like(like, dtype=torch.float32)
+
+
+def _bnb_update(
+    state: dict,
+    grad: torch.Tensor,
+    target: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """bitsandbytes' Adam kernel, in place on ``target``."""
+    import bitsandbytes.functional as bnbf
+
+    grad = grad.contiguous()
+    if quantized(state):
+        q1, q2 = _qmaps(grad.device)
+        bnbf.optimizer_update_8bit_blockwise(
+            "adam",
+            grad,
+            target,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            beta1,
+            beta2,
+            0.0,
+            0.0,
+            eps,
+            step,
+            lr,
+            q1,
+            q2,
+            state["absmax1"],
+            state["absmax2"],
+            weight_decay,
+        )
+    else:
+        bnbf.optimizer_update_32bit(
+            "adam",
+            grad,
+            target,
+            state["exp_avg"],
+            beta1,
+            eps,
+            step,
+            lr,
+            state["exp_avg_sq"],
+            beta2,
+            0.0,
+            0.0,
+            weight_decay,
+        )
+
+
+def adam_direction(
+    state: dict, grad: torch.Tensor, step: int, beta1: float, beta2: float, eps: float, bits: int
+) -> tuple[torch.Tensor, float]:
+    """Advance the moments with ``grad`` and return ``(N, step_factor)``: the parameter moves by
+    ``-lr * step_factor * N``. ``step`` counts updates from 1."""
+    grad = grad.float()
+    if bits == 8:
+        # bitsandbytes updates a parameter in place: give it a zero one (GaLore's 8-bit trick)
+        # and read the unit-lr update back. Its step factor is sqrt(1-beta2^t)/(1-beta1^t) too.
+        delta = torch.zeros_like(grad)
+        _bnb_update(state, grad, delta, step, 1.0, beta1, beta2, eps, 0.0)
+        factor = math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        return delta.div_(-factor), factor
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return m / v.sqrt().add_(eps), math.sqrt(1 - beta2**step) / (1 - beta1**step)
+
+
+def adam_8bit_step(
+    state: dict,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """A full-rank 8-bit AdamW update of ``param`` in place, weight decay included, identical
+    to ``bitsandbytes.optim.AdamW8bit``."""
+    _bnb_update(state, grad, param.data, step, lr, beta1, beta2, eps, weight_decay)
