@@ -25,6 +25,9 @@ test: install  ## the CPU test suite
 bench: install  ## benchmarks; tables go to bench/RESULTS.md
 	$(PY) -m bench.unigram
 	$(PY) -m bench.throughput --models llama_tiny llama_60m
+	$(PY) -m bench.ssrf
+	$(PY) -m bench.state_bytes
+	$(PY) -m bench.step_time --models llama_tiny llama_60m
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data import (
@@ -32,6 +34,16 @@ from data import (
     train_batches,
     validation_batches,
 )
+from lorenza import (
+    AdamW,
+    AdaZoSAM,
+    GaLoreAdamW,
+    Lorenza,
+    LorenzaPlus,
+    SAMAdamW,
+    lowrank_param_groups,
+)
+from lorenza.fused import FusedUpdates, clip_per_param_
 from lorenza.schedule import cosine_lr
 from models import Llama, ModelConfig, loss_fn, save_hf
 
@@ -40,24 +52,50 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule."""
+    """Optimizer, learning-rate schedule, and the low-rank / sharpness-aware settings (symbols
+    as in the LORENZA paper; keys an optimizer does not use are ignored by it)."""
 
     name: str = "adamw"
-    """Optimizer: ``adamw`` (more come with the ``lorenza`` package)."""
+    """One of ``OPTIMIZERS`` (configs/optim/<name>.yaml)."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warm-up."""
     weight_decay: float = 0.0
-    """Decoupled weight decay on matrices (embeddings included, norms excluded), as GaLore."""
+    """Decoupled weight decay ``W ← W − lr·wd·W`` on every parameter, as GaLore."""
     beta1: float = 0.9
     """Adam first-moment decay."""
     beta2: float = 0.999
     """Adam second-moment decay."""
-    eps: float = 1e-8
-    """Adam epsilon."""
+    eps: float = 1e-6
+    """Adam epsilon (GaLore's default and placement: ``m / (sqrt(v) + eps)``)."""
     warmup_ratio: float = 0.1
     """Fraction of ``trainer.max_steps`` spent in linear warm-up (GaLore: 10%)."""
     min_lr_ratio: float = 0.1
     """The cosine decays to ``lr * min_lr_ratio`` at ``trainer.max_steps`` (GaLore: 0.1)."""
+    bits: int = 32
+    """Optimizer states in 32-bit, or 8-bit through bitsandbytes' blockwise kernels."""
+    rank: int = 128
+    """r: subspace dimension of the attention and MLP matrices (low-rank optimizers)."""
+    update_gap: int = 200
+    """T: steps between subspace refreshes."""
+    scale: float = 0.25
+    """α: factor on the projected-back update."""
+    projection: str = "ssrf"
+    """``ssrf`` (randomized range finder) or ``svd`` (GaLore's exact SVD)."""
+    oversample: int = 0
+    """p: extra sketch columns of SSRF (Halko et al. advise 5-10; the paper uses 0)."""
+    power_iters: int = 0
+    """Power iterations of SSRF."""
+    rho_max: float = 0.01
+    """SAM radius at the peak learning rate (GSAM schedule: ρ follows the LR)."""
+    rho_min: float = 1e-6
+    """SAM radius at the final learning rate."""
+    mu: float = 1e-3
+    """μ: finite-difference step of the zeroth-order estimate."""
+    q: int = 1
+    """Random directions per step of the zeroth-order estimate."""
+    zo_batch_fraction: float = 1.0
+    """Fraction of each micro-batch the zeroth-order forward passes run on (1.0: the paper's
+    setting; 0.5 halves their cost at the price of a noisier ascent direction)."""
 
 
 @dataclass
@@ -73,7 +111,13 @@ class TrainerConfig:
     grad_accum: int = 1
     """Micro-batches per update: the global batch is batch_size * grad_accum * world size."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this before each update; 0 disables clipping."""
+    """Gradient-clipping threshold; 0 disables clipping."""
+    grad_clip_mode: str = "auto"
+    """``global`` (one norm over all gradients; unfused only), ``per_param`` (each parameter's
+    gradient clipped on its own; works fused), or ``auto``: per_param when fused, else global."""
+    fused: bool | None = None
+    """Update each parameter inside backward and free its gradient at once (``lorenza.fused``);
+    ``null`` = on for the low-rank optimizers, off for the others."""
     precision: str = "fp32"
     """``fp32``, or ``bf16`` autocast (float32 master weights and optimizer states)."""
     device: str = "auto"
@@ -86,6 +130,12 @@ class TrainerConfig:
     """Show a progress bar with loss, lr and tokens/s."""
     save_model: bool = True
     """Export the final model to ``run_dir/model`` in Hugging Face format."""
+    save_every: int = 0
+    """Write a checkpoint every this many updates (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept in ``run_dir/checkpoints`` (older ones are deleted after a new one)."""
+    resume: str = "none"
+    """``none``, ``auto`` (newest complete checkpoint in run_dir, if any), or a checkpoint path."""
     wandb_mode: str = "disabled"
     """``disabled``, ``offline`` (no account needed; files under run_dir) or ``online``."""
     wandb_project: str = "lorenza"
@@ -104,8 +154,20 @@ class Config:
 
 ConfigStore.instance().store(name="config_schema", node=Config)
 
-OPTIMIZERS = ("adamw",)
+# name -> (optimizer class, low-rank attention/MLP matrices?, state bits)
+OPTIMIZERS = {
+    "adamw": (AdamW, False, 32),
+    "adamw8bit": (AdamW, False, 8),
+    "galore": (GaLoreAdamW, True, 32),
+    "galore8bit": (GaLoreAdamW, True, 8),
+    "lorenza": (Lorenza, True, 32),
+    "lorenza8bit": (Lorenza, True, 8),
+    "lorenza_plus": (LorenzaPlus, True, 32),
+    "adazo_sam": (AdaZoSAM, False, 32),
+    "sam": (SAMAdamW, False, 32),
+}
 PRECISIONS = ("fp32", "bf16")
+CLIP_MODES = ("auto", "global", "per_param")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -123,10 +185,22 @@ def check_config(cfg: Config) -> None:
 
     cfg.model.validate()
     cfg.data.validate()
-    one_of("optim.name", cfg.optim.name, OPTIMIZERS)
+    one_of("optim.name", cfg.optim.name, tuple(OPTIMIZERS))
     one_of("trainer.precision", cfg.trainer.precision, PRECISIONS)
     one_of("trainer.device", cfg.trainer.device, DEVICES)
     one_of("trainer.wandb_mode", cfg.trainer.wandb_mode, WANDB_MODES)
+    one_of("trainer.grad_clip_mode", cfg.trainer.grad_clip_mode, CLIP_MODES)
+    if is_fused(cfg) and cfg.trainer.grad_clip > 0 and cfg.trainer.grad_clip_mode == "global":
+        raise ValueError(
+            "trainer.grad_clip_mode='global' cannot work with trainer.fused=true: each gradient "
+            "is consumed before a global norm exists; use grad_clip_mode=per_param (or auto), "
+            "grad_clip=0, or fused=false"
+        )
+    if cfg.trainer.save_every < 0 or cfg.trainer.keep_last < 1:
+        raise ValueError(
+            f"trainer.save_every={cfg.trainer.save_every} must be >= 0 and "
+            f"trainer.keep_last={cfg.trainer.keep_last} >= 1"
+        )
     positive("optim.lr", cfg.optim.lr)
     for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every"):
         positive(f"trainer.{key}", getattr(cfg.trainer, key))
@@ -134,6 +208,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"trainer.grad_clip={cfg.trainer.grad_clip} must be >= 0 (0 disables)")
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ValueError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} must be in [0, 1)")
+    if not 0 < cfg.optim.zo_batch_fraction <= 1:
+        raise ValueError(f"optim.zo_batch_fraction={cfg.optim.zo_batch_fraction} must be in (0, 1]")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ValueError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
     if cfg.data.seq_len > cfg.model.max_position_embeddings:
@@ -143,25 +219,53 @@ def check_config(cfg: Config) -> None:
         )
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device='cuda' but CUDA is not available")
+    with torch.device("meta"):  # the optimizer checks its own arguments against real shapes
+        try:
+            build_optimizer(Llama(cfg.model), cfg.optim)
+        except ValueError as err:
+            raise ValueError(f"optim.{err}") from None
+
+
+def is_fused(cfg: Config) -> bool:
+    """``trainer.fused``, defaulting to on for the low-rank optimizers."""
+    return OPTIMIZERS[cfg.optim.name][1] if cfg.trainer.fused is None else cfg.trainer.fused
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (norm gains are left alone)."""
-    matrices = [p for p in model.parameters() if p.ndim >= 2]
-    vectors = [p for p in model.parameters() if p.ndim < 2]
-    groups = [
-        {"params": matrices, "weight_decay": cfg.weight_decay},
-        {"params": vectors, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    """The ``lorenza`` optimizer named by ``cfg.name``; low-rank variants manage the attention
+    and MLP matrices in rank ``cfg.rank`` and everything else in full rank (GaLore's split)."""
+    cls, lowrank, bits = OPTIMIZERS[cfg.name]
+    params = lowrank_param_groups(model, cfg.rank) if lowrank else model.parameters()
+    kwargs = dict(
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        bits=bits if cfg.bits == 32 else cfg.bits,
+        rho_max=cfg.rho_max,
+        rho_min=cfg.rho_min,
+        min_lr_ratio=cfg.min_lr_ratio,
+        mu=cfg.mu,
+        q=cfg.q,
+    )
+    if lowrank:
+        kwargs.update(
+            update_gap=cfg.update_gap,
+            scale=cfg.scale,
+            projection=cfg.projection,
+            oversample=cfg.oversample,
+            power_iters=cfg.power_iters,
+        )
+    return cls(params, **kwargs)
 
 
 class MetricsLog:
     """Append-only ``metrics.jsonl`` (one JSON object per logged step), mirrored to wandb."""
 
-    def __init__(self, run_dir: Path, cfg: Config):
+    def __init__(self, run_dir: Path, cfg: Config, append: bool = False):
         self.path = run_dir / "metrics.jsonl"
-        self.path.write_text("")
+        if not append:
+            self.path.write_text("")
         self.wandb = None
         if cfg.trainer.wandb_mode != "disabled":
             import wandb
@@ -238,6 +342,80 @@ def git_version() -> str:
         return "unknown"
 
 
+CHECKPOINTS = "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, model: Llama, optimizer, state: dict, keep_last: int) -> Path:
+    """Write ``checkpoints/step_N`` atomically: into a temporary folder, flushed, then renamed,
+    so a crash mid-write leaves the previous checkpoint intact; then prune to ``keep_last``."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state['step']:08d}"
+    tmp = root / f".tmp_{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(
+        {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+        str(tmp / "model.safetensors"),
+    )
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        tmp / "optimizer.pt",
+    )
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (temporary folders of interrupted writes are ignored)."""
+    done = sorted((run_dir / CHECKPOINTS).glob("step_*"))
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, cfg: Config, model: Llama, optimizer) -> dict:
+    """Restore model, optimizer and RNG states in place; returns the trainer state. Refuses a
+    checkpoint of another model shape or optimizer with one line naming the difference."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    ours = {
+        "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+        "optim": cfg.optim.name,
+    }
+    for key, value in ours.items():
+        if state[key] != value:
+            raise ValueError(
+                f"checkpoint {path} was written for {key}={state[key]}, not {key}={value}"
+            )
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    blob = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["torch_rng"])
+    if blob["cuda_rng"]:
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    return state
+
+
+def resume_path(cfg: Config, run_dir: Path) -> Path | None:
+    if cfg.trainer.resume == "none":
+        return None
+    if cfg.trainer.resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(cfg.trainer.resume)
+    if not (path / "trainer_state.json").exists():
+        raise ValueError(f"trainer.resume={cfg.trainer.resume!r} is not a checkpoint folder")
+    return path
+
+
 def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
     """Train as ``cfg`` says; returns the final metrics. Raises ``ValueError`` on a bad config."""
     check_config(cfg)
@@ -257,6 +435,9 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
     cfg.model.vocab_size = cfg.data.vocab_size  # the embedding holds every tokenizer piece
     model = Llama(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optim)
+    fused = is_fused(cfg)
+    per_param_clip = t.grad_clip > 0 and (fused or t.grad_clip_mode == "per_param")
+    hooks = FusedUpdates(optimizer, t.grad_clip if per_param_clip else 0.0) if fused else None
     batches = train_batches(cfg.data, tokenizer, t.batch_size, cfg.seed)
     val_set = [
         (x.to(device), y.to(device))
@@ -268,6 +449,13 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
         else nullcontext()
     )
 
+    start, tokens = 0, 0
+    checkpoint = resume_path(cfg, run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, cfg, model, optimizer)
+        start, tokens = state["step"], state["tokens"]
+        for _ in range(state["micro_batches"]):  # replay the data stream to where it stopped
+            next(batches)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     (run_dir / "run_info.json").write_text(
         json.dumps(
@@ -276,62 +464,92 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
                 "torch": torch.__version__,
                 "device": str(device),
                 "params": model.num_params(),
+                "fused": fused,
+                "resumed_from": str(checkpoint),
                 "command": sys.argv,
             },
             indent=2,
         )
     )
-    log = MetricsLog(run_dir, cfg)
+    log = MetricsLog(run_dir, cfg, append=checkpoint is not None)
     warmup = int(cfg.optim.warmup_ratio * t.max_steps)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
-    tokens = 0
 
     def eval_and_log(step: int) -> float:
         val_loss = evaluate(model, val_set, autocast)
         log.log(step=step, tokens=tokens, val_loss=val_loss, val_ppl=math.exp(val_loss))
         return val_loss
 
-    val_loss = eval_and_log(0)
+    def checkpoint_state(step: int) -> dict:
+        return {
+            "step": step,
+            "tokens": tokens,
+            "micro_batches": step * t.grad_accum,
+            "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+            "optim": cfg.optim.name,
+        }
+
+    val_loss = eval_and_log(0) if checkpoint is None else float("nan")
     bar = tqdm(
-        range(t.max_steps), disable=not t.progress, desc=f"{cfg.model.name}/{cfg.optim.name}"
+        range(start, t.max_steps),
+        initial=start,
+        total=t.max_steps,
+        disable=not t.progress,
+        desc=f"{cfg.model.name}/{cfg.optim.name}",
     )
     window_start, window_tokens = time.perf_counter(), 0
     for step in bar:
         lr = cosine_lr(step, cfg.optim.lr, warmup, t.max_steps, cfg.optim.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(t.grad_accum):
-            x, y = (v.to(device, non_blocking=True) for v in next(batches))
-            with autocast:
-                logits = model(x)
-            loss = loss_fn(logits, y) / t.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
-            if t.grad_clip > 0
-            else None
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro = [
+            tuple(v.to(device, non_blocking=True) for v in next(batches))
+            for _ in range(t.grad_accum)
+        ]
+
+        def closure(update: bool = False, micro=micro) -> float:
+            """Mean loss of this step's batch; backward too when grad is enabled (the
+            sharpness-aware optimizers also call it without grad, for forward-only losses).
+            In fused mode the hooks update the weights during the last backward of ``update``."""
+            total = 0.0
+            for i, (x, y) in enumerate(micro):
+                if not torch.is_grad_enabled():  # zeroth-order forward: maybe a sub-batch
+                    k = max(1, math.ceil(cfg.optim.zo_batch_fraction * len(x)))
+                    x, y = x[:k], y[:k]
+                with autocast:
+                    logits = model(x)
+                loss = loss_fn(logits, y) / t.grad_accum
+                if torch.is_grad_enabled():
+                    if hooks is not None:
+                        hooks.armed = update and i == len(micro) - 1
+                    loss.backward()
+                total += loss.item()
+            return total
+
+        optimizer.perturb(closure)  # moves W to W + ε for SAM-type optimizers, else nothing
+        loss_sum = closure(update=True)
+        if hooks is not None:
+            hooks.finish()
+        else:
+            if per_param_clip:
+                for p in model.parameters():
+                    clip_per_param_(p.grad, t.grad_clip)
+            elif t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         tokens += tokens_per_step
         window_tokens += tokens_per_step
         done = step + 1
         if done % t.log_every == 0 or done == t.max_steps:
             tok_s = window_tokens / (time.perf_counter() - window_start)
-            log.log(
-                step=done,
-                loss=loss_sum,
-                lr=lr,
-                tokens=tokens,
-                tokens_per_s=tok_s,
-                grad_norm=grad_norm,
-            )
+            log.log(step=done, loss=loss_sum, lr=lr, tokens=tokens, tokens_per_s=tok_s)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             window_start, window_tokens = time.perf_counter(), 0
         if done % t.eval_every == 0 or done == t.max_steps:
             val_loss = eval_and_log(done)
+        if (t.save_every and done % t.save_every == 0) or done == t.max_steps:
+            save_checkpoint(run_dir, model, optimizer, checkpoint_state(done), t.keep_last)
     bar.close()
     log.close()
 

@@ -261,9 +261,16 @@ class SubspaceAdamW(torch.optim.Optimizer):
                     out.append((p, None))
         return out
 
-    def _move(self, params, seeds: list[int], coefs: list[float]) -> None:
+    def _move(self, params, seeds: list[int], coefs: list[float], measure: bool = False) -> float:
+        """``W += Σ_j coefs[j] P_j`` on every perturbed parameter; with ``measure``, returns
+        the squared norm of what was added (over all of them)."""
+        total = 0.0
         for p, basis in params:
-            p.add_(combined(p, self.index[p], seeds, coefs, basis).to(p.dtype))
+            d = combined(p, self.index[p], seeds, coefs, basis)
+            if measure:
+                total += d.square().sum().item()
+            p.add_(d.to(p.dtype))
+        return total
 
     @torch.no_grad()
     def perturb(self, closure: Closure) -> dict | None:
@@ -283,24 +290,32 @@ class SubspaceAdamW(torch.optim.Optimizer):
         seeds = [mix(self.seed, _ZO, self.step_count, j) for j in range(self.q)]
         cs = []
         for s in seeds:  # two forward passes per direction, no graph kept
-            self._move(params, [s], [self.mu])
+            sq_norm = self._move(params, [s], [self.mu], measure=self.q == 1) / self.mu**2
             with torch.inference_mode():
                 f_plus = float(closure())
             self._move(params, [s], [-2 * self.mu])
             with torch.inference_mode():
                 f_minus = float(closure())
-            self._move(params, [s], [self.mu])
             cs.append((f_plus - f_minus) / (2 * self.mu))
-        coefs = [c / self.q for c in cs]  # the estimate ĝ = Σ_j (c_j / q) P_j
-        norm = math.sqrt(
-            sum(
-                combined(p, self.index[p], seeds, coefs, b).square().sum().item() for p, b in params
-            )
-        )
-        if not math.isfinite(norm) or norm == 0:
+            if self.q > 1 or not (math.isfinite(cs[-1]) and cs[-1] != 0):
+                self._move(params, [s], [self.mu])  # back to W (q = 1 merges it into ε below)
+        if not all(math.isfinite(c) and c != 0 for c in cs):
             return {"c": cs, "rho": rho, "moved": False}
-        eps_coefs = [rho * c / norm for c in coefs]
-        self._move(params, seeds, eps_coefs)
+        coefs = [c / self.q for c in cs]  # the estimate ĝ = Σ_j (c_j / q) P_j
+        if self.q == 1:
+            # ‖ĝ‖ = |c|·‖P‖, and the last "+μ" move is merged with the ε move: four passes
+            # over the directions per step instead of six.
+            eps_coefs = [rho * math.copysign(1.0, cs[0]) / math.sqrt(sq_norm)]
+            self._move(params, seeds, [self.mu + eps_coefs[0]])
+        else:
+            norm = math.sqrt(
+                sum(
+                    combined(p, self.index[p], seeds, coefs, b).square().sum().item()
+                    for p, b in params
+                )
+            )
+            eps_coefs = [rho * c / norm for c in coefs]
+            self._move(params, seeds, eps_coefs)
         self._pending = {"seeds": seeds, "coefs": eps_coefs}
         self._unrestored = {p for p, _ in params}
         return {"c": cs, "rho": rho, "moved": True}

@@ -124,8 +124,8 @@ def test_galore_8bit_matches_galore_torch_8bit(monkeypatch):
     # bitsandbytes >= 0.45 signature where they land on (max_unorm, skip_zeros): the update of
     # its zero stand-in parameter is then clipped to 100 x its norm, 0, and GaLore8bit's
     # low-rank weights never move. Undo that so that the reference is the intended algorithm.
-    assert ref.args.max_unorm == 100
-    ref.args.max_unorm, ref.args.skip_zeros = 0.0, False
+    if ref.args.max_unorm == 100:
+        ref.args.max_unorm, ref.args.skip_zeros = 0.0, False
     # 12 steps, refreshes at 0, 4, 8. Our low-rank update multiplies lr in after bitsandbytes'
     # kernel, galore-torch inside it: 1-ulp differences (3e-7 after 8 steps) that can then move
     # an element across an 8-bit quantization bucket (measured: 2.5e-5 at step 9, 7.6e-5 at

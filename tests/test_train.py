@@ -2,6 +2,7 @@
 and one-line refusals of bad input before any work."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,50 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, override, needle):
     assert needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # refused before any work
+
+
+OPTIMIZERS = [
+    "adamw",
+    "adamw8bit",
+    "galore",
+    "galore8bit",
+    "lorenza",
+    "lorenza8bit",
+    "lorenza_plus",
+    "adazo_sam",
+    "sam",
+]
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_every_optimizer_trains_from_train_py(config, optim):
+    cfg = config(
+        f"optim={optim}",
+        "optim.rank=16",
+        "optim.update_gap=2",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        "trainer.save_model=false",
+    )
+    result = train.fit(cfg)
+    rows = read_metrics(Path(cfg.trainer.run_dir))
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] < rows[0]["val_loss"]
+
+
+def test_optimizer_arguments_are_checked_against_the_model(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "optim=lorenza",
+            "optim.rank=200",
+            f"trainer.run_dir={tmp_path}/r",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "optim.rank=200 is invalid: must be an integer in [1, 128]" in proc.stderr

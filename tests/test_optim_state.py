@@ -1,0 +1,150 @@
+"""Optimizer state: exact resume from state_dict, state sizes, and refusals of bad arguments."""
+
+import io
+
+import pytest
+import torch
+
+from lorenza import (
+    AdamW,
+    AdaZoSAM,
+    GaLoreAdamW,
+    Lorenza,
+    LorenzaPlus,
+    SAMAdamW,
+    lowrank_param_groups,
+)
+from models import Llama, ModelConfig, loss_fn
+
+SMALL = ModelConfig(
+    name="small",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=172,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+)
+WIDE = ModelConfig(
+    name="wide",
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=344,
+    num_attention_heads=4,
+    num_hidden_layers=1,
+)
+
+VARIANTS = {
+    "adamw": lambda m, **kw: AdamW(m.parameters(), **kw),
+    "adamw8bit": lambda m, **kw: AdamW(m.parameters(), bits=8, **kw),
+    "galore": lambda m, **kw: GaLoreAdamW(lowrank_param_groups(m, 8, update_gap=4), **kw),
+    "galore8bit": lambda m, **kw: GaLoreAdamW(
+        lowrank_param_groups(m, 8, update_gap=4), bits=8, **kw
+    ),
+    "lorenza": lambda m, **kw: Lorenza(lowrank_param_groups(m, 8, update_gap=4), **kw),
+    "lorenza8bit": lambda m, **kw: Lorenza(lowrank_param_groups(m, 8, update_gap=4), bits=8, **kw),
+    "lorenza_plus": lambda m, **kw: LorenzaPlus(lowrank_param_groups(m, 8, update_gap=4), **kw),
+    "adazo_sam": lambda m, **kw: AdaZoSAM(m.parameters(), **kw),
+    "sam": lambda m, **kw: SAMAdamW(m.parameters(), **kw),
+}
+
+
+def run(model, opt, batches):
+    for ids in batches:
+
+        def closure(ids=ids):
+            loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
+            if torch.is_grad_enabled():
+                loss.backward()
+            return loss
+
+        opt.step(closure)
+        opt.zero_grad(set_to_none=True)
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_dict_round_trip_gives_bit_identical_weights(name):
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 17), generator=gen) for _ in range(10)]
+    torch.manual_seed(0)
+    model = Llama(SMALL if "8bit" not in name else WIDE)
+    opt = VARIANTS[name](model, lr=1e-2, weight_decay=0.01)
+    run(model, opt, batches[:5])
+    saved_model, saved_opt = roundtrip(model.state_dict()), roundtrip(opt.state_dict())
+    run(model, opt, batches[5:])
+
+    torch.manual_seed(123)  # the resumed run must not depend on the global RNG
+    resumed = Llama(SMALL if "8bit" not in name else WIDE)
+    resumed.load_state_dict(saved_model)
+    opt2 = VARIANTS[name](resumed, lr=1e-2, weight_decay=0.01)
+    opt2.load_state_dict(saved_opt)
+    run(resumed, opt2, batches[5:])
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def state_bytes(opt):
+    return sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+
+
+def one_step_bytes(name):
+    torch.manual_seed(0)
+    model = Llama(WIDE)
+    opt = VARIANTS[name](model, lr=1e-3)
+    run(model, opt, [torch.randint(0, 256, (2, 17))] * 2)  # LORENZA perturbs from step 1 on
+    return state_bytes(opt), model
+
+
+def test_8bit_states_are_a_quarter_and_lorenza_has_no_hidden_buffers():
+    full32, model = one_step_bytes("adamw")
+    full8, _ = one_step_bytes("adamw8bit")
+    small = sum(p.numel() * 8 for p in model.parameters() if p.numel() < 4096)  # stay 32-bit
+    assert (full8 - small) / (full32 - small) == pytest.approx(0.25, rel=0.02)  # + absmax
+    galore, _ = one_step_bytes("galore")
+    lorenza, _ = one_step_bytes("lorenza")
+    assert lorenza == galore  # the ZO directions are regenerated, never stored
+    assert one_step_bytes("lorenza_plus")[0] == galore + 4 * len(
+        lowrank_param_groups(model, 8)[0]["params"]
+    )
+    assert one_step_bytes("adazo_sam")[0] == full32
+
+
+@pytest.mark.parametrize(
+    "rank,kwargs,needle",
+    [
+        (0, {}, "rank=0"),
+        (65, {}, "rank=65"),  # above min(m, n) = 64 of the attention matrices
+        (8, {"update_gap": 0}, "update_gap=0"),
+        (8, {"mu": 0.0}, "mu=0.0"),
+        (8, {"rho_max": -0.1}, "rho_max=-0.1"),
+        (8, {"rho_min": -1e-3}, "rho_min=-0.001"),
+        (8, {"q": 0}, "q=0"),
+        (8, {"bits": 4}, "bits=4"),
+        (8, {"projection": "qr"}, "projection='qr'"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_value(rank, kwargs, needle):
+    model = Llama(SMALL)
+    with pytest.raises(ValueError, match=needle):
+        Lorenza(lowrank_param_groups(model, rank), **kwargs)
+
+
+def test_sharpness_aware_step_without_the_loss_is_refused():
+    model = Llama(SMALL)
+    opt = AdaZoSAM(model.parameters())
+    loss_fn(
+        model(torch.zeros(1, 4, dtype=torch.long)), torch.zeros(1, 4, dtype=torch.long)
+    ).backward()
+    with pytest.raises(RuntimeError, match="needs the loss"):
+        opt.step()
