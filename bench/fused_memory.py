@@ -1,0 +1,178 @@
+"""Memory and step time of fused (per-layer, in-backward) vs unfused updates.
+
+    python -m bench.fused_memory [--models llama_60m llama_130m] [--optims lorenza adamw]
+
+Each configuration runs in its own process so that its peak is its own. Reported:
+
+- peak live gradient bytes during backward, counted by hooks (unfused: every gradient exists
+  at once before ``step()``; fused: one parameter's at a time);
+- peak resident memory of the process (``ru_maxrss``; weights, states, activations, allocator
+  slack and the Python runtime included) on CPU, or ``max_memory_allocated`` /
+  ``max_memory_reserved`` on CUDA;
+- median step time.
+
+Batch 4 x 256, fp32 weights (bf16 autocast on CUDA), vocab 32000 (the paper's), ranks of the
+paper (128 for 60m, 256 above).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from bench.results import markdown_table, write_section
+from bench.step_time import build_llama, machine
+from lorenza import AdamW, Lorenza, lowrank_param_groups
+from lorenza.fused import FusedUpdates
+from models import loss_fn
+
+RANKS = {"llama_tiny": 32, "llama_60m": 128}  # 256 for the larger sizes
+
+
+def child(name: str, optim: str, fused: bool, steps: int, batch: int, seq: int) -> dict:
+    """One configuration, measured in this process."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_llama(name, 32000).to(device)
+    if optim == "lorenza":
+        opt = Lorenza(lowrank_param_groups(model, RANKS.get(name, 256), update_gap=200), lr=1e-3)
+    else:
+        opt = AdamW(model.parameters(), lr=1e-3)
+    params = list(model.parameters())
+    peak_grad = [0]
+
+    def count(_):
+        live = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        peak_grad[0] = max(peak_grad[0], live)
+
+    for p in params:  # registered before the fused hooks, so it sees each gradient before it goes
+        p.register_post_accumulate_grad_hook(count)
+    hooks = FusedUpdates(opt) if fused else None
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
+    ids = torch.randint(0, 32000, (batch, seq + 1), device=device)
+
+    def closure(update: bool = False) -> float:
+        with autocast:
+            loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
+        if torch.is_grad_enabled():
+            if hooks is not None:
+                hooks.armed = update
+            loss.backward()
+        return loss.item()
+
+    times = []
+    for i in range(2 + steps):
+        if i == 2 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        opt.perturb(closure)
+        closure(update=True)
+        if hooks is not None:
+            hooks.finish()
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    out = {
+        "peak_grad_MiB": peak_grad[0] / 2**20,
+        "step_s": statistics.median(times),
+        "params_MiB": sum(p.numel() * p.element_size() for p in params) / 2**20,
+    }
+    if device.type == "cuda":
+        out["alloc_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+        out["reserved_MiB"] = torch.cuda.max_memory_reserved() / 2**20
+    else:
+        out["rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["llama_60m", "llama_130m"])
+    ap.add_argument("--optims", nargs="+", default=["lorenza", "adamw"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--child", nargs=3, metavar=("MODEL", "OPTIM", "FUSED"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        name, optim, fused = args.child
+        print(json.dumps(child(name, optim, fused == "1", args.steps, args.batch, args.seq)))
+        return
+    rows = []
+    cuda = torch.cuda.is_available()
+    for name in args.models:
+        for optim in args.optims:
+            res = {}
+            for fused in (0, 1):
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "bench.fused_memory",
+                    "--child",
+                    name,
+                    optim,
+                    str(fused),
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                    "--seq",
+                    str(args.seq),
+                ]
+                res[fused] = json.loads(
+                    subprocess.run(
+                        cmd, capture_output=True, text=True, check=True
+                    ).stdout.splitlines()[-1]
+                )
+            mem = "alloc_MiB" if cuda else "rss_MiB"
+            for fused in (0, 1):
+                r = res[fused]
+                rows.append(
+                    [
+                        name,
+                        optim,
+                        "fused" if fused else "unfused",
+                        f"{r['params_MiB']:.0f}",
+                        f"{r['peak_grad_MiB']:.1f}",
+                        f"{r[mem]:.0f}" + (f" / {r['reserved_MiB']:.0f}" if cuda else ""),
+                        f"{r['step_s'] * 1e3:.0f}",
+                        f"{r['step_s'] / res[0]['step_s']:.2f}",
+                    ]
+                )
+            print(rows[-2:], flush=True)
+    header = [
+        "model",
+        "optimizer",
+        "mode",
+        "weights MiB",
+        "peak live grads MiB",
+        "peak alloc / reserved MiB" if cuda else "peak RSS MiB",
+        "ms/step",
+        "x unfused",
+    ]
+    cmdline = " ".join(sys.argv[1:])
+    device = torch.cuda.get_device_name() if cuda else machine()
+    write_section(
+        f"fused-memory-{'cuda' if cuda else 'cpu'}",
+        f"## Fused vs unfused updates on {device}\n\n"
+        f"`python -m bench.fused_memory {cmdline}`; batch {args.batch}x{args.seq}, "
+        f"vocab 32000, median of {args.steps} steps after 2 warm-up steps, one "
+        f"process per row.\n\n{markdown_table(header, rows)}",
+    )
+
+
+if __name__ == "__main__":
+    main()
