@@ -348,14 +348,40 @@ class SubspaceAdamW(torch.optim.Optimizer):
             p.sub_(eps.to(p.dtype))
 
     # ------------------------------------------------------------------- checkpoints
+    def _check_state_keys(self, saved: dict, stepped: bool) -> None:
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        unexpected = sorted(set(saved) - set(range(len(params))))
+        if unexpected:
+            raise ValueError(
+                f"optimizer state has entries for parameters {unexpected} but the "
+                f"optimizer has {len(params)} parameters"
+            )
+        for i, (p, group) in enumerate(params):
+            if i not in saved:
+                if stepped and p.requires_grad:
+                    raise ValueError(
+                        f"optimizer state is missing parameter {i} of shape {tuple(p.shape)}"
+                    )
+                continue
+            want, have = _expected_keys(group, saved[i]), set(saved[i])
+            if have != want:
+                raise ValueError(
+                    f"optimizer state of parameter {i} (shape {tuple(p.shape)}, rank "
+                    f"{group['rank']}): missing keys {sorted(want - have)}, unexpected keys "
+                    f"{sorted(have - want)}"
+                )
+
     def state_dict(self) -> dict:
         out = super().state_dict()
         out["lorenza"] = {"step_count": self.step_count, "seed": self.seed}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load, refusing a state that does not fit: every parameter of a checkpoint taken
+        after a step must have its state, with exactly the keys its group's kind produces."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("lorenza")
+        self._check_state_keys(state_dict["state"], stepped=extra["step_count"] > 0)
         super().load_state_dict(state_dict)
         self.step_count, self.seed = extra["step_count"], extra["seed"]
         # torch casts every tensor state to the parameter's dtype; 8-bit moments must stay
@@ -366,6 +392,20 @@ class SubspaceAdamW(torch.optim.Optimizer):
                     state[key] = state[key].to(torch.uint8)
             if "basis" in state:
                 state["basis"] = state["basis"].float()
+
+
+_STATE_KEYS = {"step", "exp_avg", "exp_avg_sq"}
+
+
+def _expected_keys(group: dict, state: dict) -> set[str]:
+    keys = set(_STATE_KEYS)
+    if group["rank"] is not None:
+        keys.add("basis")
+    if group["rank"] is not None and group["residual"]:
+        keys.add("residual_norm")
+    if "absmax1" in state:
+        keys |= {"absmax1", "absmax2"}
+    return keys
 
 
 def fira_residual(

@@ -148,3 +148,29 @@ def test_sharpness_aware_step_without_the_loss_is_refused():
     ).backward()
     with pytest.raises(RuntimeError, match="needs the loss"):
         opt.step()
+
+
+def test_loading_refuses_missing_or_unexpected_state():
+    torch.manual_seed(0)
+    model = Llama(SMALL)
+    opt = VARIANTS["lorenza"](model)
+    run(model, opt, [torch.randint(0, 256, (2, 17))] * 2)
+    good = roundtrip(opt.state_dict())
+    fresh = VARIANTS["lorenza"](Llama(SMALL))
+    fresh.load_state_dict(roundtrip(good))  # the real thing loads
+
+    missing = roundtrip(good)
+    del missing["state"][3]
+    with pytest.raises(ValueError, match="missing parameter 3"):
+        VARIANTS["lorenza"](Llama(SMALL)).load_state_dict(missing)
+    no_basis = roundtrip(good)
+    first_lowrank = min(i for i, s in no_basis["state"].items() if "basis" in s)
+    del no_basis["state"][first_lowrank]["basis"]
+    with pytest.raises(ValueError, match=r"missing keys \['basis'\]"):
+        VARIANTS["lorenza"](Llama(SMALL)).load_state_dict(no_basis)
+    extra = roundtrip(good)
+    extra["state"][0]["momentum_buffer"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"unexpected keys \['momentum_buffer'\]"):
+        VARIANTS["lorenza"](Llama(SMALL)).load_state_dict(extra)
+    with pytest.raises(ValueError):  # a galore state into an AdamW: no bases expected
+        VARIANTS["adamw"](Llama(SMALL)).load_state_dict(roundtrip(good))
