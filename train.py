@@ -11,15 +11,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -30,8 +35,8 @@ from data import (
     DataConfig,
     Tokenizer,
     TokenizerUnavailable,
+    build_train_loader,
     load_tokenizer,
-    train_batches,
     validation_batches,
 )
 from lorenza import (
@@ -136,6 +141,9 @@ class TrainerConfig:
     """Checkpoints kept in ``run_dir/checkpoints`` (older ones are deleted after a new one)."""
     resume: str = "none"
     """``none``, ``auto`` (newest complete checkpoint in run_dir, if any), or a checkpoint path."""
+    on_nonfinite: str = "skip"
+    """A non-finite loss: ``skip`` the update (counted in metrics.jsonl as ``skipped``) or
+    ``stop`` with a checkpoint of the last good state and exit code ``EXIT_NONFINITE``."""
     wandb_mode: str = "disabled"
     """``disabled``, ``offline`` (no account needed; files under run_dir) or ``online``."""
     wandb_project: str = "lorenza"
@@ -168,6 +176,9 @@ OPTIMIZERS = {
 }
 PRECISIONS = ("fp32", "bf16")
 CLIP_MODES = ("auto", "global", "per_param")
+NONFINITE = ("skip", "stop")
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; rerun with resume=auto
+EXIT_NONFINITE = 65  # EX_DATAERR: stopped on a non-finite loss; the last good state is saved
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -190,6 +201,8 @@ def check_config(cfg: Config) -> None:
     one_of("trainer.device", cfg.trainer.device, DEVICES)
     one_of("trainer.wandb_mode", cfg.trainer.wandb_mode, WANDB_MODES)
     one_of("trainer.grad_clip_mode", cfg.trainer.grad_clip_mode, CLIP_MODES)
+    one_of("trainer.on_nonfinite", cfg.trainer.on_nonfinite, NONFINITE)
+    check_writable(Path(cfg.trainer.run_dir))
     if is_fused(cfg) and cfg.trainer.grad_clip > 0 and cfg.trainer.grad_clip_mode == "global":
         raise ValueError(
             "trainer.grad_clip_mode='global' cannot work with trainer.fused=true: each gradient "
@@ -224,6 +237,52 @@ def check_config(cfg: Config) -> None:
             build_optimizer(Llama(cfg.model), cfg.optim)
         except ValueError as err:
             raise ValueError(f"optim.{err}") from None
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail now, not after hours of training, if the run folder cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"trainer.run_dir={str(run_dir)!r} is not writable: {err.strerror or err}"
+        ) from None
+
+
+class TrainingStopped(Exception):
+    """The loop stopped early on purpose (signal, non-finite loss) after checkpointing."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequests:
+    """SIGTERM and SIGUSR1 (SLURM's warning before the time limit, ``--signal``) and a first
+    SIGINT ask the loop to checkpoint at the next step boundary and exit with
+    ``EXIT_PREEMPTED``; a second SIGINT raises ``KeyboardInterrupt`` at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def is_fused(cfg: Config) -> bool:
@@ -377,6 +436,16 @@ def save_checkpoint(run_dir: Path, model: Llama, optimizer, state: dict, keep_la
     return final
 
 
+def json_rng(state: tuple) -> list:
+    """A Python or NumPy RNG state as JSON-able lists (the trainer itself draws no random
+    numbers after init -- data order and ZO directions have their own seeded streams -- but a
+    resumed run must leave the global generators where they were)."""
+    return [
+        x.tolist() if isinstance(x, np.ndarray) else list(x) if isinstance(x, tuple) else x
+        for x in state
+    ]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (temporary folders of interrupted writes are ignored)."""
     done = sorted((run_dir / CHECKPOINTS).glob("step_*"))
@@ -400,6 +469,9 @@ def load_checkpoint(path: Path, cfg: Config, model: Llama, optimizer) -> dict:
     blob = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["torch_rng"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
+    name, keys, *rest = state["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     if blob["cuda_rng"]:
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     return state
@@ -438,7 +510,7 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
     fused = is_fused(cfg)
     per_param_clip = t.grad_clip > 0 and (fused or t.grad_clip_mode == "per_param")
     hooks = FusedUpdates(optimizer, t.grad_clip if per_param_clip else 0.0) if fused else None
-    batches = train_batches(cfg.data, tokenizer, t.batch_size, cfg.seed)
+    loader = build_train_loader(cfg.data, tokenizer, t.batch_size, cfg.seed)
     val_set = [
         (x.to(device), y.to(device))
         for x, y in validation_batches(cfg.data, tokenizer, t.batch_size, cfg.data.val_tokens)
@@ -454,8 +526,8 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, cfg, model, optimizer)
         start, tokens = state["step"], state["tokens"]
-        for _ in range(state["micro_batches"]):  # replay the data stream to where it stopped
-            next(batches)
+        loader.load_state_dict(state["data"])
+    batches = iter(loader)  # once: every iter() starts new worker processes
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     (run_dir / "run_info.json").write_text(
         json.dumps(
@@ -480,16 +552,20 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
         log.log(step=step, tokens=tokens, val_loss=val_loss, val_ppl=math.exp(val_loss))
         return val_loss
 
-    def checkpoint_state(step: int) -> dict:
+    def checkpoint_state(step: int, skipped: int) -> dict:
         return {
             "step": step,
             "tokens": tokens,
-            "micro_batches": step * t.grad_accum,
+            "skipped": skipped,
+            "data": loader.state_dict(),
             "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
             "optim": cfg.optim.name,
+            "python_rng": json_rng(random.getstate()),
+            "numpy_rng": json_rng(np.random.get_state()),
         }
 
     val_loss = eval_and_log(0) if checkpoint is None else float("nan")
+    skipped = state.get("skipped", 0) if checkpoint is not None else 0
     bar = tqdm(
         range(start, t.max_steps),
         initial=start,
@@ -498,58 +574,59 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
         desc=f"{cfg.model.name}/{cfg.optim.name}",
     )
     window_start, window_tokens = time.perf_counter(), 0
-    for step in bar:
-        lr = cosine_lr(step, cfg.optim.lr, warmup, t.max_steps, cfg.optim.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = [
-            tuple(v.to(device, non_blocking=True) for v in next(batches))
-            for _ in range(t.grad_accum)
-        ]
-
-        def closure(update: bool = False, micro=micro) -> float:
-            """Mean loss of this step's batch; backward too when grad is enabled (the
-            sharpness-aware optimizers also call it without grad, for forward-only losses).
-            In fused mode the hooks update the weights during the last backward of ``update``."""
-            total = 0.0
-            for i, (x, y) in enumerate(micro):
-                if not torch.is_grad_enabled():  # zeroth-order forward: maybe a sub-batch
-                    k = max(1, math.ceil(cfg.optim.zo_batch_fraction * len(x)))
-                    x, y = x[:k], y[:k]
-                with autocast:
-                    logits = model(x)
-                loss = loss_fn(logits, y) / t.grad_accum
-                if torch.is_grad_enabled():
-                    if hooks is not None:
-                        hooks.armed = update and i == len(micro) - 1
-                    loss.backward()
-                total += loss.item()
-            return total
-
-        optimizer.perturb(closure)  # moves W to W + ε for SAM-type optimizers, else nothing
-        loss_sum = closure(update=True)
-        if hooks is not None:
-            hooks.finish()
-        else:
-            if per_param_clip:
-                for p in model.parameters():
-                    clip_per_param_(p.grad, t.grad_clip)
-            elif t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        tokens += tokens_per_step
-        window_tokens += tokens_per_step
-        done = step + 1
-        if done % t.log_every == 0 or done == t.max_steps:
-            tok_s = window_tokens / (time.perf_counter() - window_start)
-            log.log(step=done, loss=loss_sum, lr=lr, tokens=tokens, tokens_per_s=tok_s)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
-        if done % t.eval_every == 0 or done == t.max_steps:
-            val_loss = eval_and_log(done)
-        if (t.save_every and done % t.save_every == 0) or done == t.max_steps:
-            save_checkpoint(run_dir, model, optimizer, checkpoint_state(done), t.keep_last)
+    with StopRequests() as stops:
+        for step in bar:
+            lr = cosine_lr(step, cfg.optim.lr, warmup, t.max_steps, cfg.optim.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [
+                tuple(v.to(device, non_blocking=True) for v in next(batches))
+                for _ in range(t.grad_accum)
+            ]
+            loss_sum = train_step(cfg, model, optimizer, hooks, micro, autocast, per_param_clip)
+            done = step + 1
+            if not math.isfinite(loss_sum):
+                if t.on_nonfinite == "stop":
+                    save_checkpoint(
+                        run_dir, model, optimizer, checkpoint_state(step, skipped), t.keep_last
+                    )
+                    raise TrainingStopped(
+                        f"non-finite loss ({loss_sum}) at step {done}; the "
+                        f"state before it is checkpointed",
+                        EXIT_NONFINITE,
+                    )
+                skipped += 1
+            tokens += tokens_per_step
+            window_tokens += tokens_per_step
+            if done % t.log_every == 0 or done == t.max_steps:
+                tok_s = window_tokens / (time.perf_counter() - window_start)
+                log.log(
+                    step=done,
+                    loss=loss_sum,
+                    lr=lr,
+                    tokens=tokens,
+                    tokens_per_s=tok_s,
+                    skipped=skipped,
+                )
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if done % t.eval_every == 0 or done == t.max_steps:
+                val_loss = eval_and_log(done)
+            if (
+                (t.save_every and done % t.save_every == 0)
+                or done == t.max_steps
+                or stops.received is not None
+            ):
+                save_checkpoint(
+                    run_dir, model, optimizer, checkpoint_state(done, skipped), t.keep_last
+                )
+            if stops.received is not None and done < t.max_steps:
+                log.close()
+                raise TrainingStopped(
+                    f"{signal.Signals(stops.received).name} at step {done}: "
+                    f"checkpoint written; continue with trainer.resume=auto",
+                    EXIT_PREEMPTED,
+                )
     bar.close()
     log.close()
 
@@ -563,7 +640,62 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
         "loss": loss_sum,
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
+        "skipped": skipped,
     }
+
+
+def train_step(
+    cfg: Config,
+    model: Llama,
+    optimizer,
+    hooks: FusedUpdates | None,
+    micro: list,
+    autocast,
+    per_param_clip: bool,
+) -> float:
+    """One update from the micro-batches ``micro``: the sharpness-aware perturbation (if any),
+    forward/backward, clipping, update. Returns the mean loss; when it is not finite no
+    update is made (and no backward is run from the bad micro-batch on)."""
+    t = cfg.trainer
+
+    def closure(update: bool = False) -> float:
+        """Mean loss of this step's batch; backward too when grad is enabled (the
+        sharpness-aware optimizers also call it without grad, for forward-only losses).
+        In fused mode the hooks update the weights during the last backward of ``update``."""
+        total = 0.0
+        for i, (x, y) in enumerate(micro):
+            if not torch.is_grad_enabled():  # zeroth-order forward: maybe a sub-batch
+                k = max(1, math.ceil(cfg.optim.zo_batch_fraction * len(x)))
+                x, y = x[:k], y[:k]
+            with autocast:
+                logits = model(x)
+            loss = loss_fn(logits, y) / t.grad_accum
+            total += loss.item()
+            if not math.isfinite(total):
+                return total
+            if torch.is_grad_enabled():
+                if hooks is not None:
+                    hooks.armed = update and i == len(micro) - 1
+                loss.backward()
+        return total
+
+    optimizer.perturb(closure)  # moves W to W + ε for SAM-type optimizers, else nothing
+    loss = closure(update=True)
+    if not math.isfinite(loss):  # skip: drop partial gradients, undo the perturbation
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.finish_step()
+        return loss
+    if hooks is not None:
+        hooks.finish()
+        return loss
+    if per_param_clip:
+        for p in model.parameters():
+            clip_per_param_(p.grad, t.grad_clip)
+    elif t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def to_config(dict_cfg) -> Config:
@@ -579,7 +711,11 @@ def main(dict_cfg) -> None:
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.path)
     except (ValueError, FileNotFoundError, TokenizerUnavailable) as err:
         sys.exit(f"error: {err}")
-    print(json.dumps(fit(cfg, tokenizer)))
+    try:
+        print(json.dumps(fit(cfg, tokenizer)))
+    except TrainingStopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from bench.results import markdown_table, write_section
@@ -54,17 +53,13 @@ def main() -> None:
             "trainer.save_model=false",
             f"trainer.run_dir={run_dir}",
         ]
-        start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
-        wall = time.perf_counter() - start
         evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in evals if "val_ppl" in r]
-        rows.append(
-            [optim, f"{evals[0]['val_ppl']:.0f}", f"{evals[-1]['val_ppl']:.1f}", f"{wall:.0f}"]
-        )
+        rows.append([optim, f"{evals[0]['val_ppl']:.0f}", f"{evals[-1]['val_ppl']:.1f}"])
         print(rows[-1], flush=True)
     table = markdown_table(
-        ["optimizer", "val ppl at step 0", f"val ppl at step {args.steps}", "wall s"], rows
+        ["optimizer", "val ppl at step 0", f"val ppl at step {args.steps}"], rows
     )
     write_section(
         "optim-quality",

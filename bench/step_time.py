@@ -49,7 +49,13 @@ VARIANTS = {
 }
 LOWRANK = {"GaLore", "LORENZA", HALF, "Lorenza+"}
 # Per model: batch size, rank (the paper's r for 60m; 32 for the CPU-sized tiny model), steps.
-SETUP = {"llama_tiny": (8, 32, 10), "llama_60m": (4, 128, 5)}
+SETUP = {
+    "llama_tiny": (8, 32, 10),
+    "llama_60m": (4, 128, 5),
+    "llama_130m": (4, 256, 5),
+    "llama_350m": (4, 256, 5),
+}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GOAL = 1.6  # LORENZA / AdamW
 
 
@@ -71,9 +77,12 @@ def machine() -> str:
 
 
 def timed(fn: Callable[[], object]) -> float:
-    """Wall seconds of one call."""
+    """Wall seconds of one call (after the GPU's queue is drained, on CUDA)."""
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -83,14 +92,16 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(timed(fn) for _ in range(repeats))
 
 
-def measure(name: str, batch: int, rank: int, steps: int, seq: int, vocab: int, gap: int) -> dict:
+def measure(
+    name: str, batch: int, rank: int, steps: int, seq: int, vocab: int, gap: int, bf16: bool = False
+) -> dict:
     """Median seconds per step of every variant, and the refresh cost of SVD and SSRF."""
     torch.manual_seed(1)
-    ids = torch.randint(0, vocab, (batch, seq + 1))
+    ids = torch.randint(0, vocab, (batch, seq + 1), device=DEVICE)
     x, y = ids[:, :-1], ids[:, 1:]
     runs = {}
     for label, cls in VARIANTS.items():
-        model = build_llama(name, vocab)
+        model = build_llama(name, vocab).to(DEVICE)
         params = (
             lowrank_param_groups(model, rank, update_gap=gap, scale=0.25)
             if label in LOWRANK
@@ -103,7 +114,9 @@ def measure(name: str, batch: int, rank: int, steps: int, seq: int, vocab: int, 
 
         def closure() -> torch.Tensor:
             k = len(x) // 2 if label == HALF and not torch.is_grad_enabled() else len(x)
-            loss = loss_fn(model(x[:k]), y[:k])
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x[:k])
+            loss = loss_fn(logits, y[:k])
             if torch.is_grad_enabled():
                 loss.backward()
             return loss
@@ -134,12 +147,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--update-gap", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: per model)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights)")
     args = ap.parse_args()
     rows, refresh_rows = [], []
     for name in args.models:
         batch, rank, steps = SETUP[name]
-        steps = args.steps or steps
-        r = measure(name, batch, rank, steps, args.seq, args.vocab, args.update_gap)
+        steps, batch = args.steps or steps, args.batch or batch
+        r = measure(name, batch, rank, steps, args.seq, args.vocab, args.update_gap, args.bf16)
         base = r["step"]["AdamW"]
         rows += [
             [name, f"{batch}x{args.seq}", rank, label, f"{s * 1e3:.0f}", f"{s / base:.2f}"]
@@ -179,10 +194,12 @@ def main() -> None:
         ],
         refresh_rows,
     )
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else machine()
     write_section(
-        "step_time",
-        f"## Step time relative to AdamW ({machine()})\n\n"
-        f"`{' '.join(['python -m bench.step_time', *sys.argv[1:]])}`; fp32, random token ids, "
+        "step_time" + ("-cuda" if DEVICE.type == "cuda" else ""),
+        f"## Step time relative to AdamW ({where})\n\n"
+        f"`{' '.join(['python -m bench.step_time', *sys.argv[1:]])}`; "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, random token ids, "
         f"vocab {args.vocab}, update_gap {args.update_gap}, default ρ and μ. Median of the "
         "timed steps after two warm-up steps (step 0 refreshes the basis); the variants run "
         "round-robin so that background load falls on all alike, but a shared CPU still makes "

@@ -1,24 +1,22 @@
-"""What the trainer calls: the data config, and batches of packed (input, target) tokens.
+"""What the trainer calls: the data config, the training stream and the validation batches.
 
-Training batches are an infinite, seeded stream (shards and documents reshuffled every
-epoch, so two seeds see different orders and one seed always the same); validation
-batches are a fixed list read in file order, so every evaluation scores the same tokens.
+Training batches are an infinite, seeded, sharded and resumable stream (data/stream.py);
+validation batches are a fixed list read in file order, so every evaluation scores the same
+tokens.
 """
 
-import itertools
-import random
-from collections.abc import Iterable, Iterator
+import dataclasses
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
-from data.packing import pack
-from data.shards import read_documents, repo_path, shard_files
+from data.hub import HubShards, check_hub, hub_documents
+from data.packing import IGNORE, pack, to_batch
+from data.shards import LocalShards, check_shards, read_documents, repo_path, shard_files
+from data.stream import Batch, ResumableLoader, Source
 from data.tokenizer import Tokenizer
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # input and target, both [batch, seq_len] int64
-SHUFFLE_BUFFER = 1024  # documents shuffled together; C4 shards hold ~356k documents each
+SOURCES = ("local", "hub")
 
 
 @dataclass
@@ -26,7 +24,10 @@ class DataConfig:
     """The `data` config group (configs/data/*.yaml)."""
 
     name: str = "sample"
-    """Label of the data set, for logs."""
+    """Label of the data set, for logs (the config file's name)."""
+    source: str = "local"
+    """`local`: the shards under `path`; `hub`: allenai/c4 (en) streamed from the Hugging
+    Face Hub (`path` unused)."""
     path: str = "data/sample"
     """Folder of `c4-{train,validation}.*.json.gz` shards; relative paths are taken from
     the repository root, not the working directory (Hydra may change it)."""
@@ -35,68 +36,95 @@ class DataConfig:
     vocab_size: int = 8000
     """Size of the sample tokenizer, and of the model's embedding for any tokenizer."""
     seq_len: int = 256
-    """Tokens per training example (documents are packed, never padded)."""
+    """Tokens per training example."""
     val_tokens: int = 65536
     """Target tokens in the fixed validation set."""
+    packing: bool = True
+    """True: documents joined with EOS and packed; False: GaLore's one document per example,
+    truncated and padded, padded targets ignored (data/packing.py)."""
+    num_workers: int = 2
+    """DataLoader worker processes reading and tokenizing per rank; 0 reads in-process."""
 
     def validate(self) -> None:
-        """Fail before training with an error naming the bad key and its value."""
+        """Fail before training with an error naming the bad key and its value, the bad
+        shard file, or (for the Hub, within seconds) what to use offline."""
         for key in ("vocab_size", "seq_len", "val_tokens"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be positive")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.source == "hub":
+            check_hub()
+            return
         if not repo_path(self.path).is_dir():
             raise ValueError(
                 f"data.path={self.path!r} does not exist ({repo_path(self.path)}); "
                 f"use data/sample (built by `python -m data.sample_corpus`) or a folder "
                 f"of C4 json.gz shards"
             )
+        for split in ("train", "validation"):
+            check_shards(shard_files(self.path, split))
 
 
-def _batches(pairs: Iterable[Batch], batch_size: int) -> Iterator[Batch]:
-    it = iter(pairs)
-    while chunk := list(itertools.islice(it, batch_size)):
-        inputs, targets = zip(*chunk, strict=True)
-        yield torch.stack(inputs), torch.stack(targets)
+def _train_source(data_cfg: DataConfig, reader: int, num_readers: int) -> Source:
+    if data_cfg.source == "hub":
+        return HubShards(reader, num_readers)
+    return LocalShards(shard_files(data_cfg.path, "train"), reader, num_readers)
 
 
-def _shuffled_documents(files: list[Path], seed: int) -> Iterator[str]:
-    """Documents forever; epoch e's order depends only on (seed, e), for exact resumption."""
-    for epoch in itertools.count():
-        rng = random.Random(f"{seed}:{epoch}")
-        docs = read_documents(rng.sample(files, len(files)))
-        empty = True
-        while buffer := list(itertools.islice(docs, SHUFFLE_BUFFER)):
-            empty = False
-            rng.shuffle(buffer)
-            yield from buffer
-        if empty:
-            raise ValueError(f"the training shards hold no documents: {files}")
+def build_train_loader(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ResumableLoader:
+    """This rank's training stream (see data/stream.py), with `data_cfg.num_workers` workers."""
+    return ResumableLoader(
+        functools.partial(_train_source, data_cfg),
+        tokenizer,
+        data_cfg.seq_len,
+        data_cfg.packing,
+        batch_size,
+        seed,
+        rank,
+        world_size,
+        data_cfg.num_workers,
+    )
 
 
 def train_batches(
     data_cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, seed: int
 ) -> Iterator[Batch]:
-    """Infinite packed training batches from the `c4-train` shards under `data_cfg.path`."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
-    docs = _shuffled_documents(shard_files(data_cfg.path, "train"), seed)
-    pairs = pack(map(tokenizer.encode, docs), data_cfg.seq_len, tokenizer.eos_id)
-    return _batches(pairs, batch_size)
+    """The one-process training stream, for train.py until it uses `build_train_loader`.
+
+    In-process (one reader), so the examples do not depend on `batch_size`.
+    """
+    in_process = dataclasses.replace(data_cfg, num_workers=0)
+    return iter(build_train_loader(in_process, tokenizer, batch_size, seed))
 
 
 def validation_batches(
     data_cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, num_tokens: int
 ) -> list[Batch]:
-    """The first ≥ `num_tokens` packed validation tokens, in file order (last batch may be
-    smaller)."""
-    docs = read_documents(shard_files(data_cfg.path, "validation"))
-    pairs = pack(map(tokenizer.encode, docs), data_cfg.seq_len, tokenizer.eos_id)
-    num_examples = -(-num_tokens // data_cfg.seq_len)
-    batches = list(_batches(itertools.islice(pairs, num_examples), batch_size))
-    available = sum(target.numel() for _, target in batches)
-    if available < num_tokens:
-        raise ValueError(
-            f"data.val_tokens={num_tokens} but the validation shards in {data_cfg.path!r} "
-            f"hold only {available} tokens at seq_len {data_cfg.seq_len}"
-        )
-    return batches
+    """The first examples of the validation split, in file order, that hold ≥ `num_tokens`
+    target tokens (not counting padding); the last batch may be smaller."""
+    if data_cfg.source == "hub":
+        docs = hub_documents("validation")
+    else:
+        docs = read_documents(shard_files(data_cfg.path, "validation"))
+    examples, available = [], 0
+    ids = map(tokenizer.encode, docs)
+    for example in pack(ids, data_cfg.seq_len, tokenizer.eos_id, data_cfg.packing):
+        examples.append(example)
+        available += sum(t != IGNORE for t in example[1])
+        if available >= num_tokens:
+            starts = range(0, len(examples), batch_size)
+            return [to_batch(examples[i : i + batch_size]) for i in starts]
+    raise ValueError(
+        f"data.val_tokens={num_tokens} but the validation split of data.path={data_cfg.path!r} "
+        f"holds only {available} tokens at seq_len {data_cfg.seq_len}"
+    )

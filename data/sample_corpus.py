@@ -12,16 +12,14 @@ the built shards are committed under `data/sample/`, so nobody needs the Debian 
 """
 
 import argparse
-import gzip
 import hashlib
-import json
 import multiprocessing
 import sys
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
-from data.shards import REPO_ROOT
+from data.shards import REPO_ROOT, write_shard
 
 DEFAULT_SOURCE = Path("/usr/share/doc/python3.11/html")
 DEFAULT_OUT = REPO_ROOT / "data" / "sample"
@@ -107,12 +105,7 @@ def build(source: Path, out: Path) -> dict[str, tuple[int, int]]:
         shards[f"c4-train.{i:05d}-of-{TRAIN_SHARDS:05d}.json.gz"] = train[i::TRAIN_SHARDS]
     out.mkdir(parents=True, exist_ok=True)
     for name, records in shards.items():
-        lines = "".join(
-            json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records
-        )
-        # mtime=0 and an empty file name keep the gzip header free of build-time facts.
-        with open(out / name, "wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as gz:
-            gz.write(lines.encode("utf-8"))
+        write_shard(out / name, records)
     return {n: (len(r), sum(len(d["text"].encode()) for d in r)) for n, r in shards.items()}
 
 

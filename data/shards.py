@@ -1,18 +1,25 @@
-"""C4-format shards on disk: finding them and reading their documents.
+"""C4-format shards on disk: finding, checking, reading and writing them.
 
 C4 (`allenai/c4`, `en`) is stored as `c4-{train,validation}.NNNNN-of-MMMMM.json.gz`, one
 JSON object per line with keys `text`, `timestamp`, `url`. The bundled sample corpus uses
 the same layout, so one reader serves both. Plain gzip + json keeps this free of the
-`datasets` library's type inference (it turns `timestamp` into a timestamp column).
+`datasets` library's type inference (it turns `timestamp` into a timestamp column) and lets
+a bad line be skipped instead of failing the whole shard.
 """
 
 import gzip
+import itertools
 import json
 import os
+import random
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+Line = tuple[Path, int, bytes]  # shard, line number (from 1), raw JSON
+Cursor = dict[str, int]  # where a block starts: shard (in the epoch's order), byte offset, line
 
 
 def repo_path(path: str | os.PathLike[str]) -> Path:
@@ -28,9 +35,100 @@ def shard_files(data_path: str | os.PathLike[str], split: str) -> list[Path]:
     return files
 
 
-def read_documents(files: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
-    """The `text` of every document in the given shards, in file order."""
+def check_shards(files: Iterable[Path]) -> None:
+    """Fail now, naming the file, if a shard is missing (e.g. a dangling link), not gzip, or
+    holds no line: found before training rather than hours into it. Reads one line each."""
     for file in files:
-        with gzip.open(file, "rt", encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)["text"]
+        if not file.is_file():
+            raise FileNotFoundError(f"shard {file} is missing")
+        try:
+            with gzip.open(file, "rb") as f:
+                first = f.readline()
+        except (OSError, EOFError) as e:
+            raise ValueError(f"shard {file} is not a readable gzip file ({e})") from None
+        if not first:
+            raise ValueError(f"shard {file} is empty")
+
+
+class LocalShards:
+    """The training view of local shards for one reader: blocks of raw lines, and their text.
+
+    Every reader walks every line (gzip must be decompressed in order anyway), but parses and
+    tokenizes only the documents it owns: `share` = (this reader, number of readers).
+
+    An unparsable line (bad JSON, bad UTF-8, no string `text`) is skipped, not fatal: one
+    corrupt line in a 356k-document C4 shard should not kill a days-long run. It is not
+    silent either: the first one of each shard is warned about (with its line number) and
+    the reader counts every one in its state (`skipped`). A shard whose gzip stream breaks
+    is an error instead: everything after the break would be lost, silently.
+    """
+
+    def __init__(self, files: list[Path], reader: int = 0, num_readers: int = 1) -> None:
+        self.files = files
+        self.share = (reader, num_readers)
+        self._warned: set[Path] = set()
+
+    def blocks(
+        self, seed: int | None, epoch: int, cursor: Cursor | None, size: int
+    ) -> Iterator[tuple[list[Line], Cursor]]:
+        """Blocks of up to `size` non-blank lines, each with the cursor of the block after it,
+        from the shards in the order of (seed, epoch) (file order if seed is None).
+
+        Resuming at a cursor seeks to its byte offset: for gzip this decompresses the shard
+        up to there (gzip is not seekable), at C speed, without parsing the skipped lines.
+        """
+        files = self.files
+        if seed is not None:
+            files = random.Random(f"{seed}:{epoch}").sample(files, len(files))
+        cursor = cursor or {"shard": 0, "offset": 0, "line": 0}
+        shard, offset, line = cursor["shard"], cursor["offset"], cursor["line"]
+        for index in range(shard, len(files)):
+            try:
+                with gzip.open(files[index], "rb") as f:
+                    f.seek(offset)
+                    while chunk := list(itertools.islice(f, size)):
+                        block = [(files[index], line + i, raw) for i, raw in enumerate(chunk, 1)]
+                        offset += sum(map(len, chunk))
+                        line += len(chunk)
+                        after = {"shard": index, "offset": offset, "line": line}
+                        yield [item for item in block if item[2].strip()], after
+            except (OSError, EOFError) as e:  # the rest of the shard is lost: not a line to skip
+                raise ValueError(
+                    f"shard {files[index]} is corrupt after line {line} ({e}); download it again"
+                ) from None
+            offset = line = 0
+
+    def text(self, item: Line) -> str | None:
+        """The document's text, or None (and a warning, once per shard) if the line is bad."""
+        file, line, raw = item
+        try:
+            text = json.loads(raw)["text"]
+        except (ValueError, KeyError, TypeError):
+            text = None
+        if isinstance(text, str):
+            return text
+        if file not in self._warned:
+            self._warned.add(file)
+            warnings.warn(
+                f"{file}:{line} is not a JSON object with a string 'text'; skipped (later bad "
+                f"lines of this shard are skipped and counted without a warning)",
+                stacklevel=2,
+            )
+        return None
+
+
+def read_documents(files: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
+    """The `text` of every document in the given shards, in file order (bad lines skipped)."""
+    shards = LocalShards([Path(f) for f in files])
+    for block, _ in shards.blocks(None, 0, None, 1024):
+        yield from (text for text in map(shards.text, block) if text is not None)
+
+
+def write_shard(file: Path, records: Iterable[dict[str, str]]) -> None:
+    """One gzipped JSON line per record, reproducibly: mtime 0 and no file name in the
+    gzip header keep build-time facts out, so equal records give equal bytes."""
+    lines = "".join(
+        json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records
+    )
+    with open(file, "wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as gz:
+        gz.write(lines.encode("utf-8"))

@@ -7,6 +7,7 @@ tokenizer is a sentencepiece `.model` file behind the same small `Tokenizer` wra
 """
 
 import io
+import itertools
 import os
 import socket
 import tempfile
@@ -21,6 +22,9 @@ from data.shards import read_documents, repo_path, shard_files
 T5_REPO, T5_FILE = "google-t5/t5-base", "spiece.model"
 TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads boolean variables
 NAMES = ("sample", "t5", "<path to a sentencepiece .model file>")
+# Lines a `sample` tokenizer is trained on: ~100 MB of C4 text (part of one shard), where all 1024
+# shards would take hours and more memory than a node has; the sample corpus has fewer.
+MAX_TRAIN_LINES = 500_000
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -57,8 +61,9 @@ class Tokenizer:
 
 
 def _lines(train_files: Sequence[Path]) -> Iterator[str]:
-    for doc in read_documents(train_files):
-        yield from doc.splitlines()
+    """The first MAX_TRAIN_LINES lines of the training documents (all of the sample's)."""
+    lines = (line for doc in read_documents(train_files) for line in doc.splitlines())
+    return itertools.islice(lines, MAX_TRAIN_LINES)
 
 
 def train_sample_tokenizer(
@@ -97,7 +102,9 @@ def train_sample_tokenizer(
     return out
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub can be used: no offline flag, and its host accepts a TCP connection
+    within `timeout` s. Checked first because Hub clients retry for a long time offline."""
     from huggingface_hub import constants
 
     # The constant is read when huggingface_hub is imported; the variable may be set later.
@@ -121,7 +128,7 @@ def t5_tokenizer() -> Tokenizer:
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(T5_REPO, T5_FILE, local_files_only=not _hub_reachable())
+        path = hf_hub_download(T5_REPO, T5_FILE, local_files_only=not hub_reachable())
     except Exception as e:
         raise TokenizerUnavailable(
             f"cannot get the T5 tokenizer ({T5_REPO}/{T5_FILE}) from the Hugging Face Hub "

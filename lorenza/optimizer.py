@@ -34,7 +34,15 @@ from collections.abc import Callable, Iterable
 import torch
 
 from lorenza.adam import BITS, adam_8bit_step, adam_direction, init_moments
-from lorenza.projector import PROJECTIONS, compute_basis, is_left, mix, project, project_back
+from lorenza.projector import (
+    PROJECTIONS,
+    compute_basis,
+    is_left,
+    mix,
+    project,
+    project_back,
+    seeded_generator,
+)
 from lorenza.schedule import rho_for_lr
 from lorenza.zo import combined
 
@@ -195,8 +203,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             update = n
         else:
             if t % group["update_gap"] == 0:
-                gen = torch.Generator(device=p.device)
-                gen.manual_seed(mix(self.seed, _OMEGA, self.step_count, self.index[p]))
+                gen = seeded_generator(p.device, self.seed, _OMEGA, self.step_count, self.index[p])
                 state["basis"] = compute_basis(
                     grad,
                     group["rank"],
@@ -263,14 +270,15 @@ class SubspaceAdamW(torch.optim.Optimizer):
 
     def _move(self, params, seeds: list[int], coefs: list[float], measure: bool = False) -> float:
         """``W += Σ_j coefs[j] P_j`` on every perturbed parameter; with ``measure``, returns
-        the squared norm of what was added (over all of them)."""
-        total = 0.0
+        the squared norm of what was added (over all of them; one device sync, not one per
+        parameter, so that a GPU's queue keeps running ahead of Python)."""
+        total = torch.zeros((), device=params[0][0].device)
         for p, basis in params:
             d = combined(p, self.index[p], seeds, coefs, basis)
             if measure:
-                total += d.square().sum().item()
+                total += d.square().sum()
             p.add_(d.to(p.dtype))
-        return total
+        return total.item() if measure else 0.0
 
     @torch.no_grad()
     def perturb(self, closure: Closure) -> dict | None:
@@ -324,6 +332,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
         with torch.enable_grad():
             closure()
         grads = [p.grad for p, _ in params if p.grad is not None]
+        if not grads:  # the closure ran no backward (a non-finite loss): nothing to ascend
+            return {"rho": rho, "moved": False}
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         for p, _ in params:
             if p.grad is not None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_RUN = [
     "data.seq_len=64",
     "data.val_tokens=2048",
+    "data.num_workers=0",  # in-process reading; tests that need workers say so
     "trainer.batch_size=4",
     "trainer.progress=false",
     "trainer.log_every=1",

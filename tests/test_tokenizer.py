@@ -5,6 +5,7 @@ import time
 import pytest
 from huggingface_hub import constants
 
+import data.tokenizer as tokenizer_module
 from data import TokenizerUnavailable, load_tokenizer
 from data.shards import REPO_ROOT, shard_files
 from data.tokenizer import train_sample_tokenizer
@@ -35,6 +36,13 @@ def test_sample_tokenizer_trains_once_and_caches(data_dir):
 def test_training_is_deterministic(data_dir, tmp_path):
     again = train_sample_tokenizer(TRAIN, tmp_path, 1000)
     assert again.read_bytes() == (data_dir / "tokenizer" / "sp_bpe_1000.model").read_bytes()
+
+
+def test_training_text_is_capped(monkeypatch):
+    """All of the sample's lines, but not all of C4 (it would not fit in memory)."""
+    assert len(list(tokenizer_module._lines(TRAIN))) == 26891 < tokenizer_module.MAX_TRAIN_LINES
+    monkeypatch.setattr(tokenizer_module, "MAX_TRAIN_LINES", 10)
+    assert len(list(tokenizer_module._lines(TRAIN))) == 10
 
 
 def test_round_trip_and_special_ids(data_dir):

@@ -1,0 +1,219 @@
+"""Runs that stop and continue: exact resume, signals, killed checkpoint writes, non-finite
+losses, and an unwritable run folder."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.conftest import ROOT, SMALL_RUN
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def stop_at(run_dir: Path, step: int) -> None:
+    """Leave a finished run's folder as a run stopped after ``step`` would have left it: its
+    checkpoint at ``step``, nothing newer, metrics up to ``step``."""
+    for ckpt in (run_dir / "checkpoints").glob("step_*"):
+        if int(ckpt.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt)
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    kept = [r for r in rows if json.loads(r)["step"] <= step]
+    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+
+@pytest.mark.parametrize(
+    "optim,fused", [("adamw", False), ("adamw", True), ("lorenza", False), ("lorenza", True)]
+)
+def test_resume_auto_reproduces_the_uninterrupted_losses(config, tmp_path, optim, fused):
+    args = [
+        f"optim={optim}",
+        "optim.rank=16",
+        "optim.update_gap=3",
+        f"trainer.fused={fused}",
+        "data.num_workers=2",  # the stream's position in both workers is part of the checkpoint
+        "trainer.max_steps=8",
+        "trainer.save_every=4",
+        "trainer.keep_last=3",
+        "trainer.eval_every=100",
+        "trainer.save_model=false",
+    ]
+    full = config(*args)
+    train.fit(full)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full.trainer.run_dir, stopped)
+    stop_at(stopped, 4)
+    resumed = config(*args, "trainer.resume=auto")
+    resumed.trainer.run_dir = str(stopped)
+    train.fit(resumed)
+    assert losses(stopped) == losses(full.trainer.run_dir)  # bit-identical floats, steps 1-8
+
+
+def run_cli(tmp_path, *overrides, **kw):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            *SMALL_RUN,
+            f"trainer.run_dir={tmp_path}/run",
+            "trainer.eval_every=1000",
+            "trainer.save_model=false",
+            *overrides,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def wait_for_steps(run_dir: Path, n: int, proc, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} steps logged: {proc.poll()} {proc.stderr.read()}")
+
+
+def test_sigterm_checkpoints_exits_75_and_resume_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(tmp_path, "trainer.max_steps=400", "data.num_workers=2")
+    wait_for_steps(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.EXIT_PREEMPTED, err
+    assert "SIGTERM at step" in err and "Traceback" not in err
+    stopped_at = max(losses(run_dir))
+    assert train.latest_checkpoint(run_dir).name == f"step_{stopped_at:08d}"
+    proc = run_cli(
+        tmp_path, f"trainer.max_steps={stopped_at + 3}", "trainer.resume=auto", "data.num_workers=2"
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert sorted(losses(run_dir)) == list(range(1, stopped_at + 4))  # no gap, no repeat
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A process killed mid-write leaves only a temporary folder; resume=auto ignores it and
+    picks the last complete checkpoint."""
+    run_dir = tmp_path / "run"
+    first = run_cli(tmp_path, "trainer.max_steps=2")
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    # A writer that stalls inside save_file, so that it can be killed in the act.
+    script = (
+        "import runpy, sys, time\n"
+        "import safetensors.torch as st\n"
+        "real = st.save_file\n"
+        "def slow(*a, **k):\n"
+        "    real(*a, **k); print('writing', flush=True); time.sleep(60)\n"
+        "st.save_file = slow\n"
+        "sys.argv[0] = 'train.py'\n"
+        "runpy.run_path('train.py', run_name='__main__')\n"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            script,
+            *SMALL_RUN,
+            f"trainer.run_dir={run_dir}",
+            "trainer.max_steps=3",
+            "trainer.resume=auto",
+            "trainer.eval_every=1000",
+            "trainer.save_model=false",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    assert (run_dir / "checkpoints" / ".tmp_step_00000003").exists()
+    assert train.latest_checkpoint(run_dir).name == "step_00000002"
+    done = run_cli(tmp_path, "trainer.max_steps=3", "trainer.resume=auto")
+    _, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
+    assert train.latest_checkpoint(run_dir).name == "step_00000003"
+
+
+def nan_at_step(monkeypatch, n):
+    """The real (gradient) forward of step ``n`` returns NaN; evaluation and zeroth-order
+    forwards run without grad and are not counted."""
+    calls = {"n": 0}
+    real = train.loss_fn
+
+    def flaky(logits, targets, **kw):
+        loss = real(logits, targets, **kw)
+        if not torch.is_grad_enabled():
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == n else loss
+
+    monkeypatch.setattr(train, "loss_fn", flaky)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "lorenza"])
+def test_nonfinite_loss_is_skipped_and_counted(config, monkeypatch, optim):
+    cfg = config(
+        f"optim={optim}",
+        "optim.rank=16",
+        "trainer.max_steps=4",
+        "trainer.eval_every=100",
+        "trainer.save_model=false",
+    )
+    nan_at_step(monkeypatch, 2)
+    result = train.fit(cfg)
+    rows = [
+        json.loads(x)
+        for x in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [r for r in rows if "lr" in r]
+    assert result["skipped"] == 1 and steps[-1]["skipped"] == 1
+    assert [r["skipped"] for r in steps] == [0, 1, 1, 1]
+    assert all(
+        torch.isfinite(p).all()
+        for p in train.load_file(
+            str(train.latest_checkpoint(Path(cfg.trainer.run_dir)) / "model.safetensors")
+        ).values()
+    )
+
+
+def test_nonfinite_loss_can_stop_with_a_checkpoint(config, monkeypatch):
+    cfg = config("trainer.max_steps=5", "trainer.on_nonfinite=stop", "trainer.eval_every=100")
+    nan_at_step(monkeypatch, 3)
+    with pytest.raises(train.TrainingStopped, match="non-finite loss .* at step 3") as stop:
+        train.fit(cfg)
+    assert stop.value.exit_code == train.EXIT_NONFINITE
+    assert train.latest_checkpoint(Path(cfg.trainer.run_dir)).name == "step_00000002"
+
+
+def test_unwritable_run_dir_is_refused_before_work(config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = config()
+    cfg.trainer.run_dir = str(blocker / "run")
+    with pytest.raises(ValueError, match="trainer.run_dir=.* is not writable"):
+        train.check_config(cfg)
+
+
+def test_signal_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with train.StopRequests():
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert os.getpid()  # sanity: same process

@@ -1,0 +1,185 @@
+"""Tests of the sharded, resumable training stream (data/stream.py) and the Hub source."""
+
+import dataclasses
+import itertools
+import json
+import re
+import time
+
+import pytest
+import torch
+from huggingface_hub import constants
+from omegaconf import OmegaConf
+
+from data import (
+    DataConfig,
+    HubUnavailable,
+    build_train_loader,
+    hub,
+    load_tokenizer,
+    stream,
+    validation_batches,
+)
+from data.hub import HubShards
+from data.shards import REPO_ROOT, LocalShards, shard_files, write_shard
+from data.stream import Reader, ReaderState
+
+SAMPLE = REPO_ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("sample", 8000, SAMPLE)
+
+
+@pytest.fixture
+def numbered(tmp_path, monkeypatch):
+    """40 short documents "Document number i ..." in two train shards, shuffled in blocks of
+    8 so that an epoch has several blocks."""
+    monkeypatch.setattr(stream, "SHUFFLE_BLOCK", 8)
+    docs = [{"text": f"Document number {i} says hello.", "url": f"{i}"} for i in range(40)]
+    for shard in range(2):
+        write_shard(tmp_path / f"c4-train.{shard:05d}-of-00002.json.gz", docs[shard::2])
+    write_shard(tmp_path / "c4-validation.00000-of-00001.json.gz", docs[:4])
+    return tmp_path
+
+
+@pytest.fixture
+def local_hub(monkeypatch):
+    """The Hub source's code on the sample shards streamed by `datasets` (no network)."""
+    from datasets import load_dataset
+
+    def split(name: str):
+        files = [str(f) for f in shard_files(SAMPLE, name)]
+        ds = load_dataset("json", data_files=files, split="train", streaming=True)
+        return ds.select_columns(["text"])
+
+    monkeypatch.setattr(hub, "hub_split", split)
+
+
+def first_epoch(source, tokenizer) -> list[str]:
+    """The documents a reader reads in epoch 0."""
+    reader = Reader(source, tokenizer, 16, True, 0, ReaderState())
+    docs = []
+    for text in reader.documents():
+        if reader.state.epoch:
+            return docs
+        docs.append(text)
+
+
+def numbers(tokenizer, inputs: torch.Tensor) -> list[int]:
+    """The document numbers in a batch of the `numbered` corpus, in order."""
+    texts = (tokenizer.decode(row.tolist()) for row in inputs)
+    return [int(n) for text in texts for n in re.findall(r"number (\d+)", text)]
+
+
+def assert_resume_is_exact(cfg: DataConfig, tokenizer, n: int = 26, k: int = 13) -> None:
+    """n batches in one go == k batches, state_dict via JSON, a new loader, n - k more."""
+    whole = list(itertools.islice(build_train_loader(cfg, tokenizer, 2, seed=3), n))
+    first = build_train_loader(cfg, tokenizer, 2, seed=3)
+    head = list(itertools.islice(first, k))
+    state = json.loads(json.dumps(first.state_dict()))
+    again = build_train_loader(cfg, tokenizer, 2, seed=3)
+    again.load_state_dict(state)
+    tail = list(itertools.islice(again, n - k))
+    for (x, y), (u, v) in zip(whole, head + tail, strict=True):
+        assert torch.equal(x, u) and torch.equal(y, v)
+
+
+def test_readers_split_the_one_reader_stream(tokenizer):
+    files = shard_files(SAMPLE, "train")
+    single = first_epoch(LocalShards(files), tokenizer)
+    readers = [first_epoch(LocalShards(files, i, 4), tokenizer) for i in range(4)]
+    assert len(single) == 3957 and sorted(sum(readers, [])) == sorted(single)
+    assert readers == [single[i::4] for i in range(4)]
+
+
+def test_two_ranks_of_two_workers_read_each_document_once(numbered, tokenizer):
+    """One document per example (packing=false), so every batch says which documents it
+    holds: 2 ranks × 2 workers read exactly the one-process stream, in a fixed order."""
+    cfg = DataConfig(path=str(numbered), seq_len=16, packing=False)
+
+    def read(rank: int, world_size: int, workers: int, batches: int) -> list[list[int]]:
+        loader = build_train_loader(
+            dataclasses.replace(cfg, num_workers=workers), tokenizer, 2, 0, rank, world_size
+        )
+        return [numbers(tokenizer, x) for x, _ in itertools.islice(loader, batches)]
+
+    single = sum(read(0, 1, 0, 20), [])
+    assert sorted(single) == list(range(40)) and single != list(range(40))
+    by_reader = {}
+    for rank in range(2):
+        for k, docs in enumerate(read(rank, 2, 2, 10)):  # round-robin over the 2 workers
+            by_reader.setdefault(rank * 2 + k % 2, []).extend(docs)
+    assert [by_reader[r] for r in range(4)] == [single[r::4] for r in range(4)]
+    assert read(1, 2, 2, 10) == read(1, 2, 2, 10)
+
+
+@pytest.mark.parametrize(
+    ("corpus", "packing", "workers"),
+    [("sample", True, 2), ("sample", False, 2), ("numbered", True, 2), ("numbered", False, 2)]
+    + [("numbered", True, 0)],
+)
+def test_resume_is_exact(request, tokenizer, corpus, packing, workers):
+    """The numbered corpus is small: 26 batches cross an epoch, before and after the resume."""
+    path = SAMPLE if corpus == "sample" else request.getfixturevalue("numbered")
+    cfg = DataConfig(path=str(path), seq_len=16, packing=packing, num_workers=workers)
+    assert_resume_is_exact(cfg, tokenizer)
+
+
+def test_resume_refuses_another_stream(tokenizer):
+    state = build_train_loader(DataConfig(num_workers=2), tokenizer, 2, seed=0).state_dict()
+    other = build_train_loader(DataConfig(num_workers=1), tokenizer, 2, seed=0)
+    with pytest.raises(ValueError, match="same seed, number of processes and data.num_workers"):
+        other.load_state_dict(state)
+
+
+def test_hub_source_splits_resumes_and_validates(local_hub, tokenizer, monkeypatch):
+    files = shard_files(SAMPLE, "train")
+    single = first_epoch(LocalShards(files), tokenizer)
+    readers = [first_epoch(HubShards(i, 2), tokenizer) for i in range(2)]
+    assert sorted(sum(readers, [])) == sorted(single)
+    monkeypatch.setattr(stream, "SHUFFLE_BLOCK", 2)  # resume from a cursor, not the start
+    cfg = DataConfig(source="hub", seq_len=16, packing=False, num_workers=2)
+    assert_resume_is_exact(cfg, tokenizer, n=8, k=3)
+    ours = validation_batches(cfg, tokenizer, 4, 500)
+    local = validation_batches(dataclasses.replace(cfg, source="local"), tokenizer, 4, 500)
+    for (x, y), (u, v) in zip(ours, local, strict=True):
+        assert torch.equal(x, u) and torch.equal(y, v)
+
+
+def test_c4_offline_fails_fast_with_one_line(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(HubUnavailable, match="HF_DATASETS_OFFLINE") as e:
+        DataConfig(source="hub").validate()
+    assert time.monotonic() - start < 5 and "\n" not in str(e.value)
+    assert "data=c4_local data.path=/dir/with/c4-train.*.json.gz, or data=sample" in str(e.value)
+    assert isinstance(e.value, ValueError)  # what train.py reports as a one-line config error
+
+
+def test_c4_unreachable_hub_fails_fast(monkeypatch):
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(HubUnavailable, match="no connection within 3 s"):
+        DataConfig(source="hub").validate()
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("sample", None), ("c4_local", "data.path='data/c4' does not exist"), ("c4", "data=c4")],
+)
+def test_data_configs_load_and_validate(monkeypatch, name, error):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    yaml = OmegaConf.load(REPO_ROOT / "configs" / "data" / f"{name}.yaml")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), yaml))
+    assert cfg.name == name
+    if error is None:
+        cfg.validate()
+    else:
+        with pytest.raises(ValueError, match=re.escape(error)):
+            cfg.validate()
