@@ -607,6 +607,7 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
                     tokens=tokens,
                     tokens_per_s=tok_s,
                     skipped=skipped,
+                    skipped_lines=loader.skipped_lines,
                 )
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 window_start, window_tokens = time.perf_counter(), 0

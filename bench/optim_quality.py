@@ -18,24 +18,13 @@ import sys
 from pathlib import Path
 
 from bench.results import markdown_table, write_section
-
-OPTIMS = [
-    "adamw",
-    "adamw8bit",
-    "galore",
-    "galore8bit",
-    "lorenza",
-    "lorenza8bit",
-    "lorenza_plus",
-    "adazo_sam",
-    "sam",
-]
+from train import OPTIMIZERS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--optims", nargs="+", default=OPTIMS)
+    ap.add_argument("--optims", nargs="+", default=list(OPTIMIZERS))
     ap.add_argument("--out", default="runs/optim_quality")
     args = ap.parse_args()
     rows = []

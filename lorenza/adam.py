@@ -52,7 +52,7 @@ def init_moments(state: dict, like: torch.Tensor, bits: int) -> None:
             state[key] = torch.zeros_like(like, dtype=torch.float32)
 
 
-def _bnb_update(
+def bnb_adam_update(
     state: dict,
     grad: torch.Tensor,
     target: torch.Tensor,
@@ -63,7 +63,8 @@ def _bnb_update(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """bitsandbytes' Adam kernel, in place on ``target``."""
+    """bitsandbytes' Adam kernel, in place on ``target``. On a full-rank parameter this is
+    exactly ``bitsandbytes.optim.AdamW8bit``'s update, weight decay included."""
     import bitsandbytes.functional as bnbf
 
     grad = grad.contiguous()
@@ -116,26 +117,10 @@ def adam_direction(
         # bitsandbytes updates a parameter in place: give it a zero one (GaLore's 8-bit trick)
         # and read the unit-lr update back. Its step factor is sqrt(1-beta2^t)/(1-beta1^t) too.
         delta = torch.zeros_like(grad)
-        _bnb_update(state, grad, delta, step, 1.0, beta1, beta2, eps, 0.0)
+        bnb_adam_update(state, grad, delta, step, 1.0, beta1, beta2, eps, 0.0)
         factor = math.sqrt(1 - beta2**step) / (1 - beta1**step)
         return delta.div_(-factor), factor
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m.mul_(beta1).add_(grad, alpha=1 - beta1)
     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     return m / v.sqrt().add_(eps), math.sqrt(1 - beta2**step) / (1 - beta1**step)
-
-
-def adam_8bit_step(
-    state: dict,
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """A full-rank 8-bit AdamW update of ``param`` in place, weight decay included, identical
-    to ``bitsandbytes.optim.AdamW8bit``."""
-    _bnb_update(state, grad, param.data, step, lr, beta1, beta2, eps, weight_decay)

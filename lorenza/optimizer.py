@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from lorenza.adam import BITS, adam_8bit_step, adam_direction, init_moments
+from lorenza.adam import BITS, adam_direction, bnb_adam_update, init_moments
 from lorenza.projector import (
     PROJECTIONS,
     compute_basis,
@@ -194,7 +194,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         if group["rank"] is None and bits == 8:
             if "exp_avg" not in state:
                 init_moments(state, p, bits)
-            adam_8bit_step(state, p, grad, t + 1, lr, beta1, beta2, group["eps"], wd)
+            bnb_adam_update(state, grad, p.data, t + 1, lr, beta1, beta2, group["eps"], wd)
             return
         if group["rank"] is None:
             if "exp_avg" not in state:

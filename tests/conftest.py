@@ -6,8 +6,28 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import train
+from models import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Models for optimizer tests: seconds on a CPU. WIDE has matrices of >= 4096 elements, so
+# that 8-bit states are really quantized (bitsandbytes keeps smaller tensors in 32-bit).
+SMALL = ModelConfig(
+    name="small",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=172,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+)
+WIDE = ModelConfig(
+    name="wide",
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=344,
+    num_attention_heads=4,
+    num_hidden_layers=1,
+)
 
 # A run small enough for a test: tiny model, short sequences, few validation tokens.
 SMALL_RUN = [

@@ -9,25 +9,9 @@ import torch
 
 import train
 from lorenza.fused import FusedUpdates, clip_per_param_
-from models import Llama, ModelConfig, loss_fn
+from models import Llama, loss_fn
+from tests.conftest import SMALL, WIDE
 from tests.test_optim_state import VARIANTS
-
-SMALL = ModelConfig(
-    name="small",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=172,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-)
-WIDE = ModelConfig(
-    name="wide",
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=344,
-    num_attention_heads=4,
-    num_hidden_layers=1,
-)
 
 
 def train_steps(name, fused, steps=10, accum=1, clip=0.5):

@@ -14,24 +14,8 @@ from lorenza import (
     SAMAdamW,
     lowrank_param_groups,
 )
-from models import Llama, ModelConfig, loss_fn
-
-SMALL = ModelConfig(
-    name="small",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=172,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-)
-WIDE = ModelConfig(
-    name="wide",
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=344,
-    num_attention_heads=4,
-    num_hidden_layers=1,
-)
+from models import Llama, loss_fn
+from tests.conftest import SMALL, WIDE
 
 VARIANTS = {
     "adamw": lambda m, **kw: AdamW(m.parameters(), **kw),

@@ -8,20 +8,13 @@ import pytest
 import torch
 
 from lorenza import AdamW, GaLoreAdamW, Lorenza, LorenzaPlus, lowrank_param_groups
-from models import Llama, ModelConfig, loss_fn
+from models import Llama, loss_fn
+from tests.conftest import SMALL
 
 galore_torch = pytest.importorskip("galore_torch")
 fira = pytest.importorskip("fira")
 bnb = pytest.importorskip("bitsandbytes")
 
-SMALL = ModelConfig(
-    name="small",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=172,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-)
 RANK, GAP, STEPS = 8, 8, 24  # refreshes at steps 0, 8, 16
 LR, WD = 3e-3, 0.01
 

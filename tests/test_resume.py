@@ -217,3 +217,13 @@ def test_signal_handlers_are_restored():
         assert signal.getsignal(signal.SIGTERM) != before
     assert signal.getsignal(signal.SIGTERM) == before
     assert os.getpid()  # sanity: same process
+
+
+def test_second_sigint_interrupts_at_once():
+    """A first SIGINT (or SIGTERM/SIGUSR1) is recorded for the next step boundary; a second
+    SIGINT raises KeyboardInterrupt immediately."""
+    with train.StopRequests() as stops:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stops.received == signal.SIGUSR1
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

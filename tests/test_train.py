@@ -116,20 +116,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, override, needle):
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # refused before any work
 
 
-OPTIMIZERS = [
-    "adamw",
-    "adamw8bit",
-    "galore",
-    "galore8bit",
-    "lorenza",
-    "lorenza8bit",
-    "lorenza_plus",
-    "adazo_sam",
-    "sam",
-]
-
-
-@pytest.mark.parametrize("optim", OPTIMIZERS)
+@pytest.mark.parametrize("optim", list(train.OPTIMIZERS))
 def test_every_optimizer_trains_from_train_py(config, optim):
     cfg = config(
         f"optim={optim}",

@@ -8,6 +8,7 @@ from lorenza import Lorenza, lowrank_param_groups
 from lorenza.projector import compute_basis, project_back
 from lorenza.zo import direction
 from models import Llama, ModelConfig, loss_fn
+from tests.conftest import SMALL
 
 torch.set_num_threads(2)
 
@@ -81,16 +82,6 @@ def test_perturbation_has_radius_rho_and_ascends():
         opt.finish_step()  # restore; the next step draws new directions
     assert sum(rises) / len(rises) > 0  # the perturbed loss exceeds the unperturbed one
     assert all(x > 0 for x in inner)  # each ε points uphill: ⟨∇f, ε⟩ > 0
-
-
-SMALL = ModelConfig(
-    name="small",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=172,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-)
 
 
 def model_closure(model, ids, autocast=False):
