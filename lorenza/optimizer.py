@@ -142,6 +142,20 @@ class SubspaceAdamW(torch.optim.Optimizer):
             bad("rho_min", self.rho_min, f"<= rho_max={self.rho_max}")
         if not (isinstance(self.q, int) and self.q >= 1):
             bad("q", self.q, "an integer >= 1")
+        low_precision = [
+            p
+            for g in self.param_groups
+            for p in g["params"]
+            if p.dtype not in (torch.float32, torch.float64)
+        ]
+        if self.perturbation is not None and low_precision:
+            bad(
+                "perturbation",
+                self.perturbation,
+                f"None with {low_precision[0].dtype} parameters: perturbing and restoring them in "
+                "place drifts by ~4e-3 of their value per step; keep float32 weights and run the "
+                "model under bf16 autocast",
+            )
         for g in self.param_groups:
             if g["bits"] not in BITS:
                 bad("bits", g["bits"], f"one of {BITS}")

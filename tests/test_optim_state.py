@@ -158,3 +158,10 @@ def test_loading_refuses_missing_or_unexpected_state():
         VARIANTS["lorenza"](Llama(SMALL)).load_state_dict(extra)
     with pytest.raises(ValueError):  # a galore state into an AdamW: no bases expected
         VARIANTS["adamw"](Llama(SMALL)).load_state_dict(roundtrip(good))
+
+
+def test_sharpness_aware_optimizers_refuse_bf16_weights():
+    model = Llama(SMALL).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="perturbation='zo' is invalid: must be None with"):
+        VARIANTS["lorenza"](model)
+    VARIANTS["galore"](model)  # no perturbation: no in-place round trip, allowed
