@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install  ## train llama_tiny on the bundled sample corpus (CPU, a few minutes)
-	$(PY) train.py trainer.run_dir=runs/demo
+	$(PY) train.py trainer.run_dir=runs/demo trainer.max_steps=500
 
 test: install  ## the CPU test suite
 	$(PY) -m pytest -q
