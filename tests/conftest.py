@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import train
 from models import ModelConfig
+from trainer.config import Config, to_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,12 +40,12 @@ SMALL_RUN = [
 ]
 
 
-def make_config(run_dir: Path, *overrides: str) -> train.Config:
+def make_config(run_dir: Path, *overrides: str) -> Config:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         dict_cfg = compose(
             "config", overrides=[*SMALL_RUN, f"trainer.run_dir={run_dir}", *overrides]
         )
-    return train.to_config(dict_cfg)
+    return to_config(dict_cfg)
 
 
 @pytest.fixture

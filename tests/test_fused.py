@@ -9,6 +9,7 @@ import torch
 
 import train
 from lorenza.fused import FusedUpdates, clip_per_param_
+from lorenza.schedule import cosine_lr
 from models import Llama, loss_fn
 from tests.conftest import SMALL, WIDE
 from tests.test_optim_state import VARIANTS
@@ -22,7 +23,7 @@ def train_steps(name, fused, steps=10, accum=1, clip=0.5):
     hooks = FusedUpdates(opt, clip) if fused else None
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
-        lr = train.cosine_lr(step, 1e-2, 3, steps, 0.1)
+        lr = cosine_lr(step, 1e-2, 3, steps, 0.1)
         for g in opt.param_groups:
             g["lr"] = lr
         micro = [torch.randint(0, 256, (2, 17), generator=gen) for _ in range(accum)]

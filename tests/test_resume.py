@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import train
 from tests.conftest import ROOT, SMALL_RUN
+from trainer.checkpoint import latest_checkpoint
+from trainer.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequests, TrainingStopped
 
 
 def losses(run_dir):
@@ -94,10 +97,10 @@ def test_sigterm_checkpoints_exits_75_and_resume_continues(tmp_path):
     wait_for_steps(run_dir, 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == train.EXIT_PREEMPTED, err
+    assert proc.returncode == EXIT_PREEMPTED, err
     assert "SIGTERM at step" in err and "Traceback" not in err
     stopped_at = max(losses(run_dir))
-    assert train.latest_checkpoint(run_dir).name == f"step_{stopped_at:08d}"
+    assert latest_checkpoint(run_dir).name == f"step_{stopped_at:08d}"
     proc = run_cli(
         tmp_path, f"trainer.max_steps={stopped_at + 3}", "trainer.resume=auto", "data.num_workers=2"
     )
@@ -144,11 +147,11 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     proc.kill()
     proc.wait()
     assert (run_dir / "checkpoints" / ".tmp_step_00000003").exists()
-    assert train.latest_checkpoint(run_dir).name == "step_00000002"
+    assert latest_checkpoint(run_dir).name == "step_00000002"
     done = run_cli(tmp_path, "trainer.max_steps=3", "trainer.resume=auto")
     _, err = done.communicate(timeout=120)
     assert done.returncode == 0, err
-    assert train.latest_checkpoint(run_dir).name == "step_00000003"
+    assert latest_checkpoint(run_dir).name == "step_00000003"
 
 
 def nan_at_step(monkeypatch, n):
@@ -187,8 +190,8 @@ def test_nonfinite_loss_is_skipped_and_counted(config, monkeypatch, optim):
     assert [r["skipped"] for r in steps] == [0, 1, 1, 1]
     assert all(
         torch.isfinite(p).all()
-        for p in train.load_file(
-            str(train.latest_checkpoint(Path(cfg.trainer.run_dir)) / "model.safetensors")
+        for p in load_file(
+            str(latest_checkpoint(Path(cfg.trainer.run_dir)) / "model.safetensors")
         ).values()
     )
 
@@ -196,10 +199,10 @@ def test_nonfinite_loss_is_skipped_and_counted(config, monkeypatch, optim):
 def test_nonfinite_loss_can_stop_with_a_checkpoint(config, monkeypatch):
     cfg = config("trainer.max_steps=5", "trainer.on_nonfinite=stop", "trainer.eval_every=100")
     nan_at_step(monkeypatch, 3)
-    with pytest.raises(train.TrainingStopped, match="non-finite loss .* at step 3") as stop:
+    with pytest.raises(TrainingStopped, match="non-finite loss .* at step 3") as stop:
         train.fit(cfg)
-    assert stop.value.exit_code == train.EXIT_NONFINITE
-    assert train.latest_checkpoint(Path(cfg.trainer.run_dir)).name == "step_00000002"
+    assert stop.value.exit_code == EXIT_NONFINITE
+    assert latest_checkpoint(Path(cfg.trainer.run_dir)).name == "step_00000002"
 
 
 def test_unwritable_run_dir_is_refused_before_work(config, tmp_path):
@@ -213,7 +216,7 @@ def test_unwritable_run_dir_is_refused_before_work(config, tmp_path):
 
 def test_signal_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with train.StopRequests():
+    with StopRequests():
         assert signal.getsignal(signal.SIGTERM) != before
     assert signal.getsignal(signal.SIGTERM) == before
     assert os.getpid()  # sanity: same process
@@ -222,7 +225,7 @@ def test_signal_handlers_are_restored():
 def test_second_sigint_interrupts_at_once():
     """A first SIGINT (or SIGTERM/SIGUSR1) is recorded for the next step boundary; a second
     SIGINT raises KeyboardInterrupt immediately."""
-    with train.StopRequests() as stops:
+    with StopRequests() as stops:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stops.received == signal.SIGUSR1
         with pytest.raises(KeyboardInterrupt):

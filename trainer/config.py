@@ -1,0 +1,132 @@
+"""The typed schema of ``train.py``'s configuration, registered with Hydra's ConfigStore so
+that an unknown key or a wrong type in a YAML file or on the command line is refused.
+``ModelConfig`` and ``DataConfig`` live next to the code that uses them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from data import DataConfig
+from models import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, learning-rate schedule, and the low-rank / sharpness-aware settings (symbols
+    as in the LORENZA paper; keys an optimizer does not use are ignored by it)."""
+
+    name: str = "adamw"
+    """One of ``OPTIMIZERS`` (configs/optim/<name>.yaml)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay ``W ← W − lr·wd·W`` on every parameter, as GaLore."""
+    beta1: float = 0.9
+    """Adam first-moment decay."""
+    beta2: float = 0.999
+    """Adam second-moment decay."""
+    eps: float = 1e-6
+    """Adam epsilon (GaLore's default and placement: ``m / (sqrt(v) + eps)``)."""
+    warmup_ratio: float = 0.1
+    """Fraction of ``trainer.max_steps`` spent in linear warm-up (GaLore: 10%)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to ``lr * min_lr_ratio`` at ``trainer.max_steps`` (GaLore: 0.1)."""
+    bits: int = 32
+    """Optimizer states in 32-bit, or 8-bit through bitsandbytes' blockwise kernels."""
+    rank: int = 128
+    """r: subspace dimension of the attention and MLP matrices (low-rank optimizers)."""
+    update_gap: int = 200
+    """T: steps between subspace refreshes."""
+    scale: float = 0.25
+    """α: factor on the projected-back update."""
+    projection: str = "ssrf"
+    """``ssrf`` (randomized range finder) or ``svd`` (GaLore's exact SVD)."""
+    oversample: int = 0
+    """p: extra sketch columns of SSRF (Halko et al. advise 5-10; the paper uses 0)."""
+    power_iters: int = 0
+    """Power iterations of SSRF."""
+    rho_max: float = 0.01
+    """SAM radius at the peak learning rate (GSAM schedule: ρ follows the LR)."""
+    rho_min: float = 1e-6
+    """SAM radius at the final learning rate."""
+    mu: float = 1e-3
+    """μ: finite-difference step of the zeroth-order estimate."""
+    q: int = 1
+    """Random directions per step of the zeroth-order estimate."""
+    zo_batch_fraction: float = 1.0
+    """Fraction of each micro-batch the zeroth-order forward passes run on (1.0: the paper's
+    setting; 0.5 halves their cost at the price of a noisier ascent direction)."""
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: length, batch, precision, evaluation and logging."""
+
+    run_dir: str = "runs/default"
+    """Folder of this run: config.yaml, metrics.jsonl, loss.png, model/ (created if missing)."""
+    max_steps: int = 600
+    """Optimizer updates to run."""
+    batch_size: int = 8
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per update: the global batch is batch_size * grad_accum * world size."""
+    grad_clip: float = 1.0
+    """Gradient-clipping threshold; 0 disables clipping."""
+    grad_clip_mode: str = "auto"
+    """``global`` (one norm over all gradients; unfused only), ``per_param`` (each parameter's
+    gradient clipped on its own; works fused), or ``auto``: per_param when fused, else global."""
+    fused: bool | None = None
+    """Update each parameter inside backward and free its gradient at once (``lorenza.fused``);
+    ``null`` = on for the low-rank optimizers, off for the others."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16`` autocast (float32 master weights and optimizer states)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    eval_every: int = 100
+    """Validation perplexity every this many updates (and before the first and after the last)."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every this many updates."""
+    progress: bool = True
+    """Show a progress bar with loss, lr and tokens/s."""
+    save_model: bool = True
+    """Export the final model to ``run_dir/model`` in Hugging Face format."""
+    save_every: int = 0
+    """Write a checkpoint every this many updates (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept in ``run_dir/checkpoints`` (older ones are deleted after a new one)."""
+    resume: str = "none"
+    """``none``, ``auto`` (newest complete checkpoint in run_dir, if any), or a checkpoint path."""
+    on_nonfinite: str = "skip"
+    """A non-finite loss: ``skip`` the update (counted in metrics.jsonl as ``skipped``) or
+    ``stop`` with a checkpoint of the last good state and exit code ``EXIT_NONFINITE``."""
+    wandb_mode: str = "disabled"
+    """``disabled``, ``offline`` (no account needed; files under run_dir) or ``online``."""
+    wandb_project: str = "lorenza"
+    """wandb project name."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    """Seeds model init and the data order."""
+
+
+ConfigStore.instance().store(name="config_schema", node=Config)
+
+PRECISIONS = ("fp32", "bf16")
+CLIP_MODES = ("auto", "global", "per_param")
+NONFINITE = ("skip", "stop")
+DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+def to_config(dict_cfg) -> Config:
+    """The typed ``Config`` of a composed Hydra config (types were checked by the schema)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), dict_cfg))

@@ -1,0 +1,82 @@
+"""What a run reports: ``metrics.jsonl`` (mirrored to wandb), the loss plot, and the code
+version recorded beside them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from trainer.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` (one JSON object per logged step), mirrored to wandb."""
+
+    def __init__(self, run_dir: Path, cfg: Config, append: bool = False):
+        self.path = run_dir / "metrics.jsonl"
+        if not append:
+            self.path.write_text("")
+        self.wandb = None
+        if cfg.trainer.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.trainer.wandb_project,
+                dir=str(run_dir),
+                mode=cfg.trainer.wandb_mode,
+                name=run_dir.name,
+                config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            )
+
+    def log(self, **row) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    """Train and validation loss against tokens seen, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for points, label in ((train, "train"), (val, "validation")):
+        if points:
+            ax.plot(
+                *zip(*points, strict=True), label=label, marker="o" if label != "train" else None
+            )
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def git_version() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
