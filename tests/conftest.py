@@ -3,12 +3,20 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
 from models import ModelConfig
 from trainer.config import Config, to_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """``configs/model/<name>.yaml`` as a ModelConfig, with ``overrides``."""
+    with open(ROOT / "configs" / "model" / f"{name}.yaml") as f:
+        return ModelConfig(**{**yaml.safe_load(f), **overrides})
+
 
 # Models for optimizer tests: seconds on a CPU. WIDE has matrices of >= 4096 elements, so
 # that 8-bit states are really quantized (bitsandbytes keeps smaller tensors in 32-bit).

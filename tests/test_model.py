@@ -2,19 +2,12 @@
 
 import pytest
 import torch
-import yaml
 
 from models import Llama, ModelConfig, load_hf, save_hf
 from models.hf import to_hf_state_dict
+from tests.conftest import model_config
 
 transformers = pytest.importorskip("transformers")
-
-CONFIGS = "configs/model"
-
-
-def config(name: str, **overrides) -> ModelConfig:
-    with open(f"{CONFIGS}/{name}.yaml") as f:
-        return ModelConfig(**{**yaml.safe_load(f), **overrides})
 
 
 @pytest.mark.parametrize(
@@ -29,7 +22,7 @@ def config(name: str, **overrides) -> ModelConfig:
 )
 def test_parameter_counts_match_galore_sizes(name, millions):
     with torch.device("meta"):
-        model = Llama(config(name))
+        model = Llama(model_config(name))
     assert model.num_params() / 1e6 == pytest.approx(millions, rel=2e-3)
 
 

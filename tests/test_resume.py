@@ -63,11 +63,12 @@ def test_resume_auto_reproduces_the_uninterrupted_losses(config, tmp_path, optim
     assert losses(stopped) == losses(full.trainer.run_dir)  # bit-identical floats, steps 1-8
 
 
-def run_cli(tmp_path, *overrides, **kw):
+def run_cli(tmp_path, *overrides, program=("train.py",), **kw):
+    """train.py (or ``program``, e.g. ``("-c", script)``) as a process on a small run."""
     return subprocess.Popen(
         [
             sys.executable,
-            "train.py",
+            *program,
             *SMALL_RUN,
             f"trainer.run_dir={tmp_path}/run",
             "trainer.eval_every=1000",
@@ -126,23 +127,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
         "sys.argv[0] = 'train.py'\n"
         "runpy.run_path('train.py', run_name='__main__')\n"
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            script,
-            *SMALL_RUN,
-            f"trainer.run_dir={run_dir}",
-            "trainer.max_steps=3",
-            "trainer.resume=auto",
-            "trainer.eval_every=1000",
-            "trainer.save_model=false",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = run_cli(tmp_path, "trainer.max_steps=3", "trainer.resume=auto", program=("-c", script))
     assert proc.stdout.readline().strip() == "writing"
     proc.kill()
     proc.wait()

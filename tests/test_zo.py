@@ -7,8 +7,8 @@ import torch
 from lorenza import Lorenza, lowrank_param_groups
 from lorenza.projector import compute_basis, project_back
 from lorenza.zo import direction
-from models import Llama, ModelConfig, loss_fn
-from tests.conftest import SMALL
+from models import Llama, loss_fn
+from tests.conftest import SMALL, model_config
 
 torch.set_num_threads(2)
 
@@ -132,15 +132,7 @@ def test_zo_sign_matches_autograd_on_llama_tiny(autocast):
     tok = load_tokenizer(data.tokenizer, data.vocab_size, data.path)
     x, y = next(train_batches(data, tok, 4, seed=0))
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        name="llama_tiny",
-        vocab_size=8000,
-        hidden_size=128,
-        intermediate_size=344,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-    )
-    model = Llama(cfg)
+    model = Llama(model_config("llama_tiny", vocab_size=8000))
 
     def closure():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
