@@ -31,6 +31,8 @@ bench: install  ## CPU benchmarks (~40 min); tables go to bench/RESULTS.md; GPU:
 	$(PY) -m bench.fused_memory --models llama_60m llama_130m
 	$(PY) -m bench.data_pipeline
 	$(PY) -m bench.optim_quality
+	$(PY) -m bench.allreduce_bytes
+	$(PY) -m bench.dp_overlap
 
 lint: install
 	$(VENV)/bin/ruff check .

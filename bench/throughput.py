@@ -23,18 +23,7 @@ import yaml
 
 from bench.results import markdown_table, write_section
 from models import Llama, ModelConfig, loss_fn
-
-# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), TFLOP/s.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+from trainer.metrics import peak_tflops
 
 
 def measure(

@@ -14,7 +14,9 @@ The faults of GaLore's per-layer mode are handled instead of ignored (STYLE.md):
 - clipping: a global norm cannot exist before the gradients are consumed, so fused mode
   clips each parameter's gradient to ``max_norm`` on its own (``clip="per_param"``), the same
   rule the unfused trainer applies when asked for it; global clipping is refused;
-- SAM's extra backward (``perturbation="sam"``) runs with the hooks disarmed.
+- SAM's extra backward (``perturbation="sam"``) runs with the hooks disarmed;
+- data parallel: the hook averages the gradient over the ranks itself (``reduce.py``),
+  asynchronously, with the low-rank all-reduce as an option.
 
 After the backward, ``finish()`` ends the step (restores parameters that got no gradient,
 advances the random streams). Parameters whose update is identical in both modes produce
@@ -26,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from lorenza.optimizer import SubspaceAdamW
+from lorenza.reduce import GradReducer
 
 
 def clip_per_param_(grad: torch.Tensor, max_norm: float) -> None:
@@ -35,32 +38,52 @@ def clip_per_param_(grad: torch.Tensor, max_norm: float) -> None:
 
 
 class FusedUpdates:
-    """Drive ``optimizer`` from backward hooks. ``armed`` gates the hooks (last micro-batch)."""
+    """Drive ``optimizer`` from backward hooks. ``armed`` gates the hooks (last micro-batch).
 
-    def __init__(self, optimizer: SubspaceAdamW, max_norm: float = 0.0):
+    With a ``reducer`` (data parallel, ``lorenza/reduce.py``) each hook starts the averaging
+    of its gradient and updates the parameters whose averaging is done, keeping ``in_flight``
+    reductions running behind the backward; ``finish()`` updates the rest."""
+
+    def __init__(
+        self,
+        optimizer: SubspaceAdamW,
+        max_norm: float = 0.0,
+        reducer: GradReducer | None = None,
+        in_flight: int = 4,
+    ):
         self.optimizer = optimizer
         self.max_norm = max_norm
+        self.reducer = reducer
+        self.in_flight = in_flight
         self.armed = False
-        self._handles = []
-        for index, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(index)))
+        # Groups are looked up by index when a hook fires, not captured: load_state_dict
+        # replaces the group dicts, and a captured one would keep a stale learning rate.
+        self._group_of = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group_of]
 
-    def _hook(self, group_index: int):
-        # The group is looked up when the hook fires, not captured: load_state_dict replaces
-        # the group dicts, and a captured one would keep a stale learning rate after a resume.
-        def hook(p: torch.Tensor) -> None:
-            if not self.armed:
-                return
-            if self.max_norm > 0:
-                clip_per_param_(p.grad, self.max_norm)
-            self.optimizer.update_param(p, self.optimizer.param_groups[group_index])
-            p.grad = None
+    def _hook(self, p: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        if self.reducer is None:
+            self._update(p, None)
+            return
+        self.reducer.launch(p)
+        for q, low in self.reducer.completed(self.in_flight):
+            self._update(q, low)
 
-        return hook
+    def _update(self, p: torch.Tensor, low: torch.Tensor | None) -> None:
+        """Clip (the projected gradient when that is all there is), update, free."""
+        if self.max_norm > 0:
+            clip_per_param_(p.grad if low is None else low, self.max_norm)
+        self.optimizer.update_param(p, self.optimizer.param_groups[self._group_of[p]], low)
+        p.grad = None
 
     def finish(self) -> None:
-        """End of the step: restore anything the backward did not reach, advance the streams."""
+        """End of the step: update what is still being averaged, restore anything the
+        backward did not reach, advance the streams."""
+        if self.reducer is not None:
+            for q, low in self.reducer.completed():
+                self._update(q, low)
         self.armed = False
         self.optimizer.finish_step()
 

@@ -44,6 +44,7 @@ from lorenza.projector import (
     seeded_generator,
 )
 from lorenza.schedule import rho_for_lr
+from lorenza.sharded import add_full_, full
 from lorenza.zo import combined
 
 PERTURBATIONS = (None, "zo", "sam")
@@ -120,6 +121,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("max_lr", group["lr"])
         self.index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        self._group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self.step_count = 0  # completed optimizer steps: keys the random streams
         self._pending: dict | None = None  # this step's perturbation ({} if nothing moved)
         self._unrestored: set[torch.Tensor] = set()
@@ -193,18 +195,37 @@ class SubspaceAdamW(torch.optim.Optimizer):
             g["lr"], g["max_lr"], g["max_lr"] * self.min_lr_ratio, self.rho_max, self.rho_min
         )
 
+    def reduces_projected(self, p: torch.Tensor) -> bool:
+        """Whether this step's update of ``p`` reads only ``Qᵀ g`` (``project_grad``), so that
+        data-parallel ranks may average that instead of ``g``: a low-rank parameter outside
+        its refresh steps (a refresh needs the full averaged gradient to choose ``Q``), and
+        without Fira's residual (which reads the full gradient)."""
+        group = self.param_groups[self._group_of[p]]
+        state = self.state[p]
+        return (
+            group["rank"] is not None
+            and not group["residual"]
+            and "basis" in state
+            and state["step"] % group["update_gap"] != 0
+        )
+
+    def project_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ g`` (or ``g Q``) of ``p``'s current gradient, in float32."""
+        return project(p.grad, self.state[p]["basis"])
+
     @torch.no_grad()
-    def update_param(self, p: torch.Tensor, group: dict) -> None:
-        """Restore ``p`` if perturbed, then apply this step's update to it from ``p.grad``."""
+    def update_param(self, p: torch.Tensor, group: dict, low: torch.Tensor | None = None) -> None:
+        """Restore ``p`` if perturbed, then apply this step's update to it from ``p.grad`` --
+        or from ``low``, its already projected gradient, when ``reduces_projected(p)``."""
         self.restore(p)
-        if p.grad is None:
+        if p.grad is None and low is None:
             return
         state = self.state[p]
         t = state.get("step", 0)
         state["step"] = t + 1
         beta1, beta2 = group["betas"]
         lr, wd, bits = group["lr"], group["weight_decay"], group["bits"]
-        grad = p.grad
+        grad = p.grad if group["rank"] is None or p.grad is None else full(p.grad)
         if group["rank"] is None and bits == 8:
             if "exp_avg" not in state:
                 init_moments(state, p, bits)
@@ -214,7 +235,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             if "exp_avg" not in state:
                 init_moments(state, p, bits)
             n, factor = adam_direction(state, grad, t + 1, beta1, beta2, group["eps"], bits)
-            update = n
+            p.add_(n.to(p.dtype), alpha=-lr * factor)
         else:
             if t % group["update_gap"] == 0:
                 gen = seeded_generator(p.device, self.seed, _OMEGA, self.step_count, self.index[p])
@@ -227,14 +248,15 @@ class SubspaceAdamW(torch.optim.Optimizer):
                     generator=gen,
                 )
             basis = state["basis"]
-            low = project(grad, basis)
+            if low is None:
+                low = project(grad, basis)
             if "exp_avg" not in state:
                 init_moments(state, low, bits)
             n, factor = adam_direction(state, low, t + 1, beta1, beta2, group["eps"], bits)
             update = project_back(n, basis, p.shape).mul_(group["scale"])
             if group["residual"]:
                 update.add_(fira_residual(grad.float(), basis, low, n, state))
-        p.add_(update.to(p.dtype), alpha=-lr * factor)
+            add_full_(p, update.to(p.dtype), alpha=-lr * factor)
         if wd > 0:
             p.add_(p, alpha=-lr * wd)
 
@@ -291,7 +313,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             d = combined(p, self.index[p], seeds, coefs, basis)
             if measure:
                 total += d.square().sum()
-            p.add_(d.to(p.dtype))
+            add_full_(p, d.to(p.dtype))
         return total.item() if measure else 0.0
 
     @torch.no_grad()
@@ -369,7 +391,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         else:
             basis = self.state[p].get("basis")
             eps = combined(p, self.index[p], self._pending["seeds"], self._pending["coefs"], basis)
-            p.sub_(eps.to(p.dtype))
+            add_full_(p, eps.to(p.dtype), alpha=-1.0)
 
     # ------------------------------------------------------------------- checkpoints
     def _check_state_keys(self, saved: dict, stepped: bool) -> None:

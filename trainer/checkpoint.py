@@ -17,11 +17,13 @@ CHECKPOINTS = "checkpoints"
 
 
 def save_checkpoint(
-    run_dir: Path, model: torch.nn.Module, optimizer, state: dict, keep_last: int
+    run_dir: Path, model_state: dict, optimizer_state: dict, state: dict, keep_last: int
 ) -> Path:
     """Write ``checkpoints/step_N`` (N = ``state["step"]``) atomically: into a temporary
     folder, flushed, then renamed, so a crash mid-write leaves the previous checkpoint intact;
-    then prune to ``keep_last``. ``state`` is the trainer's; the RNG states are added here."""
+    then prune to ``keep_last``. The model and optimizer states are whole (gathered when
+    sharded: ``trainer/sharding.py``); ``state`` is the trainer's; the RNG states are added
+    here."""
     state = {
         **state,
         "python_rng": json_rng(random.getstate()),
@@ -34,12 +36,12 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(
-        {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+        {k: v.detach().contiguous() for k, v in model_state.items()},
         str(tmp / "model.safetensors"),
     )
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
@@ -72,8 +74,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, expected: dict) -> dict:
-    """Restore model, optimizer and RNG states in place; returns the trainer state. Refuses a
+def load_checkpoint(path: Path, expected: dict) -> tuple[dict, dict, dict]:
+    """Restore the RNG states; returns the trainer, model and optimizer states. Refuses a
     checkpoint whose trainer state differs from ``expected`` (e.g. another model shape or
     optimizer) with one line naming the difference."""
     state = json.loads((path / "trainer_state.json").read_text())
@@ -82,16 +84,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, expected: dic
             raise ValueError(
                 f"checkpoint {path} was written for {key}={state[key]}, not {key}={value}"
             )
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model_state = load_file(str(path / "model.safetensors"))
     blob = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["torch_rng"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
     name, keys, *rest = state["numpy_rng"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    if blob["cuda_rng"]:
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
-    return state
+    if torch.cuda.is_available():  # a run resumed on fewer GPUs restores the ones it has
+        for device, rng in enumerate(blob["cuda_rng"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, device)
+    return state, model_state, blob["optimizer"]
 
 
 def resume_path(resume: str, run_dir: Path) -> Path | None:

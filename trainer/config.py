@@ -99,6 +99,10 @@ class TrainerConfig:
     """Checkpoints kept in ``run_dir/checkpoints`` (older ones are deleted after a new one)."""
     resume: str = "none"
     """``none``, ``auto`` (newest complete checkpoint in run_dir, if any), or a checkpoint path."""
+    resume_data: bool = True
+    """Restore the data position on resume. ``false`` starts the stream afresh (model,
+    optimizer and step are restored): needed to resume on another number of processes, whose
+    readers split the data differently."""
     on_nonfinite: str = "skip"
     """A non-finite loss: ``skip`` the update (counted in metrics.jsonl as ``skipped``) or
     ``stop`` with a checkpoint of the last good state and exit code ``EXIT_NONFINITE``."""
@@ -106,6 +110,24 @@ class TrainerConfig:
     """``disabled``, ``offline`` (no account needed; files under run_dir) or ``online``."""
     wandb_project: str = "lorenza"
     """wandb project name."""
+    peak_tflops: float = 0.0
+    """Peak FLOP/s of one device, in TFLOP/s, for the MFU in metrics.jsonl; 0 looks the device
+    up by name (dense bf16 tensor-core peaks, ``trainer.metrics.PEAK_BF16_TFLOPS``)."""
+
+
+@dataclass
+class DistConfig:
+    """Data parallelism under torchrun (ignored in a single process)."""
+
+    lowrank_allreduce: bool = False
+    """Average ``Qᵀ g`` (r x n) instead of ``g`` (m x n) outside subspace refreshes: the same
+    update by linearity, for min(m, n)/r times less traffic. Fused low-rank optimizers only."""
+    fsdp: bool = False
+    """Shard weights, gradients and full-rank optimizer states over the ranks (FSDP2
+    ``fully_shard`` per decoder layer), for models that do not fit one device. Unfused only."""
+    in_flight: int = 4
+    """Fused mode: gradient all-reduces left running behind the backward before a hook waits
+    for the oldest (0: wait for each at once, no overlap)."""
 
 
 @dataclass
@@ -114,6 +136,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
     """Seeds model init and the data order."""
 

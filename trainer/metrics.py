@@ -4,9 +4,11 @@ version recorded beside them."""
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from trainer.config import Config
@@ -80,3 +82,32 @@ def git_version() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# Dense bf16 tensor-core peaks per device (vendor datasheets, SXM parts), TFLOP/s.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+MFU_FORMULA = (
+    "MFU = tokens/s per device * FLOPs/token / peak FLOP/s; FLOPs/token = 6 N + 12 L d T "
+    "(PaLM app. B: N parameters without the input embedding, L layers, width d, sequence T)"
+)
+
+
+def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
+    """``override`` if set, else the device's dense bf16 peak by name (None if unknown)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak allocated and reserved GPU memory, or the process's peak RSS on a CPU, in GiB."""
+    if device.type == "cuda":
+        return {
+            "peak_alloc_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_GiB": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
+    return {"peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

@@ -1,0 +1,36 @@
+"""Parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``): DTensors whose rows
+are split over the ranks (``Shard(0)``).
+
+Element-wise updates (AdamW, the full-rank groups) run on the shards as they are, so their
+moments are sharded too. A low-rank update is not element-wise: the basis ``Q`` is chosen
+from the whole gradient and ``Qᵀ g`` mixes all rows. Each rank therefore gathers one matrix's
+gradient at a time (``full``), computes the same low-rank update as every other rank --
+``Q`` and the r x n moments are small and kept whole on each rank -- and adds only its own
+rows of it (``add_full_``). The same holds for the seeded zeroth-order directions, which every
+rank regenerates whole from the same seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, Shard
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (an all-gather for a DTensor; every rank must call it)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def add_full_(p: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> None:
+    """``p += alpha * delta`` for a whole-shape ``delta``: a sharded ``p`` takes its rows."""
+    if not isinstance(p, DTensor):
+        p.add_(delta, alpha=alpha)
+        return
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"parameters sharded as {p.placements} are not supported: Shard(0) only")
+    local = p.to_local()
+    if local.numel() == 0:
+        return
+    # FSDP2 splits dim 0 as torch.chunk does.
+    chunks = torch.chunk(delta, p.device_mesh.size(), dim=0)
+    local.add_(chunks[p.device_mesh.get_local_rank()], alpha=alpha)

@@ -1,0 +1,253 @@
+"""Data parallelism with 2 CPU processes (gloo): a 2-process run is a 1-process run with the
+same global batch, replicas agree bit for bit, and the low-rank all-reduce changes the traffic,
+not the weights."""
+
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, SMALL_RUN
+from tests.test_resume import losses, wait_for_steps
+from train import fit
+from trainer.checkpoint import latest_checkpoint
+
+# Rank 16 with a refresh every 3 steps: 6 steps hold refresh and in-between steps.
+RUN = [
+    "trainer.max_steps=6",
+    "trainer.eval_every=3",
+    "trainer.save_model=false",
+    "optim.rank=16",
+    "optim.update_gap=3",
+    "optim.lr=3e-3",
+]
+# The same global batch of 2 x 4 sequences: two processes reading one stream each, or one
+# process taking micro-batches from two DataLoader workers (reader r of both is the same:
+# data/stream.py shards by reader = rank x workers + worker).
+TWO_PROCS = ["data.num_workers=0"]
+ONE_PROC = ["data.num_workers=2", "trainer.grad_accum=2"]
+LOWRANK = ("galore", "lorenza")
+FSDP_OR_NOT = (("false", "false"), ("true", "false"), ("false", "true"))
+
+
+def case_overrides(name: str, fused: str, fsdp: str) -> list[str]:
+    """FSDP runs without clipping: a global norm summed from shards in float32 differs from
+    the single-process one by ~1e-5 relative (measured), and Adam's second moments with it."""
+    clip = ["trainer.grad_clip=0"] if fsdp == "true" else []
+    return [f"optim={name}", f"trainer.fused={fused}", *clip]
+
+
+# (optimizer, trainer.fused, dist.fsdp): DDP unfused, own hooks fused, FSDP2 (unfused)
+CASES = [(o, f, s) for o in ("adamw", "galore", "lorenza") for f, s in FSDP_OR_NOT]
+
+
+def torchrun(*args, nproc=2, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={nproc}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def final(run_dir):
+    ckpt = latest_checkpoint(run_dir)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return weights, state, rows
+
+
+def optimizer_states(run_dir) -> dict:
+    """Every float tensor of the newest checkpoint's optimizer state, by (param, key)."""
+    blob = torch.load(latest_checkpoint(run_dir) / "optimizer.pt", weights_only=True)
+    return {
+        (i, k): v.float()
+        for i, state in blob["optimizer"]["state"].items()
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point() and v.ndim > 0
+    }
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)) for k in a)
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Every case of CASES, plus galore and lorenza with the low-rank all-reduce, run by one
+    2-process torchrun job."""
+    root = tmp_path_factory.mktemp("dist")
+    runs = [
+        [*SMALL_RUN, *RUN, *TWO_PROCS, *case_overrides(*case), f"dist.fsdp={case[2]}"]
+        for case in CASES
+    ] + [
+        [*SMALL_RUN, *RUN, *TWO_PROCS, f"optim={name}", "trainer.grad_clip=0", lowrank]
+        for lowrank in ("dist.lowrank_allreduce=false", "dist.lowrank_allreduce=true")
+        for name in LOWRANK
+    ]
+    out = torchrun("tests/distributed_fit.py", str(root), json.dumps(runs))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize(
+    "case", range(len(CASES)), ids=[f"{o}-fused={f}-fsdp={s}" for o, f, s in CASES]
+)
+def test_two_processes_equal_one_with_the_same_global_batch(case, two_process_runs, config):
+    name, fused, fsdp = CASES[case]
+    cfg = config(*RUN, *ONE_PROC, *case_overrides(name, fused, fsdp))
+    fit(cfg)
+    w1, _, rows1 = final(Path(cfg.trainer.run_dir))
+    w2, state2, rows2 = final(two_process_runs / str(case))
+    assert max_relative_difference(w1, w2) <= 1e-6
+    if fsdp == "true":  # the gathered checkpoint is the single-process one
+        o1 = optimizer_states(Path(cfg.trainer.run_dir))
+        o2 = optimizer_states(two_process_runs / str(case))
+        assert o1.keys() == o2.keys()
+        # GaLore's SVD basis amplifies rounding (near-equal singular values) to ~2e-5
+        assert max_relative_difference(o1, o2) <= 1e-4
+    losses1 = [r["loss"] for r in rows1 if "loss" in r]
+    losses2 = [r["loss"] for r in rows2 if "loss" in r]
+    assert len(losses2) == 6
+    assert losses2 == pytest.approx(losses1, rel=1e-6)  # the same data on every step
+    val1 = [r["val_loss"] for r in rows1 if "val_loss" in r]
+    val2 = [r["val_loss"] for r in rows2 if "val_loss" in r]
+    assert val2 == pytest.approx(val1, rel=1e-6)
+    if fsdp == "false":  # replicas: the trainer also refuses to go on if they differ
+        digests = state2["replica_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("name", LOWRANK)
+def test_lowrank_allreduce_gives_the_full_allreduce_weights(name, two_process_runs):
+    """Exact without clipping; with it, the low-rank path clips the averaged Qᵀg (the norm of
+    the averaged full gradient never exists there)."""
+    full = len(CASES) + LOWRANK.index(name)  # fused, full all-reduce, no clipping
+    low = full + len(LOWRANK)
+    w_full, _, rows_full = final(two_process_runs / str(full))
+    w_low, state_low, rows_low = final(two_process_runs / str(low))
+    assert max_relative_difference(w_full, w_low) <= 1e-6
+    assert state_low["replica_digests"][0] == state_low["replica_digests"][1]
+    # Traffic: steps 1, 2, 4, 5 of 6 send Qᵀg for every low-rank matrix.
+    sent = [r["allreduce_bytes"] for r in rows_low if "loss" in r]
+    full_bytes = [r["allreduce_bytes_full"] for r in rows_low if "loss" in r]
+    assert [r["allreduce_bytes"] for r in rows_full if "loss" in r] == full_bytes
+    assert sent[0] == full_bytes[0] and sent[3] == full_bytes[3]  # refresh steps
+    assert all(s < f for i, (s, f) in enumerate(zip(sent, full_bytes, strict=True)) if i % 3)
+
+
+def launch(tmp_path, *overrides):
+    """``launch/torchrun.sh --nproc 2`` on a small run."""
+    return subprocess.Popen(
+        ["bash", "launch/torchrun.sh", "--nproc", "2", *SMALL_RUN,
+         f"trainer.run_dir={tmp_path}/run", "trainer.eval_every=1000",
+         "trainer.save_model=false", *overrides],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )  # fmt: skip
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_a_signal_to_one_rank_stops_all_with_a_checkpoint_and_resume_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["optim=lorenza", "optim.rank=16", "optim.update_gap=3", "dist.lowrank_allreduce=true"]
+    proc = launch(tmp_path, *args, "trainer.max_steps=400")
+    wait_for_steps(run_dir, 3, proc, timeout=180)
+    workers = [int(p) for p in subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()]
+    # the pattern launch/slurm.sbatch signals with matches the workers, not torchrun
+    assert len(workers) == 2 and all("-u train.py" in cmdline(w) for w in workers)
+    assert "-u train.py" not in cmdline(proc.pid)
+    os.kill(workers[1], signal.SIGUSR1)  # one rank only: the ranks agree to stop together
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and "checkpoint written" in err, err[:3000]
+    stopped = int(latest_checkpoint(run_dir).name.split("_")[1])
+    assert sorted(losses(run_dir)) == list(range(1, stopped + 1))
+
+    proc = launch(tmp_path, *args, f"trainer.max_steps={stopped + 3}", "trainer.resume=auto")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert sorted(losses(run_dir)) == list(range(1, stopped + 4))  # no gap, no repeat
+    assert out.count('"val_ppl"') == 1  # one result line: rank 0 reports
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert all(r["peak_rss_GiB"] > 0 and r["tokens_per_s"] > 0 for r in steps)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    # the counters confirm the bytes computed from the shapes (bench/allreduce_bytes.py)
+    expected = info["allreduce_bytes_per_step"]
+    assert expected["lowrank"] < expected["full"]
+    for r in steps:
+        assert r["allreduce_bytes_full"] == expected["full"]
+        refresh = (r["step"] - 1) % 3 == 0
+        assert r["allreduce_bytes"] == expected["full" if refresh else "lowrank"]
+    assert info["world_size"] == 2 and "6 N + 12 L d T" in info["mfu_formula"]
+
+
+def test_slurm_dry_run_prints_the_commands_for_2_nodes_of_8_gpus(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # what `scontrol show hostnames gpu-a[01-02]` prints
+    scontrol.write_text("#!/bin/sh\nprintf 'gpu-a01\\ngpu-a02\\n'\n")
+    scontrol.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "lorenza",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-a[01-02]",
+        "PYTHON": "python3",
+    }
+    args = ["bash", "launch/slurm.sbatch", "--dry-run", "model=llama_1b", "optim=lorenza"]
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    lines = {line.split(":", 1)[0]: shlex.split(line.split(":", 1)[1]) for line in
+             out.stdout.splitlines()}  # fmt: skip
+    assert lines["run"] == [
+        "srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        "env", "OMP_NUM_THREADS=8", "python3", "-m", "torch.distributed.run",
+        "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
+        "--rdzv_endpoint=gpu-a01:29500", "--rdzv_id=4242",
+        "train.py", "trainer.run_dir=runs/lorenza-4242", "trainer.resume=auto",
+        "model=llama_1b", "optim=lorenza",
+    ]  # fmt: skip
+    assert lines["on USR1"] == [
+        "srun", "--overlap", "--nodes=2", "--ntasks-per-node=1",
+        "pkill", "-USR1", "-f", "--", "-u train.py",
+    ]  # fmt: skip
+    assert lines["then"] == ["scontrol", "requeue", "4242"]
+
+    del env["SLURM_NNODES"]
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "SLURM_NNODES is not set" in out.stderr
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process(two_process_runs, config, tmp_path):
+    """Gathered checkpoints do not depend on the number of ranks that wrote them; only the
+    data position does, and the trainer says so."""
+    case = CASES.index(("lorenza", "false", "true"))
+    run_dir = tmp_path / "resharded"
+    shutil.copytree(two_process_runs / str(case), run_dir)
+    args = [*RUN, *case_overrides(*CASES[case]), "trainer.resume=auto", "trainer.max_steps=8"]
+    cfg = config(*args)
+    cfg.trainer.run_dir = str(run_dir)
+    with pytest.raises(ValueError, match="trainer.resume_data=false"):
+        fit(cfg)
+    cfg = config(*args, "trainer.resume_data=false")
+    cfg.trainer.run_dir = str(run_dir)
+    result = fit(cfg)
+    assert result["step"] == 8 and math.isfinite(result["val_loss"])
+    assert sorted(losses(run_dir)) == list(range(1, 9))
+    blob = torch.load(latest_checkpoint(run_dir) / "optimizer.pt", weights_only=True)
+    assert blob["optimizer"]["lorenza"]["step_count"] == 8  # the random streams went on

@@ -1,0 +1,87 @@
+"""FSDP2 for models that do not fit one device, and checkpoints that do not care how many
+ranks wrote them.
+
+``shard_model`` applies ``fully_shard`` to every decoder layer and then to the whole model
+(torchtitan's wrapping): weights, gradients and the full-rank optimizer states are split by
+rows over the ranks, and each layer's weights are gathered only while it runs
+(``lorenza/sharded.py`` says how the low-rank optimizers update sharded matrices).
+
+Checkpoints are gathered: ``full_model_state`` and ``full_optimizer_state`` return the same
+dictionaries a single process has, so a checkpoint written by N ranks is byte-for-byte the
+format of one written by 1, and ``load_*`` shard it again for whatever the current layout is.
+Gathering puts the whole model and its optimizer state in rank 0's CPU memory (4 bytes per
+weight plus the states; 7B: ~28 GB + states), not on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from models import Llama
+
+
+def shard_model(model: Llama) -> None:
+    """FSDP2: one unit per decoder layer, then the rest (embedding, final norm, head)."""
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The whole ``state_dict`` on CPU (sharded models: on every rank's call, complete on
+    rank 0 only)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Load a whole ``state_dict`` (every rank holds it) into a sharded or plain model."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered whole, on CPU
+    (all ranks must call it: the gathers are collectives, done in the same order)."""
+    out = optimizer.state_dict()
+    # state_dict() shares each parameter's state dict with the optimizer: copy, then replace
+    out["state"] = {
+        index: {
+            key: value.full_tensor().cpu() if isinstance(value, DTensor) else value
+            for key, value in state.items()
+        }
+        for index, state in out["state"].items()
+    }
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a whole optimizer state, then shard the moments of sharded parameters like them."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        if group.get("rank") is not None:  # low-rank states are whole on every rank
+            continue
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            per_param = optimizer.state[p]
+            for key, value in per_param.items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    per_param[key] = distribute_tensor(
+                        value.to(p.to_local().device), p.device_mesh, p.placements
+                    )
