@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
+SIZE ?= tiny
 
-.PHONY: install demo test bench lint sample clean
+.PHONY: install demo test bench repro lint sample clean
 
 install: $(STAMP)
 
@@ -31,8 +32,12 @@ bench: install  ## CPU benchmarks (~40 min); tables go to bench/RESULTS.md; GPU:
 	$(PY) -m bench.fused_memory --models llama_60m llama_130m
 	$(PY) -m bench.data_pipeline
 	$(PY) -m bench.optim_quality
+	$(PY) -m bench.memory
 	$(PY) -m bench.allreduce_bytes
 	$(PY) -m bench.dp_overlap
+
+repro: install  ## the paper's table: SIZE=tiny (CPU, ~15 min, 3 seeds) or 60m/130m/350m (GPU, C4)
+	$(PY) -m bench.repro --size $(SIZE)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -13,9 +13,10 @@ HEADER = (
 )
 
 
-def write_section(name: str, markdown: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the section between ``<!-- name -->`` and ``<!-- /name -->``."""
-    text = path.read_text() if path.exists() else HEADER
+def write_section(name: str, markdown: str, path: Path = RESULTS, header: str = HEADER) -> None:
+    """Replace (or append) the section between ``<!-- name -->`` and ``<!-- /name -->``;
+    a new file starts with ``header``."""
+    text = path.read_text() if path.exists() else header
     block = f"<!-- {name} -->\n{markdown.strip()}\n<!-- /{name} -->"
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
     text = (

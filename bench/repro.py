@@ -1,0 +1,266 @@
+"""Reproduce the perplexity/memory table (GaLore Table 2 / LORENZA Table 3): ``make repro``.
+
+    python -m bench.repro --size tiny              # CPU, minutes: scaled protocol, 3 seeds
+    python -m bench.repro --size 60m               # GPU: the paper's protocol on C4
+    python -m bench.repro --size 60m --nproc 8     # through launch/torchrun.sh
+    python -m bench.repro --size 60m --dry-run     # print the train.py commands
+
+The protocol is GaLore's (which LORENZA's table reuses): C4 with the T5 tokenizer, sequences
+of 256 tokens, a total batch of 512 sequences, 10k / 20k / 60k steps for 60m / 130m / 350m
+(1.3B / 2.6B / 7.9B tokens), 10% linear warm-up then cosine to 10% of the peak, bf16, rank
+128 / 256 / 256, subspace refresh every 200 steps, scale 0.25, learning rate 0.01 for the
+low-rank optimizers and 0.001 for full-rank AdamW (each ``configs/optim`` default), validation
+perplexity on 10M C4 validation tokens. ``tiny`` scales it to a laptop: llama_tiny on the
+bundled sample corpus, 200 steps of 8 x 256 tokens, rank 32, refresh every 50 steps, bf16
+autocast, 3 seeds.
+
+Each run is ``train.py`` with ``trainer.resume=auto`` in ``results/<size>/<optim>-seed<k>``:
+after a preemption (or Ctrl-C, exit 75) the same command continues every unfinished run
+from its last checkpoint and skips the finished ones. The table (validation perplexity mean
+± std over seeds, beside the published value; estimated memory from ``bench/memory.py``;
+measured peak memory, optimizer-state bytes from the checkpoint, tokens/s) goes to
+``results/table.md`` (one section per size) and the validation curves to
+``results/<size>/loss_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.memory import Convention, estimate, shapes
+from bench.results import markdown_table, write_section
+from tests.conftest import ROOT, model_config
+
+OPTIMIZERS = ("adamw", "galore", "lorenza", "lorenza_plus")
+PUBLISHED_PPL = {  # GaLore Table 2 (adamw, galore) and LORENZA Table 3 (lorenza, lorenza_plus)
+    "60m": {"adamw": 34.06, "galore": 34.88, "lorenza": 34.29},
+    "130m": {"adamw": 25.08, "galore": 25.36, "lorenza": 24.92},
+    "350m": {"adamw": 18.80, "galore": 18.95, "lorenza": 18.87},
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    model: str
+    rank: int
+    steps: int
+    update_gap: int
+    batch: int  # sequences per optimizer step, all processes and micro-batches together
+    micro_batch: int  # sequences per forward on one process
+    data: list[str]
+    seeds: int
+    eval_every: int
+
+
+PROTOCOLS = {
+    "tiny": Protocol("llama_tiny", 32, 200, 50, 8, 8, ["data=sample"], 3, 50),
+    "60m": Protocol(
+        "llama_60m", 128, 10_000, 200, 512, 128, ["data=c4", "data.val_tokens=10000000"], 1, 1000
+    ),
+    "130m": Protocol(
+        "llama_130m", 256, 20_000, 200, 512, 64, ["data=c4", "data.val_tokens=10000000"], 1, 1000
+    ),
+    "350m": Protocol(
+        "llama_350m", 256, 60_000, 200, 512, 32, ["data=c4", "data.val_tokens=10000000"], 1, 2000
+    ),
+}
+
+
+def run_dir(out: Path, size: str, optim: str, seed: int) -> Path:
+    return out / size / f"{optim}-seed{seed}"
+
+
+def command(p: Protocol, out: Path, size: str, optim: str, seed: int, nproc: int) -> list[str]:
+    if p.batch % (p.micro_batch * nproc):
+        raise ValueError(
+            f"--nproc={nproc}: the batch of {p.batch} sequences is not a multiple of "
+            f"{p.micro_batch} per process x {nproc} processes"
+        )
+    launcher = (
+        ["bash", "launch/torchrun.sh", "--nproc", str(nproc)]
+        if nproc > 1
+        else [sys.executable, "train.py"]
+    )
+    return [
+        *launcher,
+        f"model={p.model}",
+        f"optim={optim}",
+        *p.data,
+        f"seed={seed}",
+        "data.seq_len=256",
+        f"optim.rank={p.rank}",
+        f"optim.update_gap={p.update_gap}",
+        "optim.scale=0.25",
+        "optim.warmup_ratio=0.1",
+        "optim.min_lr_ratio=0.1",
+        "trainer.precision=bf16",
+        f"trainer.max_steps={p.steps}",
+        f"trainer.batch_size={p.micro_batch}",
+        f"trainer.grad_accum={p.batch // (p.micro_batch * nproc)}",
+        f"trainer.eval_every={p.eval_every}",
+        f"trainer.save_every={max(p.eval_every, p.steps // 20)}",
+        "trainer.log_every=10",
+        "trainer.progress=false",
+        "trainer.save_model=false",
+        "trainer.resume=auto",
+        f"trainer.run_dir={run_dir(out, size, optim, seed)}",
+    ]
+
+
+def rows_of(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def finished(folder: Path, steps: int) -> bool:
+    return any(r.get("step") == steps and "val_loss" in r for r in rows_of(folder))
+
+
+def state_mib(folder: Path) -> float:
+    """Optimizer-state MiB of the newest checkpoint (every tensor of ``opt.state``)."""
+    ckpt = sorted((folder / "checkpoints").glob("step_*"))[-1]
+    blob = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    return (
+        sum(
+            t.numel() * t.element_size()
+            for st in blob["optimizer"]["state"].values()
+            for t in st.values()
+            if torch.is_tensor(t)
+        )
+        / 2**20
+    )
+
+
+def summarize(p: Protocol, out: Path, size: str, optims: list[str]) -> str:
+    cfg = model_config(p.model, vocab_size=32000 if size != "tiny" else 8000)
+    s = shapes(cfg, p.rank)
+    rows = []
+    for optim in optims:
+        folders = [run_dir(out, size, optim, k) for k in range(p.seeds)]
+        runs = [rows_of(f) for f in folders]
+        ppl = [[r["val_ppl"] for r in rs if "val_ppl" in r][-1] for rs in runs]
+        steps = [[r for r in rs if "loss" in r] for rs in runs]
+        mem_key = "peak_alloc_GiB" if "peak_alloc_GiB" in steps[0][-1] else "peak_rss_GiB"
+        peak = max(r[mem_key] for rs in steps for r in rs)
+        tok_s = statistics.median(r["tokens_per_s"] for rs in steps for r in rs[1:] or rs)
+        method = "full" if optim == "adamw" else optim
+        mean = statistics.mean(ppl)
+        spread = f" ± {statistics.stdev(ppl):.2f}" if len(ppl) > 1 else ""
+        published = PUBLISHED_PPL.get(size, {}).get(optim)
+        rows.append(
+            [
+                optim,
+                f"{mean:.2f}{spread}",
+                published or "—",
+                f"{estimate(s, method, p.rank, Convention()):.3f}",
+                f"{state_mib(folders[0]):.1f}",
+                f"{peak:.2f} ({mem_key.removesuffix('_GiB').replace('_', ' ')})",
+                f"{tok_s:,.0f}",
+            ]
+        )
+    header = [
+        "optimizer",
+        f"val ppl ({p.seeds} seed{'s' if p.seeds > 1 else ''})",
+        "published",
+        "estimated GiB (weights+states, bf16)",
+        "measured state MiB (fp32)",
+        "measured peak GiB",
+        "tokens/s per device",
+    ]
+    return markdown_table(header, rows)
+
+
+def plot(p: Protocol, out: Path, size: str, optims: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for optim in optims:
+        for k in range(p.seeds):
+            val = [(r["step"], r["val_loss"]) for r in rows_of(run_dir(out, size, optim, k))
+                   if "val_loss" in r]  # fmt: skip
+            ax.plot(*zip(*val, strict=True), label=optim if k == 0 else None,
+                    color=f"C{optims.index(optim)}", alpha=0.8)  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{p.model}: {p.seeds} seed(s) per optimizer")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / size / "loss_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="tiny", choices=list(PROTOCOLS))
+    ap.add_argument("--optims", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    ap.add_argument("--seeds", type=int, default=None, help="default: the protocol's")
+    ap.add_argument("--steps", type=int, default=None, help="default: the protocol's")
+    ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
+    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = ap.parse_args()
+    p = PROTOCOLS[args.size]
+    for key in ("seeds", "steps"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            sys.exit(f"error: --{key}={value} must be >= 1")
+    if args.seeds or args.steps:
+        steps = args.steps or p.steps
+        eval_every = min(p.eval_every, steps)
+        p = Protocol(**{**p.__dict__, "seeds": args.seeds or p.seeds, "steps": steps,
+                        "eval_every": eval_every})  # fmt: skip
+    try:
+        commands = [
+            (run_dir(args.out, args.size, o, k), command(p, args.out, args.size, o, k, args.nproc))
+            for o in args.optims
+            for k in range(p.seeds)
+        ]
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    for folder, cmd in commands:
+        if args.dry_run:
+            print(" ".join(cmd))
+            continue
+        if finished(folder, p.steps):
+            print(f"done already: {folder}", flush=True)
+            continue
+        print(f"running: {folder}", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL).returncode
+        if code != 0:
+            sys.exit(
+                f"{folder} stopped with exit code {code}; run the same command again to "
+                "continue every unfinished run from its last checkpoint"
+            )
+    if args.dry_run:
+        return
+    table = summarize(p, args.out, args.size, args.optims)
+    curves = plot(p, args.out, args.size, args.optims)
+    print(table)
+    text = (
+        f"## {args.size}: {p.model}, {p.steps} steps of {p.batch} x 256 tokens\n\n"
+        f"`python -m bench.repro {' '.join(sys.argv[1:])}`, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}. "
+        f"Validation curves: `{curves.relative_to(args.out)}`.\n\n{table}"
+    )
+    header = "# Reproduction of the perplexity/memory table\n\nWritten by `make repro`.\n"
+    write_section(f"repro-{args.size}", text, path=args.out / "table.md", header=header)
+
+
+if __name__ == "__main__":
+    main()
