@@ -36,7 +36,7 @@ bench: install  ## CPU benchmarks (~40 min); tables go to bench/RESULTS.md; GPU:
 	$(PY) -m bench.allreduce_bytes
 	$(PY) -m bench.dp_overlap
 
-repro: install  ## the paper's table: SIZE=tiny (CPU, ~15 min, 3 seeds) or 60m/130m/350m (GPU, C4)
+repro: install  ## the paper's table: SIZE=tiny (CPU, ~25 min, 3 seeds) or 60m/130m/350m (GPU, C4)
 	$(PY) -m bench.repro --size $(SIZE)
 
 lint: install

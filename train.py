@@ -191,8 +191,11 @@ def check_distributed(cfg: Config) -> None:
                 "adazo_sam, with 32-bit states"
             )
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    uses_cuda = cfg.trainer.device == "cuda" or (
+        cfg.trainer.device == "auto" and torch.cuda.is_available()
+    )
     if (
-        cfg.trainer.device == "cuda"
+        uses_cuda
         and 1 < world
         and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", world))
     ):

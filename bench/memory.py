@@ -168,18 +168,20 @@ def fit(all_shapes: dict[str, Shapes]) -> tuple[Convention, float]:
     return best
 
 
-def measured_state_elements(model: Llama, method: str, rank: int) -> int:
-    """Elements of every tensor in ``opt.state`` after one real step (random gradients)."""
+def measured_state(model: Llama, method: str, rank: int) -> tuple[int, int]:
+    """(elements, bytes) of every tensor in ``opt.state`` after one real step (random
+    gradients)."""
     cls = {"full": AdamW, "galore": GaLoreAdamW, "lorenza": Lorenza, "lorenza_plus": LorenzaPlus}
     params = model.parameters() if method == "full" else lowrank_param_groups(model, rank)
     opt = cls[method](params, lr=1e-3, rho_max=0.0, rho_min=0.0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
-    count = sum(t.numel() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
-    del opt
+    tensors = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    out = sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+    del opt, tensors
     gc.collect()
-    return count
+    return out
 
 
 def main() -> None:
@@ -208,19 +210,40 @@ def main() -> None:
     if not args.no_measure:
         for size in ("llama_60m", "llama_130m", "llama_350m"):
             model = Llama(cfgs[size])
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
             for method in ("full", "galore", "lorenza", "lorenza_plus"):
-                got = measured_state_elements(model, method, RANKS[size])
+                got, state_bytes = measured_state(model, method, RANKS[size])
                 want = state_elements(all_shapes[size], method, RANKS[size])
                 checks.append(
-                    [size, method, f"{got:,}", f"{want:,}", "yes" if got == want else "NO"]
+                    [
+                        size,
+                        method,
+                        f"{weights / 2**20:,.0f}",
+                        f"{state_bytes / 2**20:,.0f}",
+                        f"{got:,}",
+                        f"{want:,}",
+                        "yes" if got == want else "NO",
+                    ]
                 )
                 print(checks[-1], flush=True)
             del model
             gc.collect()
     measured = (
-        "\n\nMeasured after one real step on the CPU: element count of every optimizer-state "
-        "tensor vs the estimate's state term (with the basis Q, which our optimizers store).\n\n"
-        + markdown_table(["model", "optimizer", "measured", "estimate", "equal"], checks)
+        "\n\nMeasured after one real step on the CPU (float32 weights and states): bytes of "
+        "the parameters and of every optimizer-state tensor, and the state's element count vs "
+        "the estimate's state term (with the basis Q, which our optimizers store).\n\n"
+        + markdown_table(
+            [
+                "model",
+                "optimizer",
+                "params MiB",
+                "states MiB",
+                "state elements",
+                "estimated",
+                "equal",
+            ],
+            checks,
+        )
         if checks
         else ""
     )

@@ -211,6 +211,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="default: the protocol's")
     ap.add_argument("--steps", type=int, default=None, help="default: the protocol's")
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
+    ap.add_argument(
+        "--data", default="c4", choices=["c4", "c4_local"],
+        help="GPU sizes: C4 from the Hub, or local shards (data.path=... in --extra)",
+    )  # fmt: skip
+    ap.add_argument("--extra", nargs="*", default=[], help="more train.py overrides")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = ap.parse_args()
@@ -219,6 +224,8 @@ def main() -> None:
         value = getattr(args, key)
         if value is not None and value < 1:
             sys.exit(f"error: --{key}={value} must be >= 1")
+    if args.size != "tiny":
+        p = Protocol(**{**p.__dict__, "data": [f"data={args.data}", *p.data[1:]]})
     if args.seeds or args.steps:
         steps = args.steps or p.steps
         eval_every = min(p.eval_every, steps)
@@ -226,7 +233,10 @@ def main() -> None:
                         "eval_every": eval_every})  # fmt: skip
     try:
         commands = [
-            (run_dir(args.out, args.size, o, k), command(p, args.out, args.size, o, k, args.nproc))
+            (
+                run_dir(args.out, args.size, o, k),
+                command(p, args.out, args.size, o, k, args.nproc) + args.extra,
+            )
             for o in args.optims
             for k in range(p.seeds)
         ]

@@ -21,6 +21,8 @@ if [[ -z "$NPROC" ]]; then
 fi
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 
+# Name the run folder once: the default's ${now:...} would be read from each rank's clock.
+[[ " $* " == *" trainer.run_dir="* ]] || set -- "$@" "trainer.run_dir=runs/$(date +%Y-%m-%d_%H-%M-%S)"
 cmd=(env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PYTHON" -m torch.distributed.run
      --standalone --nproc_per_node="$NPROC" train.py "$@")
 if [[ $DRY_RUN == 1 ]]; then
