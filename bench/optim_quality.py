@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from bench.results import markdown_table, write_section
-from train import OPTIMIZERS
+from trainer.optimizers import OPTIMIZERS
 
 
 def main() -> None:

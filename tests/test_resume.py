@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+import trainer.step as step
 from tests.conftest import ROOT, SMALL_RUN
 from trainer.checkpoint import latest_checkpoint
 from trainer.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequests, TrainingStopped
@@ -143,7 +144,7 @@ def nan_at_step(monkeypatch, n):
     """The real (gradient) forward of step ``n`` returns NaN; evaluation and zeroth-order
     forwards run without grad and are not counted."""
     calls = {"n": 0}
-    real = train.loss_fn
+    real = step.loss_fn
 
     def flaky(logits, targets, **kw):
         loss = real(logits, targets, **kw)
@@ -152,7 +153,7 @@ def nan_at_step(monkeypatch, n):
         calls["n"] += 1
         return loss * float("nan") if calls["n"] == n else loss
 
-    monkeypatch.setattr(train, "loss_fn", flaky)
+    monkeypatch.setattr(step, "loss_fn", flaky)
 
 
 @pytest.mark.parametrize("optim", ["adamw", "lorenza"])

@@ -13,6 +13,7 @@ import torch
 import train
 from models import load_hf
 from tests.conftest import ROOT
+from trainer.optimizers import OPTIMIZERS
 
 
 def read_metrics(run_dir):
@@ -116,7 +117,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, override, needle):
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("optim", list(train.OPTIMIZERS))
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
 def test_every_optimizer_trains_from_train_py(config, optim):
     cfg = config(
         f"optim={optim}",

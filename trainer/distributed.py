@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from lorenza.reduce import GradReducer
 
 
 @dataclass(frozen=True)
@@ -128,3 +131,26 @@ def check_replicas(model: torch.nn.Module) -> list[str]:
     if len(set(digests)) > 1:
         raise RuntimeError(f"data-parallel ranks hold different weights: digests {digests}")
     return digests
+
+
+class CommCounter:
+    """Bytes all-reduced per step, and what averaging every full gradient would send (the
+    same under DDP, which always does)."""
+
+    def __init__(self, reducer: GradReducer | None, ddp: DistributedDataParallel | None):
+        self.reducer, self.ddp = reducer, ddp
+        self.ddp_bytes = 0
+        self.steps = 0
+        self.grad_bytes = (
+            sum(p.numel() * p.element_size() for p in ddp.parameters() if p.requires_grad)
+            if ddp is not None
+            else 0
+        )
+
+    def synced_backward(self) -> None:
+        self.ddp_bytes += self.grad_bytes
+
+    def take_per_step(self) -> tuple[float, float]:
+        sent, full = self.reducer.take_counts() if self.reducer else (self.ddp_bytes,) * 2
+        steps, self.steps, self.ddp_bytes = max(self.steps, 1), 0, 0
+        return sent / steps, full / steps

@@ -1,0 +1,129 @@
+"""Everything a user can get wrong in a config, refused with one line naming the key and the
+value before any work starts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorenza import LorenzaPlus
+from models import Llama
+from trainer.config import CLIP_MODES, DEVICES, NONFINITE, PRECISIONS, WANDB_MODES, Config
+from trainer.optimizers import OPTIMIZERS, build_optimizer, is_fused
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse a config that cannot run, with one line naming the key and value, before any work."""
+
+    def positive(key: str, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"{key}={value} must be positive")
+
+    def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+    cfg.model.validate()
+    cfg.data.validate()
+    one_of("optim.name", cfg.optim.name, tuple(OPTIMIZERS))
+    one_of("trainer.precision", cfg.trainer.precision, PRECISIONS)
+    one_of("trainer.device", cfg.trainer.device, DEVICES)
+    one_of("trainer.wandb_mode", cfg.trainer.wandb_mode, WANDB_MODES)
+    one_of("trainer.grad_clip_mode", cfg.trainer.grad_clip_mode, CLIP_MODES)
+    one_of("trainer.on_nonfinite", cfg.trainer.on_nonfinite, NONFINITE)
+    check_writable(Path(cfg.trainer.run_dir))
+    if is_fused(cfg) and cfg.trainer.grad_clip > 0 and cfg.trainer.grad_clip_mode == "global":
+        raise ValueError(
+            "trainer.grad_clip_mode='global' cannot work with trainer.fused=true: each gradient "
+            "is consumed before a global norm exists; use grad_clip_mode=per_param (or auto), "
+            "grad_clip=0, or fused=false"
+        )
+    if cfg.trainer.save_every < 0 or cfg.trainer.keep_last < 1:
+        raise ValueError(
+            f"trainer.save_every={cfg.trainer.save_every} must be >= 0 and "
+            f"trainer.keep_last={cfg.trainer.keep_last} >= 1"
+        )
+    positive("optim.lr", cfg.optim.lr)
+    check_distributed(cfg)
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every"):
+        positive(f"trainer.{key}", getattr(cfg.trainer, key))
+    if cfg.trainer.grad_clip < 0:
+        raise ValueError(f"trainer.grad_clip={cfg.trainer.grad_clip} must be >= 0 (0 disables)")
+    if not 0 <= cfg.optim.warmup_ratio < 1:
+        raise ValueError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} must be in [0, 1)")
+    if not 0 < cfg.optim.zo_batch_fraction <= 1:
+        raise ValueError(f"optim.zo_batch_fraction={cfg.optim.zo_batch_fraction} must be in (0, 1]")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
+    if cfg.data.seq_len > cfg.model.max_position_embeddings:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings} of {cfg.model.name}"
+        )
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device='cuda' but CUDA is not available")
+    with torch.device("meta"):  # the optimizer checks its own arguments against real shapes
+        try:
+            build_optimizer(Llama(cfg.model), cfg.optim)
+        except ValueError as err:
+            raise ValueError(f"optim.{err}") from None
+
+
+def check_distributed(cfg: Config) -> None:
+    """The ``dist.*`` keys, and the process count against the GPUs."""
+    if cfg.dist.in_flight < 0:
+        raise ValueError(f"dist.in_flight={cfg.dist.in_flight} must be >= 0")
+    if cfg.dist.lowrank_allreduce:
+        cls, lowrank, _ = OPTIMIZERS[cfg.optim.name]
+        if not lowrank or cls is LorenzaPlus:
+            raise ValueError(
+                f"dist.lowrank_allreduce=true needs a low-rank optimizer whose update reads "
+                f"only Qᵀg (galore, galore8bit, lorenza, lorenza8bit), not "
+                f"optim.name={cfg.optim.name!r}"
+            )
+        if not is_fused(cfg):
+            raise ValueError(
+                "dist.lowrank_allreduce=true needs trainer.fused=true: the per-layer hook "
+                "hands the averaged Qᵀg to the update"
+            )
+    if cfg.dist.fsdp:
+        _, _, bits = OPTIMIZERS[cfg.optim.name]
+        if is_fused(cfg) or cfg.dist.lowrank_allreduce:
+            raise ValueError(
+                "dist.fsdp=true works with trainer.fused=false and dist.lowrank_allreduce=false: "
+                "FSDP2 reduce-scatters gradients after backward, where no hook can see them"
+            )
+        if cfg.optim.name == "sam" or 8 in (bits, cfg.optim.bits):
+            raise ValueError(
+                f"dist.fsdp=true does not support optim.name={cfg.optim.name!r} "
+                f"(optim.bits={cfg.optim.bits}): use adamw, galore, lorenza, lorenza_plus or "
+                "adazo_sam, with 32-bit states"
+            )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    uses_cuda = cfg.trainer.device == "cuda" or (
+        cfg.trainer.device == "auto" and torch.cuda.is_available()
+    )
+    if (
+        uses_cuda
+        and 1 < world
+        and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    ):
+        raise ValueError(
+            f"{os.environ.get('LOCAL_WORLD_SIZE', world)} processes on this node but "
+            f"{torch.cuda.device_count()} GPUs: use --nproc_per_node <= the GPU count"
+        )
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail now, not after hours of training, if the run folder cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"trainer.run_dir={str(run_dir)!r} is not writable: {err.strerror or err}"
+        ) from None

@@ -1,0 +1,112 @@
+"""One optimizer update (perturbation, forward/backward over the micro-batches, clipping,
+update) and the validation loss, for one process or many."""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+
+from lorenza.fused import FusedUpdates, clip_per_param_
+from lorenza.sharded import full
+from models import Llama, loss_fn
+from trainer.config import Config
+from trainer.distributed import CommCounter, mean_over_ranks, sum_over_ranks
+
+
+@torch.no_grad()
+def evaluate(model: Llama, batches, autocast, device: torch.device, reduce: bool = True) -> float:
+    """Token-weighted mean validation loss over a fixed set of batches (with ``reduce``, each
+    rank evaluates its share of them and the sums are added over the ranks)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        with autocast:
+            logits = model(x)
+        total += loss_fn(logits, y, reduction="sum").item()
+        count += int((y != -100).sum())
+    model.train(was_training)
+    if reduce:
+        total, count = sum_over_ranks(total, count, device=device)
+    return total / count
+
+
+@dataclass
+class StepParts:
+    """What one update drives: the model (``ddp``: its data-parallel wrapper, unfused runs),
+    the optimizer, the per-layer hooks (fused runs), autocast and the traffic counter."""
+
+    model: Llama
+    ddp: DistributedDataParallel | None
+    optimizer: torch.optim.Optimizer
+    hooks: FusedUpdates | None
+    autocast: AbstractContextManager
+    comm: CommCounter
+    grad_norm: float | None = None
+    """The global gradient norm before clipping (unfused global clipping only)."""
+
+
+def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool) -> float:
+    """One update from the micro-batches ``micro``: the sharpness-aware perturbation (if any),
+    forward/backward, clipping, update. Returns the mean loss (over micro-batches and ranks);
+    when it is not finite no update is made (and no backward is run from the bad micro-batch
+    on) -- on every rank alike, since they all see the same mean."""
+    t = cfg.trainer
+    model, ddp, optimizer, hooks = parts.model, parts.ddp, parts.optimizer, parts.hooks
+    forward = ddp or model
+    parts.comm.steps += 1
+
+    def closure(update: bool = False) -> float:
+        """Mean loss of this step's batch; backward too when grad is enabled (the
+        sharpness-aware optimizers also call it without grad, for forward-only losses).
+        In fused mode the hooks update the weights during the last backward of ``update``."""
+        total = 0.0
+        grad = torch.is_grad_enabled()
+        for i, (x, y) in enumerate(micro):
+            last = i == len(micro) - 1
+            if not grad:  # zeroth-order forward: maybe a sub-batch
+                k = max(1, math.ceil(cfg.optim.zo_batch_fraction * len(x)))
+                x, y = x[:k], y[:k]
+            # DDP and FSDP average gradients on the last micro-batch's backward only
+            sync = ddp.no_sync() if ddp is not None and grad and not last else nullcontext()
+            if isinstance(model, FSDPModule) and grad:
+                model.set_requires_gradient_sync(last)
+            with sync:
+                with parts.autocast:
+                    logits = forward(x)
+                loss = loss_fn(logits, y) / t.grad_accum
+                total += mean_over_ranks(loss)
+                if not math.isfinite(total):
+                    return total
+                if grad:
+                    if hooks is not None:
+                        hooks.armed = update and last
+                    loss.backward()
+                    if ddp is not None and last:
+                        parts.comm.synced_backward()
+        return total
+
+    optimizer.perturb(closure)  # moves W to W + ε for SAM-type optimizers, else nothing
+    loss = closure(update=True)
+    if not math.isfinite(loss):  # skip: drop partial gradients, undo the perturbation
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.finish_step()
+        return loss
+    if hooks is not None:
+        hooks.finish()
+        return loss
+    if per_param_clip:
+        for p in model.parameters():
+            clip_per_param_(p.grad, t.grad_clip)
+    elif t.grad_clip > 0:
+        parts.grad_norm = float(
+            full(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
