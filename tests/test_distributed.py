@@ -251,3 +251,58 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(two_process_runs, config, tmp
     assert sorted(losses(run_dir)) == list(range(1, 9))
     blob = torch.load(latest_checkpoint(run_dir) / "optimizer.pt", weights_only=True)
     assert blob["optimizer"]["lorenza"]["step_count"] == 8  # the random streams went on
+
+
+def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
+    """The sbatch script end to end on this machine, with srun and scontrol stood in for:
+    USR1 to the script (what --signal=B:USR1@300 does) -> the workers checkpoint -> requeue;
+    the requeued script resumes from the checkpoint."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {  # srun: drop its options and run the command on this one "node"
+        "srun": '#!/bin/sh\nwhile [ $# -gt 0 ]; do case "$1" in --*) shift;; *) break;; esac; '
+        'done\nexec "$@"\n',
+        "scontrol": '#!/bin/sh\nif [ "$1" = show ]; then echo localhost; '
+        'else echo "$@" >> "$SCONTROL_LOG"; fi\n',
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "SLURM_JOB_ID": "77",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "GPUS_PER_NODE": "2",
+        "MASTER_PORT": "29531",
+        "OMP_NUM_THREADS": "1",
+        "RUN_DIR": str(run_dir),
+        "PYTHON": sys.executable,
+    }
+    args = [*SMALL_RUN, "trainer.eval_every=1000", "trainer.save_model=false", "optim=galore",
+            "optim.rank=16"]  # fmt: skip
+
+    def sbatch(*extra):
+        return subprocess.Popen(
+            ["bash", "launch/slurm.sbatch", *args, *extra], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    job = sbatch("trainer.max_steps=400")
+    wait_for_steps(run_dir, 3, job, timeout=180)
+    job.send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=180)
+    assert job.returncode == 0, err[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+    stopped = int(latest_checkpoint(run_dir).name.split("_")[1])
+    assert sorted(losses(run_dir)) == list(range(1, stopped + 1))
+
+    job = sbatch(f"trainer.max_steps={stopped + 2}")  # the requeued job
+    _, err = job.communicate(timeout=180)
+    assert job.returncode == 0, err[-3000:]
+    assert sorted(losses(run_dir)) == list(range(1, stopped + 3))
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]  # not again
