@@ -64,6 +64,7 @@ PUBLISHED = {
     "lora": {"llama_60m": 0.36, "llama_130m": 0.80, "llama_350m": 1.76, "llama_1b": 6.17},
     "relora": {"llama_60m": 0.36, "llama_130m": 0.80, "llama_350m": 1.76, "llama_1b": 6.17},
 }
+MEASURED = ("full", "full8bit", "galore", "galore8bit", "lorenza", "lorenza8bit", "lorenza_plus")
 METHODS = [
     "full",
     "full8bit",
@@ -133,19 +134,26 @@ def state_elements(s: Shapes, method: str, rank: int, conv: Convention = Convent
     raise ValueError(f"method={method!r} has no 32-bit state formula")
 
 
+def state_bytes_8bit(
+    s: Shapes, method: str, rank: int, conv: Convention = Convention(), basis_bytes: int = 2
+) -> float:
+    """Bytes of an 8-bit method's state: two quantized moments per tensor (full size, or
+    r x max(m, n) for a managed matrix) and the basis Q in ``basis_bytes`` per element (bf16
+    in the published convention; our optimizers keep it in float32)."""
+    if method == "full8bit":
+        moments = list(s.others) + [m * n for m, n in s.matrices]
+        basis = 0
+    else:
+        moments = list(s.others) + [rank * max(m, n) for m, n in s.matrices]
+        basis = rank * sum(min(m, n) for m, n in s.matrices) if conv.basis else 0
+    return basis_bytes * basis + sum(2 * quantized_bytes(k) for k in moments)
+
+
 def estimate(s: Shapes, method: str, rank: int, conv: Convention = Convention()) -> float:
     """Weights + optimizer states in bf16 (8-bit moments for the *8bit methods), in conv.unit."""
-    adapters = rank * sum(m + n for m, n in s.matrices)
     if method.endswith("8bit"):
-        base = method.removesuffix("8bit")
-        if base == "full":
-            moments = list(s.others) + [m * n for m, n in s.matrices]
-            basis = 0
-        else:
-            moments = list(s.others) + [rank * max(m, n) for m, n in s.matrices]
-            basis = rank * sum(min(m, n) for m, n in s.matrices) if conv.basis else 0
-        total = 2 * s.n + 2 * basis + sum(2 * quantized_bytes(k) for k in moments)
-        return total / conv.unit
+        return (2 * s.n + state_bytes_8bit(s, method, rank, conv)) / conv.unit
+    adapters = rank * sum(m + n for m, n in s.matrices)
     weights = {"lowrank": sum(s.others) + adapters, "lora": s.n + adapters}.get(
         method.replace("relora", "lora"), s.n
     )
@@ -172,8 +180,9 @@ def measured_state(model: Llama, method: str, rank: int) -> tuple[int, int]:
     """(elements, bytes) of every tensor in ``opt.state`` after one real step (random
     gradients)."""
     cls = {"full": AdamW, "galore": GaLoreAdamW, "lorenza": Lorenza, "lorenza_plus": LorenzaPlus}
-    params = model.parameters() if method == "full" else lowrank_param_groups(model, rank)
-    opt = cls[method](params, lr=1e-3, rho_max=0.0, rho_min=0.0)
+    base, bits = method.removesuffix("8bit"), 8 if method.endswith("8bit") else 32
+    params = model.parameters() if base == "full" else lowrank_param_groups(model, rank)
+    opt = cls[base](params, lr=1e-3, bits=bits, rho_max=0.0, rho_min=0.0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
@@ -211,17 +220,21 @@ def main() -> None:
         for size in ("llama_60m", "llama_130m", "llama_350m"):
             model = Llama(cfgs[size])
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            for method in ("full", "galore", "lorenza", "lorenza_plus"):
-                got, state_bytes = measured_state(model, method, RANKS[size])
-                want = state_elements(all_shapes[size], method, RANKS[size])
+            for method in MEASURED:
+                elements, nbytes = measured_state(model, method, RANKS[size])
+                if method.endswith("8bit"):  # bytes: uint8 moments, absmax, float32 basis
+                    got = nbytes
+                    want = state_bytes_8bit(all_shapes[size], method, RANKS[size], basis_bytes=4)
+                else:
+                    got, want = elements, state_elements(all_shapes[size], method, RANKS[size])
                 checks.append(
                     [
                         size,
                         method,
                         f"{weights / 2**20:,.0f}",
-                        f"{state_bytes / 2**20:,.0f}",
+                        f"{nbytes / 2**20:,.0f}",
                         f"{got:,}",
-                        f"{want:,}",
+                        f"{want:,.0f}",
                         "yes" if got == want else "NO",
                     ]
                 )
@@ -230,15 +243,16 @@ def main() -> None:
             gc.collect()
     measured = (
         "\n\nMeasured after one real step on the CPU (float32 weights and states): bytes of "
-        "the parameters and of every optimizer-state tensor, and the state's element count vs "
-        "the estimate's state term (with the basis Q, which our optimizers store).\n\n"
+        "the parameters and of every optimizer-state tensor, and the state's element count "
+        "(8-bit: its bytes) vs the estimate's state term (with the basis Q, which our "
+        "optimizers store in float32).\n\n"
         + markdown_table(
             [
                 "model",
                 "optimizer",
                 "params MiB",
                 "states MiB",
-                "state elements",
+                "state elements (8-bit: bytes)",
                 "estimated",
                 "equal",
             ],

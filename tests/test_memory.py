@@ -6,11 +6,10 @@ import torch
 from bench.memory import (
     Shapes,
     measured_state,
-    quantized_bytes,
     shapes,
+    state_bytes_8bit,
     state_elements,
 )
-from lorenza import Lorenza, lowrank_param_groups
 from models import Llama
 from tests.conftest import SMALL, WIDE
 
@@ -24,21 +23,13 @@ def test_state_term_equals_the_measured_state(method):
     )
 
 
-def test_8bit_moments_take_the_estimated_bytes():
+@pytest.mark.parametrize("method", ["full8bit", "galore8bit", "lorenza8bit"])
+def test_8bit_states_take_the_estimated_bytes(method):
+    """WIDE's matrices are big enough to be quantized (>= 4096 values)."""
     torch.manual_seed(0)
     rank = 16
-    model = Llama(WIDE)
-    opt = Lorenza(lowrank_param_groups(model, rank), bits=8, rho_max=0.0, rho_min=0.0)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    opt.step()
-    keys = ("exp_avg", "exp_avg_sq", "absmax1", "absmax2")
-    measured = sum(
-        st[k].numel() * st[k].element_size() for st in opt.state.values() for k in keys if k in st
-    )
-    s = shapes(WIDE, rank)
-    moments = list(s.others) + [rank * max(m, n) for m, n in s.matrices]
-    assert measured == sum(2 * quantized_bytes(k) for k in moments)
+    _, measured = measured_state(Llama(WIDE), method, rank)
+    assert measured == state_bytes_8bit(shapes(WIDE, rank), method, rank, basis_bytes=4)
 
 
 def test_a_wrong_count_would_be_caught():
