@@ -251,7 +251,7 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
                     **peak_memory(device),
                     **(
                         {"allreduce_bytes": sent, "allreduce_bytes_full": full}
-                        if ranks.enabled
+                        if comm.counts
                         else {}
                     ),
                     skipped=skipped,
@@ -275,10 +275,10 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
                 )
     bar.close()
     export = model
-    if sharded and t.save_model:  # a plain copy of the gathered weights, on rank 0
-        export = Llama(cfg.model)
-        weights = full_model_state(model)
+    if sharded and t.save_model:  # a plain copy of the gathered weights, on rank 0 only
+        weights = full_model_state(model)  # a collective: every rank takes part
         if ranks.is_main:
+            export = Llama(cfg.model)
             export.load_state_dict(weights)
     if ranks.is_main:
         log.close()

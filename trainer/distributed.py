@@ -147,6 +147,12 @@ class CommCounter:
             else 0
         )
 
+    @property
+    def counts(self) -> bool:
+        """Whether there is all-reduce traffic to count (not in one process, nor under FSDP,
+        whose reduce-scatters and all-gathers are its own)."""
+        return self.reducer is not None or self.ddp is not None
+
     def synced_backward(self) -> None:
         self.ddp_bytes += self.grad_bytes
 
