@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import hydra
@@ -58,7 +58,13 @@ from trainer.metrics import (
     plot_losses,
 )
 from trainer.optimizers import build_optimizer, is_fused
-from trainer.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequests, TrainingStopped
+from trainer.preemption import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    PREEMPTED_MARKER,
+    StopRequests,
+    TrainingStopped,
+)
 from trainer.sharding import (
     full_model_state,
     full_optimizer_state,
@@ -84,9 +90,18 @@ def pick_device(choice: str, ranks: Ranks) -> torch.device:
     return torch.device("cpu")
 
 
-def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
+def fit(cfg: Config, tokenizer: Tokenizer | None = None, stops: StopRequests | None = None) -> dict:
     """Train as ``cfg`` says; returns the final metrics. Raises ``ValueError`` on a bad config.
-    Under torchrun (a process group already joined) every rank calls it: data parallel."""
+    Under torchrun (a process group already joined) every rank calls it: data parallel.
+    ``stops``: signal handlers installed earlier (by ``main``, so that a stop signal during
+    the set-up is kept for the first step boundary); by default installed here."""
+    with ExitStack() as stack:
+        stops = stops or stack.enter_context(StopRequests())
+        return train_loop(cfg, tokenizer, stops)
+
+
+def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) -> dict:
+    """``fit``'s body, with the stop handlers already installed."""
     check_config(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     t = cfg.trainer
@@ -134,9 +149,12 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
     )
 
     start, tokens = 0, 0
-    checkpoint = resume_path(t.resume, run_dir)
+    # rank 0's choice: another node's view of a shared folder may lag behind
+    checkpoint = broadcast_from_main(resume_path(t.resume, run_dir))
     if checkpoint is not None:
-        state, model_state, optimizer_state = load_checkpoint(checkpoint, run_identity(cfg))
+        state, model_state, optimizer_state = load_checkpoint(
+            checkpoint, run_identity(cfg), weights=ranks.is_main or not sharded
+        )
         load_model_state(model, model_state)
         load_optimizer_state(optimizer, optimizer_state)
         start, tokens = state["step"], state["tokens"]
@@ -198,7 +216,7 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
         if ranks.enabled and not sharded:
             state["replica_digests"] = check_replicas(model)
         model_state = full_model_state(model)  # sharded: gathered, on every rank's call
-        optimizer_state = full_optimizer_state(optimizer)
+        optimizer_state = full_optimizer_state(optimizer, keep=ranks.is_main)
         if ranks.is_main:
             save_checkpoint(run_dir, model_state, optimizer_state, state, t.keep_last)
         barrier()  # nobody goes on (or exits) before the checkpoint is complete
@@ -214,65 +232,64 @@ def fit(cfg: Config, tokenizer: Tokenizer | None = None) -> dict:
     )
     comm = CommCounter(reducer, ddp)
     window_start, window_tokens = time.perf_counter(), 0
-    with StopRequests() as stops:
-        for step in bar:
-            lr = cosine_lr(step, cfg.optim.lr, warmup, t.max_steps, cfg.optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [
-                tuple(v.to(device, non_blocking=True) for v in next(batches))
-                for _ in range(t.grad_accum)
-            ]
-            step_parts = StepParts(model, ddp, optimizer, hooks, autocast, comm)
-            loss_sum = train_step(cfg, step_parts, micro, per_param_clip)
-            done = step + 1
-            if not math.isfinite(loss_sum):
-                if t.on_nonfinite == "stop":
-                    save(step, skipped)
-                    raise TrainingStopped(
-                        f"non-finite loss ({loss_sum}) at step {done}; the "
-                        f"state before it is checkpointed",
-                        EXIT_NONFINITE,
-                    )
-                skipped += 1
-            tokens += tokens_per_step
-            window_tokens += tokens_per_step
-            if done % t.log_every == 0 or done == t.max_steps:
-                seconds = time.perf_counter() - window_start
-                tok_s = window_tokens / seconds / ranks.world  # per device
-                sent, full = comm.take_per_step()
-                record(
-                    step=done,
-                    loss=loss_sum,
-                    lr=lr,
-                    tokens=tokens,
-                    tokens_per_s=tok_s,
-                    **({"mfu": tok_s * flops_per_token / (peak * 1e12)} if peak else {}),
-                    **peak_memory(device),
-                    **(
-                        {"allreduce_bytes": sent, "allreduce_bytes_full": full}
-                        if comm.counts
-                        else {}
-                    ),
-                    skipped=skipped,
-                    skipped_lines=loader.skipped_lines,
-                    **({"grad_norm": step_parts.grad_norm} if step_parts.grad_norm else {}),
-                )
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                window_start, window_tokens = time.perf_counter(), 0
-            if done % t.eval_every == 0 or done == t.max_steps:
-                val_loss = eval_and_log(done)
-            stop = any_rank(stops.received is not None, device)  # all ranks stop together
-            if (t.save_every and done % t.save_every == 0) or done == t.max_steps or stop:
-                save(done, skipped)
-            if stop and done < t.max_steps:
-                if log is not None:
-                    log.close()
-                name = signal.Signals(stops.received).name if stops.received else "a stop signal"
+    loss_sum = float("nan")  # stays so when resuming a finished run
+    if ranks.is_main:  # a marker of an earlier stop: this run will write its own if it stops
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+    for step in bar:
+        lr = cosine_lr(step, cfg.optim.lr, warmup, t.max_steps, cfg.optim.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [
+            tuple(v.to(device, non_blocking=True) for v in next(batches))
+            for _ in range(t.grad_accum)
+        ]
+        step_parts = StepParts(model, ddp, optimizer, hooks, autocast, comm)
+        loss_sum = train_step(cfg, step_parts, micro, per_param_clip)
+        done = step + 1
+        if not math.isfinite(loss_sum):
+            if t.on_nonfinite == "stop":
+                save(step, skipped)
                 raise TrainingStopped(
-                    f"{name} at step {done}: checkpoint written; continue with trainer.resume=auto",
-                    EXIT_PREEMPTED,
+                    f"non-finite loss ({loss_sum}) at step {done}; the "
+                    f"state before it is checkpointed",
+                    EXIT_NONFINITE,
                 )
+            skipped += 1
+        tokens += tokens_per_step
+        window_tokens += tokens_per_step
+        if done % t.log_every == 0 or done == t.max_steps:
+            seconds = time.perf_counter() - window_start
+            tok_s = window_tokens / seconds / ranks.world  # per device
+            sent, full = comm.take_per_step()
+            record(
+                step=done,
+                loss=loss_sum,
+                lr=lr,
+                tokens=tokens,
+                tokens_per_s=tok_s,
+                **({"mfu": tok_s * flops_per_token / (peak * 1e12)} if peak else {}),
+                **peak_memory(device),
+                **({"allreduce_bytes": sent, "allreduce_bytes_full": full} if comm.counts else {}),
+                skipped=skipped,
+                skipped_lines=loader.skipped_lines,
+                **({"grad_norm": step_parts.grad_norm} if step_parts.grad_norm else {}),
+            )
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if done % t.eval_every == 0 or done == t.max_steps:
+            val_loss = eval_and_log(done)
+        stop = any_rank(stops.received is not None, device)  # all ranks stop together
+        if (t.save_every and done % t.save_every == 0) or done == t.max_steps or stop:
+            save(done, skipped)
+        if stop and done < t.max_steps:
+            if ranks.is_main:
+                log.close()
+                (run_dir / PREEMPTED_MARKER).write_text(f"{done}\n")
+            name = signal.Signals(stops.received).name if stops.received else "a stop signal"
+            raise TrainingStopped(
+                f"{name} at step {done}: checkpoint written; continue with trainer.resume=auto",
+                EXIT_PREEMPTED,
+            )
     bar.close()
     export = model
     if sharded and t.save_model:  # a plain copy of the gathered weights, on rank 0 only
@@ -319,7 +336,13 @@ def load_tokenizer_in_turn(cfg: Config, ranks: Ranks) -> Tokenizer:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(dict_cfg) -> None:
-    cfg = to_config(dict_cfg)
+    with StopRequests() as stops:  # from the start: a stop during set-up waits for step 1
+        run(to_config(dict_cfg), stops)
+
+
+def run(cfg: Config, stops: StopRequests) -> None:
+    """The command line's run: join the job, refuse a bad config in one line, train, and
+    exit with the code a launcher needs (0, 75 preempted, 65 non-finite, 1 bad input)."""
     ranks = init_distributed(pick_device(cfg.trainer.device, Ranks()).type == "cuda")
     # ${now:...} in the run folder's name is read from each rank's clock: take rank 0's.
     cfg.trainer.run_dir = broadcast_from_main(cfg.trainer.run_dir)
@@ -330,7 +353,7 @@ def main(dict_cfg) -> None:
         shutdown()
         sys.exit(f"error: {err}")
     try:
-        result = fit(cfg, tokenizer)
+        result = fit(cfg, tokenizer, stops)
     except TrainingStopped as stop:
         shutdown()
         print(f"stopped: {stop}", file=sys.stderr)

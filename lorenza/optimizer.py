@@ -333,12 +333,15 @@ class SubspaceAdamW(torch.optim.Optimizer):
             return self._perturb_sam(closure, params, rho)
         seeds = [mix(self.seed, _ZO, self.step_count, j) for j in range(self.q)]
         cs = []
-        for s in seeds:  # two forward passes per direction, no graph kept
+        # Two forward passes per direction, no graph kept. no_grad, not inference_mode: a
+        # sharded model's first forward after a resume is this one, and FSDP2 would build its
+        # unsharded weights as inference tensors that the next training forward cannot use.
+        for s in seeds:
             sq_norm = self._move(params, [s], [self.mu], measure=self.q == 1) / self.mu**2
-            with torch.inference_mode():
+            with torch.no_grad():
                 f_plus = float(closure())
             self._move(params, [s], [-2 * self.mu])
-            with torch.inference_mode():
+            with torch.no_grad():
                 f_minus = float(closure())
             cs.append((f_plus - f_minus) / (2 * self.mu))
             if self.q > 1 or not (math.isfinite(cs[-1]) and cs[-1] != 0):

@@ -5,11 +5,13 @@ not the weights."""
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,8 +170,9 @@ def test_a_signal_to_one_rank_stops_all_with_a_checkpoint_and_resume_continues(t
     wait_for_steps(run_dir, 3, proc, timeout=180)
     workers = [int(p) for p in subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()]
     # the pattern launch/slurm.sbatch signals with matches the workers, not torchrun
-    assert len(workers) == 2 and all("-u train.py" in cmdline(w) for w in workers)
-    assert "-u train.py" not in cmdline(proc.pid)
+    pattern = re.compile(r"^[^ ]*python[^ ]* -u train\.py")
+    assert len(workers) == 2 and all(pattern.search(cmdline(w)) for w in workers)
+    assert not pattern.search(cmdline(proc.pid))
     os.kill(workers[1], signal.SIGUSR1)  # one rank only: the ranks agree to stop together
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0 and "checkpoint written" in err, err[:3000]
@@ -224,7 +227,7 @@ def test_slurm_dry_run_prints_the_commands_for_2_nodes_of_8_gpus(tmp_path):
     ]  # fmt: skip
     assert lines["on USR1"] == [
         "srun", "--overlap", "--nodes=2", "--ntasks-per-node=1",
-        "pkill", "-USR1", "-f", "--", "-u train.py",
+        "pkill", "-USR1", "-f", "--", r"^[^ ]*python[^ ]* -u train\.py",
     ]  # fmt: skip
     assert lines["then"] == ["scontrol", "requeue", "4242"]
 
@@ -305,4 +308,28 @@ def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
     _, err = job.communicate(timeout=180)
     assert job.returncode == 0, err[-3000:]
     assert sorted(losses(run_dir)) == list(range(1, stopped + 3))
+    assert not (run_dir / "PREEMPTED").exists()
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]  # not again
+
+    # USR1 once training has finished (here: while resuming a finished run): no requeue
+    info = run_dir / "run_info.json"
+    before = info.stat().st_mtime_ns
+    job = sbatch(f"trainer.max_steps={stopped + 2}")
+    while info.stat().st_mtime_ns == before and job.poll() is None:  # the trainer is in fit
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=180)
+    assert job.returncode == 0, err[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+
+
+def test_an_fsdp_lorenza_run_resumes_under_fsdp(two_process_runs, tmp_path):
+    """A resumed run's first forward is the zeroth-order one (no step-0 evaluation): FSDP2
+    must not build its unsharded weights as inference tensors there."""
+    case = CASES.index(("lorenza", "false", "true"))
+    shutil.copytree(two_process_runs / str(case), tmp_path / "0")
+    overrides = [*SMALL_RUN, *RUN, *case_overrides(*CASES[case]), "dist.fsdp=true",
+                 "trainer.resume=auto", "trainer.max_steps=8"]  # fmt: skip
+    out = torchrun("tests/distributed_fit.py", str(tmp_path), json.dumps([overrides]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(losses(tmp_path / "0")) == list(range(1, 9))

@@ -74,8 +74,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, expected: dict) -> tuple[dict, dict, dict]:
-    """Restore the RNG states; returns the trainer, model and optimizer states. Refuses a
+def load_checkpoint(path: Path, expected: dict, weights: bool = True) -> tuple[dict, dict, dict]:
+    """Restore the RNG states; returns the trainer, model (``{}`` unless ``weights``: a sharded
+    model is loaded from rank 0's copy) and optimizer states (memory-mapped). Refuses a
     checkpoint whose trainer state differs from ``expected`` (e.g. another model shape or
     optimizer) with one line naming the difference."""
     state = json.loads((path / "trainer_state.json").read_text())
@@ -84,8 +85,8 @@ def load_checkpoint(path: Path, expected: dict) -> tuple[dict, dict, dict]:
             raise ValueError(
                 f"checkpoint {path} was written for {key}={state[key]}, not {key}={value}"
             )
-    model_state = load_file(str(path / "model.safetensors"))
-    blob = torch.load(path / "optimizer.pt", weights_only=True)
+    model_state = load_file(str(path / "model.safetensors")) if weights else {}
+    blob = torch.load(path / "optimizer.pt", weights_only=True, mmap=True)
     torch.set_rng_state(blob["torch_rng"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
     name, keys, *rest = state["numpy_rng"]

@@ -103,6 +103,12 @@ def check_distributed(cfg: Config) -> None:
                 "adazo_sam, with 32-bit states"
             )
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.optim.name == "sam" and is_fused(cfg):
+        raise ValueError(
+            "optim.name='sam' with trainer.fused=true in several processes: SAM's ascent "
+            "backward runs with the hooks disarmed, so each rank would perturb along its own "
+            "gradient; use trainer.fused=false (DDP averages it)"
+        )
     uses_cuda = cfg.trainer.device == "cuda" or (
         cfg.trainer.device == "auto" and torch.cuda.is_available()
     )

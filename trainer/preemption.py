@@ -8,6 +8,10 @@ import threading
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; rerun with resume=auto
 EXIT_NONFINITE = 65  # EX_DATAERR: stopped on a non-finite loss; the last good state is saved
+# Written into the run folder (by rank 0) when the run stops on a signal with a checkpoint:
+# torchrun turns the workers' exit code 75 into 1, so a launcher reads this file instead
+# (launch/slurm.sbatch requeues only when it is there).
+PREEMPTED_MARKER = "PREEMPTED"
 
 
 class TrainingStopped(Exception):

@@ -10,7 +10,9 @@ Checkpoints are gathered: ``full_model_state`` and ``full_optimizer_state`` retu
 dictionaries a single process has, so a checkpoint written by N ranks is byte-for-byte the
 format of one written by 1, and ``load_*`` shard it again for whatever the current layout is.
 Gathering puts the whole model and its optimizer state in rank 0's CPU memory (4 bytes per
-weight plus the states; 7B: ~28 GB + states), not on a GPU.
+weight plus the states; 7B: ~28 GB + states), not on a GPU; the other ranks hold one gathered
+tensor at a time. On load, rank 0 alone reads the weights and broadcasts the shards; the
+optimizer file is memory-mapped, so the ranks of a node share its pages.
 """
 
 from __future__ import annotations
@@ -48,26 +50,30 @@ def full_model_state(model: torch.nn.Module) -> dict:
 
 
 def load_model_state(model: torch.nn.Module, state: dict) -> None:
-    """Load a whole ``state_dict`` (every rank holds it) into a sharded or plain model."""
+    """Load a whole ``state_dict`` into a plain model, or into a sharded one from rank 0's
+    copy (the other ranks pass ``{}`` and receive their shards by broadcast)."""
     if not is_sharded(model):
         model.load_state_dict(state)
         return
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """``optimizer.state_dict()`` with every sharded state tensor gathered whole, on CPU
-    (all ranks must call it: the gathers are collectives, done in the same order)."""
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict | None:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered whole, on CPU, where
+    ``keep`` (rank 0); ``None`` elsewhere. All ranks must call it: the gathers are
+    collectives, done in the same order; a rank that does not keep drops each at once."""
     out = optimizer.state_dict()
-    # state_dict() shares each parameter's state dict with the optimizer: copy, then replace
-    out["state"] = {
-        index: {
-            key: value.full_tensor().cpu() if isinstance(value, DTensor) else value
-            for key, value in state.items()
-        }
-        for index, state in out["state"].items()
-    }
-    return out
+    gathered = {}
+    for index, state in out["state"].items():
+        gathered[index] = {}
+        for key, value in state.items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+                value = value.cpu() if keep else None
+            gathered[index][key] = value
+    # state_dict() shares each parameter's state dict with the optimizer: never edit those
+    return {**out, "state": gathered} if keep else None
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
