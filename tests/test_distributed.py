@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models import load_hf
 from tests.conftest import ROOT, SMALL_RUN
 from tests.test_resume import losses, wait_for_steps
 from train import fit
@@ -328,8 +329,12 @@ def test_an_fsdp_lorenza_run_resumes_under_fsdp(two_process_runs, tmp_path):
     must not build its unsharded weights as inference tensors there."""
     case = CASES.index(("lorenza", "false", "true"))
     shutil.copytree(two_process_runs / str(case), tmp_path / "0")
-    overrides = [*SMALL_RUN, *RUN, *case_overrides(*CASES[case]), "dist.fsdp=true",
-                 "trainer.resume=auto", "trainer.max_steps=8"]  # fmt: skip
+    resume = ["trainer.resume=auto", "trainer.max_steps=8", "trainer.save_model=true"]
+    overrides = [*SMALL_RUN, *RUN, *case_overrides(*CASES[case]), "dist.fsdp=true", *resume]
     out = torchrun("tests/distributed_fit.py", str(tmp_path), json.dumps([overrides]))
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(losses(tmp_path / "0")) == list(range(1, 9))
+    # the Hugging Face export of the sharded model holds the gathered final weights
+    exported = load_hf(tmp_path / "0" / "model").state_dict()
+    weights, _, _ = final(tmp_path / "0")
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
