@@ -47,6 +47,7 @@ from trainer.distributed import (
     current,
     gather_to_all,
     init_distributed,
+    pick_device,
     shutdown,
 )
 from trainer.metrics import (
@@ -81,13 +82,6 @@ def run_identity(cfg: Config) -> dict:
         "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
         "optim": cfg.optim.name,
     }
-
-
-def pick_device(choice: str, ranks: Ranks) -> torch.device:
-    """``trainer.device`` (``auto``: CUDA when there is one); rank r takes GPU ``LOCAL_RANK``."""
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", ranks.local_rank)
-    return torch.device("cpu")
 
 
 def fit(cfg: Config, tokenizer: Tokenizer | None = None, stops: StopRequests | None = None) -> dict:

@@ -56,10 +56,11 @@ class FusedUpdates:
         self.reducer = reducer
         self.in_flight = in_flight
         self.armed = False
-        # Groups are looked up by index when a hook fires, not captured: load_state_dict
-        # replaces the group dicts, and a captured one would keep a stale learning rate.
-        self._group_of = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group_of]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._hook)
+            for g in optimizer.param_groups
+            for p in g["params"]
+        ]
 
     def _hook(self, p: torch.Tensor) -> None:
         if not self.armed:
@@ -75,7 +76,7 @@ class FusedUpdates:
         """Clip (the projected gradient when that is all there is), update, free."""
         if self.max_norm > 0:
             clip_per_param_(p.grad if low is None else low, self.max_norm)
-        self.optimizer.update_param(p, self.optimizer.param_groups[self._group_of[p]], low)
+        self.optimizer.update_param(p, self.optimizer.group_of(p), low)
         p.grad = None
 
     def finish(self) -> None:

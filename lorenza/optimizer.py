@@ -195,12 +195,17 @@ class SubspaceAdamW(torch.optim.Optimizer):
             g["lr"], g["max_lr"], g["max_lr"] * self.min_lr_ratio, self.rho_max, self.rho_min
         )
 
+    def group_of(self, p: torch.Tensor) -> dict:
+        """``p``'s param group, looked up now: ``load_state_dict`` replaces the group dicts,
+        so a reference kept from before a resume would hold a stale learning rate."""
+        return self.param_groups[self._group_of[p]]
+
     def reduces_projected(self, p: torch.Tensor) -> bool:
         """Whether this step's update of ``p`` reads only ``Qᵀ g`` (``project_grad``), so that
         data-parallel ranks may average that instead of ``g``: a low-rank parameter outside
         its refresh steps (a refresh needs the full averaged gradient to choose ``Q``), and
         without Fira's residual (which reads the full gradient)."""
-        group = self.param_groups[self._group_of[p]]
+        group = self.group_of(p)
         state = self.state[p]
         return (
             group["rank"] is not None

@@ -12,6 +12,7 @@ import torch
 from lorenza import LorenzaPlus
 from models import Llama
 from trainer.config import CLIP_MODES, DEVICES, NONFINITE, PRECISIONS, WANDB_MODES, Config
+from trainer.distributed import Ranks, pick_device
 from trainer.optimizers import OPTIMIZERS, build_optimizer, is_fused
 
 
@@ -109,11 +110,8 @@ def check_distributed(cfg: Config) -> None:
             "backward runs with the hooks disarmed, so each rank would perturb along its own "
             "gradient; use trainer.fused=false (DDP averages it)"
         )
-    uses_cuda = cfg.trainer.device == "cuda" or (
-        cfg.trainer.device == "auto" and torch.cuda.is_available()
-    )
     if (
-        uses_cuda
+        pick_device(cfg.trainer.device, Ranks()).type == "cuda"
         and 1 < world
         and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", world))
     ):

@@ -53,6 +53,13 @@ def init_distributed(use_cuda: bool) -> Ranks:
     return ranks
 
 
+def pick_device(choice: str, ranks: Ranks) -> torch.device:
+    """``trainer.device`` (``auto``: CUDA when there is one); rank r takes GPU ``LOCAL_RANK``."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", ranks.local_rank)
+    return torch.device("cpu")
+
+
 def current() -> Ranks:
     """The job this process has joined (single process when none)."""
     if not (dist.is_available() and dist.is_initialized()):
