@@ -30,6 +30,7 @@ from data import (
     load_tokenizer,
     validation_batches,
 )
+from lorenza import module_blocks
 from lorenza.fused import FusedUpdates
 from lorenza.reduce import GradReducer, bytes_per_step
 from lorenza.schedule import cosine_lr
@@ -117,7 +118,13 @@ def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) ->
         GradReducer(optimizer, cfg.dist.lowrank_allreduce) if fused and ranks.enabled else None
     )
     hooks = (
-        FusedUpdates(optimizer, t.grad_clip if per_param_clip else 0.0, reducer, cfg.dist.in_flight)
+        FusedUpdates(
+            optimizer,
+            t.grad_clip if per_param_clip else 0.0,
+            reducer,
+            cfg.dist.in_flight,
+            blocks=module_blocks(model) if t.fused_granularity == "block" else None,
+        )
         if fused
         else None
     )
@@ -176,7 +183,7 @@ def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) ->
                     else "cpu",
                     "world_size": ranks.world,
                     "params": model.num_params(),
-                    "fused": fused,
+                    "fused": fused and t.fused_granularity,
                     "flops_per_token": flops_per_token,
                     "allreduce_bytes_per_step": bytes_per_step(optimizer),
                     "peak_tflops": peak,

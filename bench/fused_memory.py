@@ -1,11 +1,13 @@
-"""Memory and step time of fused (per-layer, in-backward) vs unfused updates.
+"""Memory and step time of fused (in-backward, per block or per parameter) vs unfused updates.
 
     python -m bench.fused_memory [--models llama_60m llama_130m] [--optims lorenza adamw]
 
-Each configuration runs in its own process so that its peak is its own. Reported:
+Fusion exists to save gradient memory; it should cost no time (goal: fused / unfused step time
+<= 1.05). Each configuration runs in its own process so that its peak is its own. Reported:
 
 - peak live gradient bytes during backward, counted by hooks (unfused: every gradient exists
-  at once before ``step()``; fused: one parameter's at a time);
+  at once before ``step()``; fused per block: one transformer block's, or the largest single
+  tensor, embedding or ``lm_head``; per parameter: one parameter's);
 - peak resident memory of the process (``ru_maxrss``; weights, states, activations, allocator
   slack and the Python runtime included) on CPU, or ``max_memory_allocated`` /
   ``max_memory_reserved`` on CUDA;
@@ -30,21 +32,25 @@ import torch
 
 from bench.results import markdown_table, write_section
 from bench.step_time import build_llama, machine
-from lorenza import AdamW, Lorenza, lowrank_param_groups
+from lorenza import AdamW, Lorenza, lowrank_param_groups, module_blocks
 from lorenza.fused import FusedUpdates
 from models import loss_fn
 
 RANKS = {"llama_tiny": 32, "llama_60m": 128}  # 256 for the larger sizes
+MODES = ("unfused", "block", "param")
+GOAL = 1.05  # fused / unfused step time
 
 
-def child(name: str, optim: str, fused: bool, steps: int, batch: int, seq: int) -> dict:
+def child(name: str, optim: str, mode: str, steps: int, batch: int, seq: int) -> dict:
     """One configuration, measured in this process."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_llama(name, 32000).to(device)
+    blocks = module_blocks(model)
     if optim == "lorenza":
-        opt = Lorenza(lowrank_param_groups(model, RANKS.get(name, 256), update_gap=200), lr=1e-3)
+        groups = lowrank_param_groups(model, RANKS.get(name, 256), update_gap=200)
+        opt = Lorenza(groups, lr=1e-3, blocks=blocks)
     else:
-        opt = AdamW(model.parameters(), lr=1e-3)
+        opt = AdamW(model.parameters(), lr=1e-3, blocks=blocks)
     params = list(model.parameters())
     peak_grad = [0]
 
@@ -54,20 +60,22 @@ def child(name: str, optim: str, fused: bool, steps: int, batch: int, seq: int) 
 
     for p in params:  # registered before the fused hooks, so it sees each gradient before it goes
         p.register_post_accumulate_grad_hook(count)
-    hooks = FusedUpdates(opt) if fused else None
+    hooks = None
+    if mode != "unfused":
+        hooks = FusedUpdates(opt, blocks=blocks if mode == "block" else None)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
     ids = torch.randint(0, 32000, (batch, seq + 1), device=device)
 
-    def closure(update: bool = False) -> float:
+    def closure() -> torch.Tensor:
         with autocast:
             loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
         if torch.is_grad_enabled():
             if hooks is not None:
-                hooks.armed = update
+                hooks.armed = True
             loss.backward()
-        return loss.item()
+        return loss.detach()
 
     times = []
     for i in range(2 + steps):
@@ -75,7 +83,7 @@ def child(name: str, optim: str, fused: bool, steps: int, batch: int, seq: int) 
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         opt.perturb(closure)
-        closure(update=True)
+        closure()
         if hooks is not None:
             hooks.finish()
         else:
@@ -105,18 +113,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--child", nargs=3, metavar=("MODEL", "OPTIM", "FUSED"), help=argparse.SUPPRESS)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--child", nargs=3, metavar=("MODEL", "OPTIM", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        name, optim, fused = args.child
-        print(json.dumps(child(name, optim, fused == "1", args.steps, args.batch, args.seq)))
+        name, optim, mode = args.child
+        print(json.dumps(child(name, optim, mode, args.steps, args.batch, args.seq)))
         return
+    modes = ["unfused", *(m for m in args.modes if m != "unfused")]
     rows = []
     cuda = torch.cuda.is_available()
     for name in args.models:
         for optim in args.optims:
             res = {}
-            for fused in (0, 1):
+            for mode in modes:
                 cmd = [
                     sys.executable,
                     "-m",
@@ -124,7 +134,7 @@ def main() -> None:
                     "--child",
                     name,
                     optim,
-                    str(fused),
+                    mode,
                     "--steps",
                     str(args.steps),
                     "--batch",
@@ -132,27 +142,27 @@ def main() -> None:
                     "--seq",
                     str(args.seq),
                 ]
-                res[fused] = json.loads(
+                res[mode] = json.loads(
                     subprocess.run(
                         cmd, capture_output=True, text=True, check=True
                     ).stdout.splitlines()[-1]
                 )
             mem = "alloc_MiB" if cuda else "rss_MiB"
-            for fused in (0, 1):
-                r = res[fused]
+            for mode in modes:
+                r = res[mode]
                 rows.append(
                     [
                         name,
                         optim,
-                        "fused" if fused else "unfused",
+                        mode if mode == "unfused" else f"fused per {mode}",
                         f"{r['params_MiB']:.0f}",
                         f"{r['peak_grad_MiB']:.1f}",
                         f"{r[mem]:.0f}" + (f" / {r['reserved_MiB']:.0f}" if cuda else ""),
                         f"{r['step_s'] * 1e3:.0f}",
-                        f"{r['step_s'] / res[0]['step_s']:.2f}",
+                        f"{r['step_s'] / res['unfused']['step_s']:.2f}",
                     ]
                 )
-            print(rows[-2:], flush=True)
+            print(rows[-len(modes) :], flush=True)
     header = [
         "model",
         "optimizer",
@@ -164,13 +174,19 @@ def main() -> None:
         "x unfused",
     ]
     cmdline = " ".join(sys.argv[1:])
+    worst = max((float(r[-1]), r[0], r[1], r[2]) for r in rows if r[2] != "unfused")
+    verdict = (
+        f"Goal fused / unfused <= {GOAL}: worst {worst[0]:.2f} ({worst[1]} {worst[2]}, "
+        f"{worst[3]}): {'met' if worst[0] <= GOAL else 'not met'}"
+    )
+    print(verdict)
     device = torch.cuda.get_device_name() if cuda else machine()
     write_section(
         f"fused-memory-{'cuda' if cuda else 'cpu'}",
         f"## Fused vs unfused updates on {device}\n\n"
         f"`python -m bench.fused_memory {cmdline}`; batch {args.batch}x{args.seq}, "
         f"vocab 32000, median of {args.steps} steps after 2 warm-up steps, one "
-        f"process per row.\n\n{markdown_table(header, rows)}",
+        f"process per row.\n\n{verdict}.\n\n{markdown_table(header, rows)}",
     )
 
 

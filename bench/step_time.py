@@ -1,14 +1,21 @@
-"""Step time of every optimizer relative to AdamW, on one batch, in one run.
+"""Step time of every optimizer relative to AdamW, on the same batches, in one run.
 
     python -m bench.step_time --models llama_tiny llama_60m
+    python -m bench.step_time --models llama_60m --batch 1 --accum 4   # adds ZO on 1 of 4
 
-LORENZA's claim is one backward per step: its two zeroth-order forwards run without a graph, so
-it should cost well under SAM's two forward/backward passes (goal: LORENZA/AdamW <= 1.6). The
-variants are timed round-robin, one step each in turn, so that load from other processes falls
-on all of them alike; the median of ``--steps`` steps after a warm-up that includes step 0's
-basis refresh. The refresh itself (every ``update_gap`` steps) is timed apart: GaLore's SVD
-against LORENZA's SSRF over all low-rank matrices (median of 3), on one model gradient, and
-amortised over ``update_gap``.
+LORENZA's claim is one backward per step: its two zeroth-order forwards run without a graph,
+so with the no-grad forward at about a third of a forward/backward the ideal is ~1.67x AdamW
+with probes on the whole batch, and ``1 + 2f/3`` with probes on a fraction f of it
+(``optim.zo_microbatches``). Every variant is driven as ``train.py`` drives it -- the closure,
+``perturb``, and the update through ``--mode`` (fused per block by default, as the trainer) --
+and timed round-robin, one step each in turn, so that load from other processes falls on all
+of them alike; the median of ``--steps`` steps after a warm-up that includes step 0's basis
+refresh. Apart from that:
+
+- the basis refresh (every ``update_gap`` steps): GaLore's SVD against LORENZA's SSRF over all
+  low-rank matrices (median of 3), on one model gradient, amortised over ``update_gap``;
+- the cost of the paper's order on refresh steps (``refresh_before_ascent``): LORENZA's
+  refresh step in that order against the other order, i.e. the extra forward/backward.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,21 +41,22 @@ from lorenza import (
     LorenzaPlus,
     SAMAdamW,
     lowrank_param_groups,
+    module_blocks,
 )
+from lorenza.fused import FusedUpdates
 from lorenza.projector import compute_basis
 from models import Llama, ModelConfig, loss_fn
 
-HALF = "LORENZA, ZO on ½ batch"  # trainer option optim.zo_batch_fraction=0.5
-VARIANTS = {
-    "AdamW": AdamW,
-    "GaLore": GaLoreAdamW,
-    "LORENZA": Lorenza,
-    HALF: Lorenza,
-    "Lorenza+": LorenzaPlus,
-    "AdaZo-SAM": AdaZoSAM,
-    "SAM": SAMAdamW,
+VARIANTS = {  # name: (label, class, low-rank?)
+    "adamw": ("AdamW", AdamW, False),
+    "galore": ("GaLore", GaLoreAdamW, True),
+    "lorenza": ("LORENZA", Lorenza, True),
+    "lorenza_zo1": ("LORENZA, ZO on 1 of {} micro-batches", Lorenza, True),  # zo_microbatches=1
+    "lorenza_plus": ("Lorenza+", LorenzaPlus, True),
+    "adazo_sam": ("AdaZo-SAM", AdaZoSAM, False),
+    "sam": ("SAM", SAMAdamW, False),
 }
-LOWRANK = {"GaLore", "LORENZA", HALF, "Lorenza+"}
+MODES = ("block", "param", "unfused")
 # Per model: batch size, rank (the paper's r for 60m; 32 for the CPU-sized tiny model), steps.
 SETUP = {
     "llama_tiny": (8, 32, 10),
@@ -56,7 +65,7 @@ SETUP = {
     "llama_350m": (4, 256, 5),
 }
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-GOAL = 1.6  # LORENZA / AdamW
+GOALS = {"lorenza": 1.75, "lorenza_zo1": 1.3}  # x AdamW (1.70 at the GPU protocol's batch)
 
 
 def build_llama(name: str, vocab: int) -> Llama:
@@ -92,52 +101,93 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(timed(fn) for _ in range(repeats))
 
 
-def measure(
-    name: str, batch: int, rank: int, steps: int, seq: int, vocab: int, gap: int, bf16: bool = False
-) -> dict:
-    """Median seconds per step of every variant, and the refresh cost of SVD and SSRF."""
-    torch.manual_seed(1)
-    ids = torch.randint(0, vocab, (batch, seq + 1), device=DEVICE)
-    x, y = ids[:, :-1], ids[:, 1:]
-    runs = {}
-    for label, cls in VARIANTS.items():
-        model = build_llama(name, vocab).to(DEVICE)
+class Run:
+    """One optimizer on its own copy of the model, stepped as ``train.py`` steps it."""
+
+    def __init__(self, variant, name, vocab, rank, gap, mode, bf16, **kw):
+        _, cls, lowrank = VARIANTS[variant]
+        self.model = build_llama(name, vocab).to(DEVICE)
+        blocks = module_blocks(self.model)
         params = (
-            lowrank_param_groups(model, rank, update_gap=gap, scale=0.25)
-            if label in LOWRANK
-            else model.parameters()
+            lowrank_param_groups(self.model, rank, update_gap=gap, scale=0.25)
+            if lowrank
+            else self.model.parameters()
         )
-        runs[label] = (model, cls(params, lr=1e-3))
+        self.opt = cls(params, lr=1e-3, blocks=blocks, **kw)
+        self.hooks = None
+        if mode != "unfused":
+            self.hooks = FusedUpdates(self.opt, blocks=blocks if mode == "block" else None)
+        self.autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.zo_microbatches = 1 if variant == "lorenza_zo1" else 0
 
-    def one_step(label: str) -> None:
-        model, opt = runs[label]
-
-        def closure() -> torch.Tensor:
-            k = len(x) // 2 if label == HALF and not torch.is_grad_enabled() else len(x)
-            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x[:k])
-            loss = loss_fn(logits, y[:k])
-            if torch.is_grad_enabled():
+    def step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        def closure():
+            if not torch.is_grad_enabled():  # the probes: forwards only
+                k = self.zo_microbatches or len(micro)
+                with self.autocast:
+                    losses = [loss_fn(self.model(x), y) for x, y in micro[:k]]
+                return torch.stack(losses).mean()
+            for i, (x, y) in enumerate(micro):
+                with self.autocast:
+                    loss = loss_fn(self.model(x), y) / len(micro)
+                if self.hooks is not None:
+                    self.hooks.armed = i == len(micro) - 1
                 loss.backward()
-            return loss
+            return loss.detach()
 
-        opt.step(closure)
-        opt.zero_grad(set_to_none=True)
+        self.opt.perturb(closure)
+        closure()
+        if self.hooks is not None:
+            self.hooks.finish()
+        else:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
 
+
+def batches(n: int, batch: int, seq: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(DEVICE) for _ in range(n)]
+    return [(t[:, :-1], t[:, 1:]) for t in ids]
+
+
+def measure(name: str, batch: int, accum: int, rank: int, steps: int, args) -> dict:
+    """Median seconds per step of every variant, the refresh cost of SVD and SSRF, and the
+    cost of the paper's order on refresh steps."""
+    micro = batches(accum, batch, args.seq, args.vocab)
+    variants = [v for v in args.variants if v != "lorenza_zo1" or accum > 1]
+    runs = {
+        v: Run(v, name, args.vocab, rank, args.update_gap, args.mode, args.bf16) for v in variants
+    }
     times: dict[str, list[float]] = {label: [] for label in runs}
     for i in range(2 + steps):  # steps 0 (first refresh) and 1 are warm-up
-        for label in runs:
-            t = timed(lambda label=label: one_step(label))
+        for label, run in runs.items():
+            t = timed(lambda run=run: run.step(micro))
             if i >= 2:
                 times[label].append(t)
-    model = runs["AdamW"][0]
+    model = runs["adamw"].model
+    del runs
+    x, y = micro[0]
     loss_fn(model(x), y).backward()
     mats = [p.grad for p in lowrank_param_groups(model, rank)[0]["params"]]
     refresh = {
         proj: median_time(lambda proj=proj: [compute_basis(g, rank, proj) for g in mats], 3)
         for proj in ("svd", "ssrf")
     }
-    return {"step": {k: statistics.median(v) for k, v in times.items()}, "refresh": refresh}
+    model.zero_grad(set_to_none=True)
+    order = {}
+    for before in (True, False):  # update_gap 2: refresh steps alternate with plain ones
+        run = Run("lorenza", name, args.vocab, rank, 2, args.mode, args.bf16)
+        run.opt.refresh_before_ascent = before
+        run.step(micro)
+        run.step(micro)
+        ts = [timed(lambda run=run: run.step(micro)) for _ in range(4)]
+        order[before] = (statistics.median(ts[0::2]), statistics.median(ts[1::2]))
+        del run
+    return {
+        "step": {k: statistics.median(v) for k, v in times.items()},
+        "refresh": refresh,
+        "order": order,
+    }
 
 
 def main() -> None:
@@ -147,19 +197,30 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--update-gap", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=None, help="batch size (default: per model)")
+    ap.add_argument("--batch", type=int, default=None, help="micro-batch size (default: per model)")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+    ap.add_argument("--mode", default="block", choices=MODES, help="how updates are driven")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights)")
+    ap.add_argument("--section", default=None, help="RESULTS.md section (default: by device)")
     args = ap.parse_args()
-    rows, refresh_rows = [], []
+    if "adamw" not in args.variants:
+        args.variants.insert(0, "adamw")
+    rows, refresh_rows, order_rows, verdicts = [], [], [], []
     for name in args.models:
         batch, rank, steps = SETUP[name]
         steps, batch = args.steps or steps, args.batch or batch
-        r = measure(name, batch, rank, steps, args.seq, args.vocab, args.update_gap, args.bf16)
-        base = r["step"]["AdamW"]
-        rows += [
-            [name, f"{batch}x{args.seq}", rank, label, f"{s * 1e3:.0f}", f"{s / base:.2f}"]
-            for label, s in r["step"].items()
-        ]
+        r = measure(name, batch, args.accum, rank, steps, args)
+        base = r["step"]["adamw"]
+        shape = f"{batch}x{args.seq}" + (f" x {args.accum}" if args.accum > 1 else "")
+        for variant, s in r["step"].items():
+            label = VARIANTS[variant][0].format(args.accum)
+            rows.append([name, shape, rank, label, f"{s * 1e3:.0f}", f"{s / base:.2f}"])
+            if variant in GOALS:
+                goal = GOALS[variant]
+                met = "met" if s / base <= goal else "not met"
+                verdicts.append(f"{name} {label}: {s / base:.2f} (goal <= {goal}, {met})")
+        print(rows[-len(r["step"]) :], flush=True)
         svd, ssrf = r["refresh"]["svd"], r["refresh"]["ssrf"]
         refresh_rows.append(
             [
@@ -172,15 +233,28 @@ def main() -> None:
                 f"{100 * ssrf / args.update_gap / base:.2f}%",
             ]
         )
-        ratio = r["step"]["LORENZA"] / base
-        print(f"{name}: LORENZA/AdamW = {ratio:.2f} (goal <= {GOAL})", flush=True)
-        print(rows[-len(VARIANTS) :], refresh_rows[-1], flush=True)
-    lorenza = [row for row in rows if row[3] == "LORENZA"]
-    verdict = ", ".join(
-        f"{row[0]} {row[5]} ({'met' if float(row[5]) <= GOAL else 'not met'})" for row in lorenza
-    )
+        (paper, plain), (other, _) = r["order"][True], r["order"][False]
+        order_rows.append(
+            [
+                name,
+                f"{plain * 1e3:.0f}",
+                f"{paper * 1e3:.0f}",
+                f"{other * 1e3:.0f}",
+                f"{(paper - other) * 1e3:.0f}",
+                f"{100 * (paper - other) / args.update_gap / r['step']['lorenza']:.2f}%",
+            ]
+        )
+    print("\n".join(verdicts), flush=True)
     step_table = markdown_table(
-        ["model", "batch x seq", "rank", "optimizer", "ms/step (median)", "x AdamW"], rows
+        [
+            "model",
+            "batch x seq (x micro-batches)",
+            "rank",
+            "optimizer",
+            "ms/step (median)",
+            "x AdamW",
+        ],
+        rows,
     )
     refresh_table = markdown_table(
         [
@@ -194,18 +268,37 @@ def main() -> None:
         ],
         refresh_rows,
     )
-    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else machine()
+    order_table = markdown_table(
+        [
+            "model",
+            "LORENZA step ms (no refresh)",
+            "refresh step, paper's order ms",
+            "refresh step, ascent first ms",
+            "extra per refresh ms",
+            f"amortised (/{args.update_gap} steps, % of a LORENZA step)",
+        ],
+        order_rows,
+    )
+    cuda = DEVICE.type == "cuda"
+    where = torch.cuda.get_device_name() if cuda else machine()
+    section = args.section or "step_time" + ("-cuda" if cuda else "") + (
+        f"-accum{args.accum}" if args.accum > 1 else ""
+    )
     write_section(
-        "step_time" + ("-cuda" if DEVICE.type == "cuda" else ""),
+        section,
         f"## Step time relative to AdamW ({where})\n\n"
         f"`{' '.join(['python -m bench.step_time', *sys.argv[1:]])}`; "
-        f"{'bf16 autocast' if args.bf16 else 'fp32'}, random token ids, "
-        f"vocab {args.vocab}, update_gap {args.update_gap}, default ρ and μ. Median of the "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, random token ids, vocab {args.vocab}, "
+        f"update_gap {args.update_gap}, default ρ and μ, updates "
+        f"{'unfused' if args.mode == 'unfused' else 'fused per ' + args.mode}. Median of the "
         "timed steps after two warm-up steps (step 0 refreshes the basis); the variants run "
         "round-robin so that background load falls on all alike, but a shared CPU still makes "
-        f"these numbers noisy.\n\nGoal LORENZA/AdamW <= {GOAL}: {verdict}.\n\n{step_table}\n\n"
+        f"these numbers noisy.\n\n{'; '.join(verdicts)}.\n\n{step_table}\n\n"
         "Basis refresh over all low-rank matrices (median of 3 calls), on one model gradient:"
-        f"\n\n{refresh_table}",
+        f"\n\n{refresh_table}\n\n"
+        "The paper's order on refresh steps (Q_t from the gradient at W_t, then the ascent) "
+        "costs one extra forward/backward per refresh; LORENZA with update_gap 2, median of 2 "
+        f"steps of each kind:\n\n{order_table}",
     )
 
 

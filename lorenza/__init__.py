@@ -13,7 +13,7 @@ be used in any training loop::
     opt.step(closure)                    # 2 forwards (no grad) + 1 forward/backward + update
 """
 
-from lorenza.groups import lowrank_param_groups
+from lorenza.groups import lowrank_param_groups, module_blocks
 from lorenza.optimizer import SubspaceAdamW
 from lorenza.schedule import cosine_lr, rho_for_lr
 from lorenza.variants import AdamW, AdaZoSAM, GaLoreAdamW, Lorenza, LorenzaPlus, SAMAdamW
@@ -28,5 +28,6 @@ __all__ = [
     "SubspaceAdamW",
     "cosine_lr",
     "lowrank_param_groups",
+    "module_blocks",
     "rho_for_lr",
 ]

@@ -107,6 +107,23 @@ def bnb_adam_update(
         )
 
 
+def adam_directions(
+    states: list[dict], grads: list[torch.Tensor], beta1: float, beta2: float, eps: float
+) -> list[torch.Tensor]:
+    """32-bit ``adam_direction`` for many tensors at once, with multi-tensor ops (one kernel
+    launch per op on CUDA for the whole list): advances the moments and returns each ``N``.
+    The step factors are the caller's (they depend only on each tensor's step count)."""
+    ms = [s["exp_avg"] for s in states]
+    vs = [s["exp_avg_sq"] for s in states]
+    torch._foreach_mul_(ms, beta1)
+    torch._foreach_add_(ms, grads, alpha=1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_add_(denom, eps)
+    return torch._foreach_div(ms, denom)
+
+
 def adam_direction(
     state: dict, grad: torch.Tensor, step: int, beta1: float, beta2: float, eps: float, bits: int
 ) -> tuple[torch.Tensor, float]:

@@ -1,90 +1,138 @@
-"""Per-layer fused updates: each parameter is updated inside backward, the moment its gradient
-is accumulated, and its gradient is freed at once, so the full gradient never exists.
+"""Fused updates: parameters are updated inside backward, as soon as their gradients are
+accumulated, and the gradients are freed at once, so the full gradient never exists.
 
-``FusedUpdates(optimizer)`` registers a ``register_post_accumulate_grad_hook`` on every
-parameter of a ``SubspaceAdamW``. The hook does what ``optimizer.step()`` does for that one
-parameter -- restore the SAM perturbation, clip, update -- and then sets ``p.grad = None``.
-Learning rate and ρ are read from the param groups, which the trainer writes from pure
-functions of the step before the backward (no scheduler object per parameter).
+``FusedUpdates(optimizer, blocks=...)`` registers a ``register_post_accumulate_grad_hook`` on
+every parameter of a ``SubspaceAdamW`` and updates one *unit* at a time:
+
+- per block (``blocks=module_blocks(model)``, the trainer's default): a block's update runs
+  when the last of its gradients has been accumulated, with multi-tensor ops over the block,
+  so live gradient memory is one block's and the hook and launch overhead is one per block;
+- per parameter (``blocks=None``): each parameter is updated in its own hook; live gradient
+  memory is one parameter's, at ~9x the hooks and kernel launches of a block.
+
+The unit's update does what ``optimizer.step()`` does for those parameters -- restore the SAM
+perturbation, clip, update -- and then sets ``p.grad = None``. Learning rate and ρ are read
+from the param groups, which the trainer writes from pure functions of the step before the
+backward (no scheduler object per parameter).
 
 The faults of GaLore's per-layer mode are handled instead of ignored (STYLE.md):
 
 - gradient accumulation: hooks fire on every micro-batch; they act only while ``armed``,
   which the trainer sets for the last micro-batch, so the update sees the summed gradient;
+- the optimizer's extra backwards (``optimizer.phase``): in SAM's ascent backward the hooks
+  leave the gradients alone (its global norm needs all of them); in the refresh backward of
+  the paper's order they choose each due matrix's new basis as its gradient arrives and free
+  every gradient, so that backward holds no more gradient memory than an update's;
 - clipping: a global norm cannot exist before the gradients are consumed, so fused mode
-  clips each parameter's gradient to ``max_norm`` on its own (``clip="per_param"``), the same
+  clips each parameter's gradient to ``max_norm`` on its own (``clip_per_param_``), the same
   rule the unfused trainer applies when asked for it; global clipping is refused;
-- SAM's extra backward (``perturbation="sam"``) runs with the hooks disarmed;
-- data parallel: the hook averages the gradient over the ranks itself (``reduce.py``),
-  asynchronously, with the low-rank all-reduce as an option.
+- data parallel: each hook starts averaging its gradient over the ranks at once
+  (``reduce.py``), asynchronously, with the low-rank all-reduce as an option; a unit is
+  updated once its reductions are done, ``in_flight`` units behind the backward.
 
-After the backward, ``finish()`` ends the step (restores parameters that got no gradient,
-advances the random streams). Parameters whose update is identical in both modes produce
-bit-identical weights: each update reads only its own gradient and state.
+After the backward, ``finish()`` ends the step (updates what is still pending, restores
+parameters that got no gradient, advances the random streams). Each parameter's update reads
+only its own gradient and state, so both granularities give weights bit-identical to
+``optimizer.step()``.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 
 from lorenza.optimizer import SubspaceAdamW
 from lorenza.reduce import GradReducer
 
+GRANULARITIES = ("block", "param")
 
-def clip_per_param_(grad: torch.Tensor, max_norm: float) -> None:
-    """Scale ``grad`` in place so that its own L2 norm is at most ``max_norm``."""
-    norm = torch.linalg.vector_norm(grad)
-    grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+def clip_per_param_(grads: list[torch.Tensor], max_norm: float) -> None:
+    """Scale each gradient in place so that its own L2 norm is at most ``max_norm`` (a few
+    multi-tensor ops for the whole list)."""
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    scales = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
 
 
 class FusedUpdates:
-    """Drive ``optimizer`` from backward hooks. ``armed`` gates the hooks (last micro-batch).
-
-    With a ``reducer`` (data parallel, ``lorenza/reduce.py``) each hook starts the averaging
-    of its gradient and updates the parameters whose averaging is done, keeping ``in_flight``
-    reductions running behind the backward; ``finish()`` updates the rest."""
+    """Drive ``optimizer`` from backward hooks, a unit (block or parameter) at a time.
+    ``armed`` gates the hooks: set it for the last micro-batch's backward of every
+    forward/backward the step runs (``optimizer.phase`` says which kind it is)."""
 
     def __init__(
         self,
         optimizer: SubspaceAdamW,
         max_norm: float = 0.0,
         reducer: GradReducer | None = None,
-        in_flight: int = 4,
+        in_flight: int = 1,
+        blocks: list[list[torch.Tensor]] | None = None,
     ):
         self.optimizer = optimizer
         self.max_norm = max_norm
         self.reducer = reducer
         self.in_flight = in_flight
         self.armed = False
-        self._handles = [
-            p.register_post_accumulate_grad_hook(self._hook)
-            for g in optimizer.param_groups
-            for p in g["params"]
-        ]
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        units = [[p] for p in params] if blocks is None else [list(b) for b in blocks]
+        unit_of = {p: k for k, unit in enumerate(units) for p in unit}
+        if set(unit_of) != set(params):
+            raise ValueError(
+                "blocks must hold every parameter of the optimizer that requires grad exactly "
+                f"once: got {len(unit_of)} of {len(params)}"
+            )
+        self.units = [[p for p in unit if p.requires_grad] for unit in units]
+        self._unit_of = unit_of
+        self._arrived: list[list[torch.Tensor]] = [[] for _ in self.units]
+        self._ready: deque[int] = deque()
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
 
     def _hook(self, p: torch.Tensor) -> None:
-        if not self.armed:
+        if not self.armed or self.optimizer.phase == "ascent":
             return
-        if self.reducer is None:
-            self._update(p, None)
+        if self.optimizer.phase == "refresh":  # one parameter at a time, every update_gap steps
+            if self.reducer is not None and self.optimizer.refreshes_early(p):
+                self.reducer.launch(p)
+                self.reducer.wait(p)
+            self.optimizer.refresh_early([p])
             return
-        self.reducer.launch(p)
-        for q, low in self.reducer.completed(self.in_flight):
-            self._update(q, low)
+        if self.reducer is not None:
+            self.reducer.launch(p)
+        k = self._unit_of[p]
+        self._arrived[k].append(p)
+        if len(self._arrived[k]) == len(self.units[k]):
+            self._ready.append(k)
+            self._drain(self.in_flight if self.reducer is not None else 0)
 
-    def _update(self, p: torch.Tensor, low: torch.Tensor | None) -> None:
-        """Clip (the projected gradient when that is all there is), update, free."""
+    def _drain(self, keep: int) -> None:
+        while len(self._ready) > keep:
+            self._update(self._ready.popleft())
+
+    def _update(self, k: int) -> None:
+        """Wait for the unit's reductions, clip, update, free its gradients."""
+        params, self._arrived[k] = self._arrived[k], []
+        lows = {}
+        if self.reducer is not None:
+            for p in params:
+                low = self.reducer.wait(p)
+                if low is not None:
+                    lows[p] = low
         if self.max_norm > 0:
-            clip_per_param_(p.grad if low is None else low, self.max_norm)
-        self.optimizer.update_param(p, self.optimizer.group_of(p), low)
-        p.grad = None
+            clip_per_param_([lows.get(p, p.grad) for p in params], self.max_norm)
+        self.optimizer.update(params, lows)
+        for p in params:
+            p.grad = None
 
     def finish(self) -> None:
-        """End of the step: update what is still being averaged, restore anything the
-        backward did not reach, advance the streams."""
-        if self.reducer is not None:
-            for q, low in self.reducer.completed():
-                self._update(q, low)
+        """End of the step: update what is still pending (and units some of whose parameters
+        got no gradient), restore anything the backward did not reach, advance the streams."""
+        self._drain(0)
+        for k, arrived in enumerate(self._arrived):
+            if arrived:
+                self._update(k)
         self.armed = False
         self.optimizer.finish_step()
 

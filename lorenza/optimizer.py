@@ -1,21 +1,40 @@
 """``SubspaceAdamW``: the single optimizer behind every variant (GaLore, LORENZA, Lorenza+,
 AdaZo-SAM, SAM, AdamW), which differ only in their defaults (``lorenza/variants.py``).
 
-Per parameter, one update (``update_param``), shared by ``step()`` and by per-layer backward
-hooks:
+One update, ``update(params)``, for any set of parameters at once -- all of them (``step()``),
+one transformer block (per-block fused hooks) or one parameter (per-parameter hooks) -- with
+multi-tensor (``torch._foreach_*``) ops over the set:
 
 1. low-rank groups (``rank`` set): every ``update_gap`` steps refresh the basis ``Q`` from the
-   gradient (``projector.py``), then project ``ĝ = Qᵀ g`` (or ``g Q``);
-2. Adam on ``ĝ`` or on the full gradient (``adam.py``, 32-bit or bitsandbytes 8-bit);
-3. map back, ``scale · Q N``; Lorenza+ adds Fira's scaled orthogonal residual;
-4. ``W ← W − lr·step_factor·update``, then decoupled weight decay ``W ← W − lr·wd·W``.
+   gradient (``projector.py``), then project ``ĝ = Qᵀ g`` (or ``g Q``), one GEMM per matrix;
+2. Adam on ``ĝ`` or on the full gradient (``adam.py``, 32-bit multi-tensor, or bitsandbytes
+   8-bit per tensor);
+3. low rank: ``W += Q (−lr·step_factor·scale·N)`` in one GEMM per matrix; Lorenza+ adds Fira's
+   scaled orthogonal residual; full rank: ``W −= lr·step_factor·N``;
+4. decoupled weight decay ``W ← W − lr·wd·W``.
+
+Each parameter's update reads only its own gradient and state, so the three granularities
+give bit-identical weights.
 
 Sharpness-aware variants first move the weights to ``W + ε`` (``perturb``) so that the real
-backward runs at the perturbed point; each parameter is moved back (``restore``) right before
-its own update. ``perturbation="zo"`` estimates the ascent direction with two forward passes in
-random seeded directions (``zo.py``; LORENZA in the subspace, AdaZo-SAM full size);
-``perturbation="sam"`` uses one extra backward (SAM). The radius ``ρ_t`` follows the learning
-rate (GSAM, ``schedule.rho_for_lr``), so a trainer only has to write ``lr`` into the groups.
+backward runs at the perturbed point, and move each parameter back as part of its own update.
+``perturbation="zo"`` estimates the ascent direction with two forward passes in random seeded
+directions (``zo.py``; LORENZA in the subspace, AdaZo-SAM full size); ``"rank_r"`` is the
+paper's literal ``Q diag(u) R`` (an ablation); ``"sam"`` uses one extra backward (SAM). The
+radius ``ρ_t`` follows the learning rate (GSAM, ``schedule.rho_for_lr``), so a trainer only has
+to write ``lr`` into the groups.
+
+The zeroth-order step costs two forwards and O(1) kernels per matrix per pass, with no host
+synchronisation: the random numbers come from one generator call per block (``zo.Directions``),
+``P = QZ`` is never built (``W.addmm_(Q, Z, alpha)``), ``‖ĝ‖`` comes from ``‖Z‖``, the
+coefficients ``c`` and ``ε`` stay device tensors (``torch.where`` replaces every test), and a
+low-rank matrix's restore ``−εP`` is folded into its update's GEMM.
+
+Order on refresh steps (``refresh_before_ascent``, default on, the paper's): the new basis
+``Q_t`` is chosen from the gradient at ``W_t`` -- one extra forward/backward every
+``update_gap`` steps -- and the ascent then perturbs inside it. Off, the ascent uses the
+previous basis and ``Q_t`` comes from the gradient at ``W_t + ε`` (no extra backward; the very
+first step then runs unperturbed, having no basis yet).
 
 The step protocol, for a trainer that wants to clip or accumulate between the phases::
 
@@ -23,7 +42,8 @@ The step protocol, for a trainer that wants to clip or accumulate between the ph
     loss = closure()       #   grad is enabled) on this step's batch, returning the loss
     opt.step()             # restore, then update
 
-or simply ``opt.step(closure)``, which does the three.
+or simply ``opt.step(closure)``, which does the three. With data parallelism the closure must
+leave gradients averaged over the ranks when it runs a backward, and return the mean loss.
 """
 
 from __future__ import annotations
@@ -33,9 +53,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from lorenza.adam import BITS, adam_direction, bnb_adam_update, init_moments
+from lorenza.adam import BITS, adam_direction, adam_directions, bnb_adam_update, init_moments
 from lorenza.projector import (
     PROJECTIONS,
+    apply_back_,
     compute_basis,
     is_left,
     mix,
@@ -45,9 +66,9 @@ from lorenza.projector import (
 )
 from lorenza.schedule import rho_for_lr
 from lorenza.sharded import add_full_, full
-from lorenza.zo import combined
+from lorenza.zo import Directions, Slot, full_z, layout, slot_shape
 
-PERTURBATIONS = (None, "zo", "sam")
+PERTURBATIONS = (None, "zo", "rank_r", "sam")
 _OMEGA, _ZO = 1, 2  # stream tags: the sketch and the ZO directions never share random numbers
 
 Closure = Callable[[], torch.Tensor | float]
@@ -65,13 +86,19 @@ class SubspaceAdamW(torch.optim.Optimizer):
         oversample (p), power_iters: SSRF options (Halko et al.); 0 and 0 match the paper.
         residual: add Fira's norm-scaled orthogonal component (Lorenza+).
         bits: 32, or 8 for bitsandbytes' blockwise 8-bit states.
-        perturbation (optimizer-level): ``None``, ``"zo"`` or ``"sam"``.
+        perturbation (optimizer-level): ``None``, ``"zo"``, ``"rank_r"`` or ``"sam"``.
         perturb_full_rank (optimizer-level): also perturb full-rank groups (AdaZo-SAM, SAM);
             otherwise ``"zo"`` perturbs the low-rank parameters only, in their subspace.
         rho_max, rho_min, min_lr_ratio (optimizer-level): ``ρ_t`` moves from ``rho_max`` at the
             peak learning rate to ``rho_min`` at ``min_lr_ratio`` times it.
         mu (μ), q (optimizer-level): finite-difference step and number of ZO directions.
         seed (optimizer-level): seeds the sketches and directions; identical on all ranks.
+        blocks (optimizer-level): a partition of the parameters into blocks (e.g. one per
+            transformer block, ``module_blocks``); a step draws each block's ZO directions
+            with one generator call. ``None``: one block of everything.
+        zo_buffer_mib (optimizer-level): a step keeps its blocks' random numbers between
+            its passes up to this many MiB and draws the rest again in each pass.
+        refresh_before_ascent (optimizer-level): the paper's order on refresh steps (above).
     """
 
     def __init__(
@@ -97,6 +124,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
         mu: float = 1e-3,
         q: int = 1,
         seed: int = 0,
+        blocks: list[list[torch.Tensor]] | None = None,
+        zo_buffer_mib: float = 64.0,
+        refresh_before_ascent: bool = True,
     ):
         defaults = dict(
             lr=lr,
@@ -117,14 +147,28 @@ class SubspaceAdamW(torch.optim.Optimizer):
         self.perturb_full_rank = perturb_full_rank
         self.rho_max, self.rho_min, self.min_lr_ratio = rho_max, rho_min, min_lr_ratio
         self.mu, self.q, self.seed = mu, q, seed
+        self.zo_buffer_mib = zo_buffer_mib
+        self.refresh_before_ascent = refresh_before_ascent
         self._check()
         for group in self.param_groups:
             group.setdefault("max_lr", group["lr"])
-        self.index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.index = {p: i for i, p in enumerate(params)}
         self._group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self.blocks = self._check_blocks(blocks, params)
+        self._perturbed = [p for p in params if self._is_perturbed(p)]
+        self._zo_blocks = self._zo_layout() if perturbation in ("zo", "rank_r") else []
+        self._slot_of = {s.param: (k, s) for k, b in enumerate(self._zo_blocks) for s in b}
+        self.zo_lowrank = {p for p, (_, s) in self._slot_of.items() if s.lowrank}
+        """The low-rank matrices the zeroth-order ascent perturbs inside their subspace."""
         self.step_count = 0  # completed optimizer steps: keys the random streams
         self._pending: dict | None = None  # this step's perturbation ({} if nothing moved)
         self._unrestored: set[torch.Tensor] = set()
+        self._fresh: set[torch.Tensor] = set()  # bases already refreshed this step
+        self.phase = "update"
+        """What a backward running now is for: ``"update"`` (the step's own), ``"refresh"``
+        (choosing ``Q_t`` at ``W_t``, paper's order) or ``"ascent"`` (SAM's first backward).
+        Fused hooks read it to know what to do with a gradient."""
 
     # ----------------------------------------------------------------------------- checks
     def _check(self) -> None:
@@ -137,7 +181,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             bad("perturbation", self.perturbation, f"one of {PERTURBATIONS}")
         if not self.mu > 0:
             bad("mu", self.mu, "> 0")
-        for name in ("rho_max", "rho_min"):
+        for name in ("rho_max", "rho_min", "zo_buffer_mib"):
             if not getattr(self, name) >= 0:
                 bad(name, getattr(self, name), ">= 0")
         if self.rho_min > self.rho_max:
@@ -187,6 +231,43 @@ class SubspaceAdamW(torch.optim.Optimizer):
                         f"matrix of shape {tuple(p.shape)}",
                     )
 
+    @staticmethod
+    def _check_blocks(blocks, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """``blocks`` must hold every parameter exactly once."""
+        if blocks is None:
+            return [params]
+        blocks = [list(b) for b in blocks if len(b)]
+        seen = [p for b in blocks for p in b]
+        ids, want = {id(p) for p in seen}, {id(p) for p in params}
+        if len(seen) != len(ids) or ids != want:
+            raise ValueError(
+                f"blocks={len(blocks)} blocks of {len(seen)} parameters is invalid: must be a "
+                f"partition of the optimizer's {len(params)} parameters (each exactly once)"
+            )
+        return blocks
+
+    def _is_perturbed(self, p: torch.Tensor) -> bool:
+        lowrank = self.group_of(p)["rank"] is not None
+        if self.perturbation == "sam":
+            return True
+        if self.perturbation in ("zo", "rank_r"):
+            return lowrank or self.perturb_full_rank
+        return False
+
+    def _zo_layout(self) -> list[list[Slot]]:
+        kind = "rank_r" if self.perturbation == "rank_r" else "gaussian"
+        perturbed = set(self._perturbed)
+        blocks = []
+        for block in self.blocks:
+            entries = []
+            for p in block:
+                if p in perturbed:
+                    rank = self.group_of(p)["rank"]
+                    entries.append((p, slot_shape(p, rank, kind), rank is not None))
+            if entries:
+                blocks.append(entries)
+        return layout(blocks)
+
     # ------------------------------------------------------------------- the update
     def rho(self) -> float:
         """``ρ_t`` for the learning rate the first group has now (GSAM schedule)."""
@@ -211,59 +292,138 @@ class SubspaceAdamW(torch.optim.Optimizer):
             group["rank"] is not None
             and not group["residual"]
             and "basis" in state
-            and state["step"] % group["update_gap"] != 0
+            and state.get("step", 0) % group["update_gap"] != 0
         )
 
     def project_grad(self, p: torch.Tensor) -> torch.Tensor:
         """``Qᵀ g`` (or ``g Q``) of ``p``'s current gradient, in float32."""
         return project(p.grad, self.state[p]["basis"])
 
-    @torch.no_grad()
-    def update_param(self, p: torch.Tensor, group: dict, low: torch.Tensor | None = None) -> None:
-        """Restore ``p`` if perturbed, then apply this step's update to it from ``p.grad`` --
-        or from ``low``, its already projected gradient, when ``reduces_projected(p)``."""
-        self.restore(p)
-        if p.grad is None and low is None:
-            return
-        state = self.state[p]
-        t = state.get("step", 0)
-        state["step"] = t + 1
-        beta1, beta2 = group["betas"]
-        lr, wd, bits = group["lr"], group["weight_decay"], group["bits"]
-        grad = p.grad if group["rank"] is None or p.grad is None else full(p.grad)
-        if group["rank"] is None and bits == 8:
-            if "exp_avg" not in state:
-                init_moments(state, p, bits)
-            bnb_adam_update(state, grad, p.data, t + 1, lr, beta1, beta2, group["eps"], wd)
-            return
-        if group["rank"] is None:
-            if "exp_avg" not in state:
-                init_moments(state, p, bits)
-            n, factor = adam_direction(state, grad, t + 1, beta1, beta2, group["eps"], bits)
-            p.add_(n.to(p.dtype), alpha=-lr * factor)
+    def _refresh_due(self, p: torch.Tensor) -> bool:
+        group = self.group_of(p)
+        return (
+            group["rank"] is not None
+            and self.state[p].get("step", 0) % group["update_gap"] == 0
+            and p not in self._fresh
+        )
+
+    def _refresh(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """A new basis (and, for rank_r, cobasis) from ``grad``, the whole gradient of ``p``."""
+        group, state = self.group_of(p), self.state[p]
+        gen = seeded_generator(p.device, self.seed, _OMEGA, self.step_count, self.index[p])
+        out = compute_basis(
+            grad,
+            group["rank"],
+            group["projection"],
+            oversample=group["oversample"],
+            power_iters=group["power_iters"],
+            generator=gen,
+            cobasis=self.perturbation == "rank_r",
+        )
+        if self.perturbation == "rank_r":
+            state["basis"], state["cobasis"] = out
         else:
-            if t % group["update_gap"] == 0:
-                gen = seeded_generator(p.device, self.seed, _OMEGA, self.step_count, self.index[p])
-                state["basis"] = compute_basis(
-                    grad,
-                    group["rank"],
-                    group["projection"],
-                    oversample=group["oversample"],
-                    power_iters=group["power_iters"],
-                    generator=gen,
+            state["basis"] = out
+
+    @torch.no_grad()
+    def update(
+        self, params: list[torch.Tensor], lows: dict[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """Move ``params`` back from ``W + ε`` and apply this step's update to them, from
+        their gradients -- or, for a parameter in ``lows``, from its already projected
+        gradient ``Qᵀ g`` (when ``reduces_projected``). Parameters without either are left
+        for ``finish_step`` to restore."""
+        lows = lows or {}
+        live = [p for p in params if p.grad is not None or p in lows]
+        folded = self._zo_foldable(live)
+        self._restore([p for p in live if p in self._unrestored and p not in folded])
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for p in live:
+            by_group.setdefault(self._group_of[p], []).append(p)
+        for i, ps in by_group.items():
+            group = self.param_groups[i]
+            if group["rank"] is None:
+                self._update_full(group, ps)
+            else:
+                self._update_lowrank(group, ps, lows, folded)
+            wd = group["weight_decay"]
+            decayed = [p for p in ps if not (group["rank"] is None and group["bits"] == 8)]
+            if wd > 0 and decayed:  # bitsandbytes' full-rank kernel applies its own decay
+                torch._foreach_add_(decayed, decayed, alpha=-group["lr"] * wd)
+
+    def _advance(self, ps: list[torch.Tensor]) -> list[int]:
+        """Count this update in each parameter's state; returns the new counts (from 1)."""
+        steps = []
+        for p in ps:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            steps.append(state["step"])
+        return steps
+
+    def _update_full(self, group: dict, ps: list[torch.Tensor]) -> None:
+        steps = self._advance(ps)
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        for p in ps:
+            if "exp_avg" not in self.state[p]:
+                init_moments(self.state[p], p, group["bits"])
+        if group["bits"] == 8:  # bitsandbytes' AdamW8bit, weight decay included
+            for p, t in zip(ps, steps, strict=True):
+                bnb_adam_update(
+                    self.state[p], p.grad, p.data, t, lr, beta1, beta2, eps, group["weight_decay"]
                 )
-            basis = state["basis"]
-            if low is None:
-                low = project(grad, basis)
+            return
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in ps]
+        ns = adam_directions([self.state[p] for p in ps], grads, beta1, beta2, eps)
+        for t, idx in _by_value(steps).items():
+            factor = math.sqrt(1 - beta2**t) / (1 - beta1**t)
+            targets = [ps[i] for i in idx]
+            updates = [ns[i] if ns[i].dtype == ps[i].dtype else ns[i].to(ps[i].dtype) for i in idx]
+            torch._foreach_add_(targets, updates, alpha=-lr * factor)
+
+    def _update_lowrank(
+        self,
+        group: dict,
+        ps: list[torch.Tensor],
+        lows: dict[torch.Tensor, torch.Tensor],
+        folded: set[torch.Tensor],
+    ) -> None:
+        grads, projected = [], []
+        for p in ps:
+            grad = None if p in lows else full(p.grad)
+            if self._refresh_due(p):
+                self._refresh(p, grad)
+            grads.append(grad)
+            projected.append(lows[p] if p in lows else project(grad, self.state[p]["basis"]))
+        steps = self._advance(ps)
+        beta1, beta2 = group["betas"]
+        lr, eps, bits = group["lr"], group["eps"], group["bits"]
+        states = [self.state[p] for p in ps]
+        for state, low in zip(states, projected, strict=True):
             if "exp_avg" not in state:
                 init_moments(state, low, bits)
-            n, factor = adam_direction(state, low, t + 1, beta1, beta2, group["eps"], bits)
-            update = project_back(n, basis, p.shape).mul_(group["scale"])
-            if group["residual"]:
-                update.add_(fira_residual(grad.float(), basis, low, n, state))
-            add_full_(p, update.to(p.dtype), alpha=-lr * factor)
-        if wd > 0:
-            p.add_(p, alpha=-lr * wd)
+        if bits == 8:
+            ns = [
+                adam_direction(s, low, t, beta1, beta2, eps, bits)[0]
+                for s, low, t in zip(states, projected, steps, strict=True)
+            ]
+        else:
+            ns = adam_directions(states, projected, beta1, beta2, eps)
+        factors = [math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
+        if group["residual"]:  # Lorenza+: reads N before it is scaled below
+            for p, grad, low, n, f in zip(ps, grads, projected, ns, factors, strict=True):
+                s = fira_residual(grad.float(), self.state[p]["basis"], low, n, self.state[p])
+                add_full_(p, s.to(p.dtype), alpha=-lr * f)
+        alphas = [-lr * f * group["scale"] for f in factors]
+        fold = [i for i, p in enumerate(ps) if p in folded]
+        if fold:  # N ← alpha·N − ε's numbers: the restore rides on the update's GEMM
+            torch._foreach_mul_([ns[i] for i in fold], [alphas[i] for i in fold])
+            self._add_restore_terms([ps[i] for i in fold], [ns[i] for i in fold])
+            self._unrestored.difference_update(ps[i] for i in fold)
+            for i in fold:
+                alphas[i] = 1.0
+        for p, n, a in zip(ps, ns, alphas, strict=True):
+            apply_back_(p, n, self.state[p]["basis"], alpha=a)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None):
@@ -280,126 +440,177 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 f"perturbation={self.perturbation!r} needs the loss: call "
                 "step(closure) or perturb(closure) before backward"
             )
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.update_param(p, group)
+        self.update([p for group in self.param_groups for p in group["params"]])
         self.finish_step()
         return loss
 
+    @torch.no_grad()
     def finish_step(self) -> None:
         """End of a step: every perturbed parameter is back, the random streams advance."""
-        for p in list(self._unrestored):
-            self.restore(p)
+        self._restore(list(self._unrestored))
         self._pending = None
+        self._fresh.clear()
         self.step_count += 1
 
     # ------------------------------------------------------------------- perturbation
     def _needs_closure(self) -> bool:
-        return bool(self._perturbed_params()) and self.rho() > 0
+        return bool(self._perturbed) and self.rho() > 0
 
-    def _perturbed_params(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(parameter, basis or None) for every parameter the ascent moves."""
-        out = []
-        for g in self.param_groups:
-            for p in g["params"]:
-                if g["rank"] is not None and self.perturbation == "zo":
-                    if "basis" in self.state[p]:  # no subspace before the first update
-                        out.append((p, self.state[p]["basis"]))
-                elif (g["rank"] is None and self.perturb_full_rank) or self.perturbation == "sam":
-                    out.append((p, None))
-        return out
-
-    def _move(self, params, seeds: list[int], coefs: list[float], measure: bool = False) -> float:
-        """``W += Σ_j coefs[j] P_j`` on every perturbed parameter; with ``measure``, returns
-        the squared norm of what was added (over all of them; one device sync, not one per
-        parameter, so that a GPU's queue keeps running ahead of Python)."""
-        total = torch.zeros((), device=params[0][0].device)
-        for p, basis in params:
-            d = combined(p, self.index[p], seeds, coefs, basis)
-            if measure:
-                total += d.square().sum()
-            add_full_(p, d.to(p.dtype))
-        return total.item() if measure else 0.0
+    def _loss(self, closure: Closure) -> torch.Tensor:
+        """The closure's loss as a float32 device scalar (no host synchronisation)."""
+        f = closure()
+        if isinstance(f, torch.Tensor):
+            return f.detach().float().reshape(())
+        return torch.tensor(float(f), device=self._perturbed[0].device)
 
     @torch.no_grad()
     def perturb(self, closure: Closure) -> dict | None:
         """Move the weights to ``W + ε`` for this step, ``ε = ρ_t ĝ / ‖ĝ‖_F`` (norm over all
-        perturbed parameters). Returns what was measured, or ``None`` when nothing moved
-        (no perturbation, ``ρ_t = 0``, or LORENZA's first step, which has no subspace yet)."""
+        perturbed parameters). Returns what was measured, as device tensors (``c``, and
+        ``moved``: false when ``c`` was not finite or zero and the weights stayed at ``W``),
+        or ``None`` when nothing was tried (no perturbation, ``ρ_t = 0``, or no subspace yet)."""
         if self.perturbation is None:
             return None
         if self._pending is not None:
             raise RuntimeError("perturb() called twice without step() in between")
-        params, rho = self._perturbed_params(), self.rho()
+        rho = self.rho()
         self._pending = {}
-        if not params or rho == 0:
+        if not self._perturbed or rho == 0:
             return None
         if self.perturbation == "sam":
-            return self._perturb_sam(closure, params, rho)
+            return self._perturb_sam(closure, rho)
+        if self.refresh_before_ascent:
+            self._refresh_before_ascent(closure)
+        if any("basis" not in self.state[s.param] for b in self._zo_blocks for s in b if s.lowrank):
+            return None  # refresh after the ascent: no subspace before the first update
         seeds = [mix(self.seed, _ZO, self.step_count, j) for j in range(self.q)]
-        cs = []
+        dirs = Directions(
+            self._zo_blocks,
+            self.state,
+            seeds,
+            self._perturbed[0].device,
+            int(self.zo_buffer_mib * 2**20),
+        )
+        mu, cs, norm = self.mu, [], None
         # Two forward passes per direction, no graph kept. no_grad, not inference_mode: a
         # sharded model's first forward after a resume is this one, and FSDP2 would build its
         # unsharded weights as inference tensors that the next training forward cannot use.
-        for s in seeds:
-            sq_norm = self._move(params, [s], [self.mu], measure=self.q == 1) / self.mu**2
-            with torch.no_grad():
-                f_plus = float(closure())
-            self._move(params, [s], [-2 * self.mu])
-            with torch.no_grad():
-                f_minus = float(closure())
-            cs.append((f_plus - f_minus) / (2 * self.mu))
-            if self.q > 1 or not (math.isfinite(cs[-1]) and cs[-1] != 0):
-                self._move(params, [s], [self.mu])  # back to W (q = 1 merges it into ε below)
-        if not all(math.isfinite(c) and c != 0 for c in cs):
-            return {"c": cs, "rho": rho, "moved": False}
-        coefs = [c / self.q for c in cs]  # the estimate ĝ = Σ_j (c_j / q) P_j
+        for j in range(self.q):
+            moved = dirs.move({j: mu}, measure=self.q == 1)
+            f_plus = self._loss(closure)
+            dirs.move({j: -2 * mu})
+            f_minus = self._loss(closure)
+            cs.append((f_plus - f_minus) / (2 * mu))
+            if self.q == 1:
+                norm = moved / mu  # ‖P‖
+            else:
+                dirs.move({j: mu})  # back to W (q = 1 merges it into the ε move below)
+        c = torch.stack(cs)
+        ok = torch.isfinite(c).all() & (c != 0).all()
         if self.q == 1:
-            # ‖ĝ‖ = |c|·‖P‖, and the last "+μ" move is merged with the ε move: four passes
-            # over the directions per step instead of six.
-            eps_coefs = [rho * math.copysign(1.0, cs[0]) / math.sqrt(sq_norm)]
-            self._move(params, seeds, [self.mu + eps_coefs[0]])
+            # ĝ = cP, so ε = ρ·sign(c)·P/‖P‖; the last "+μ" move is merged with the ε move:
+            # three passes over the directions before the backward instead of four.
+            eps = {0: torch.where(ok, rho * torch.sign(c[0]) / norm, 0.0)}
+            dirs.move({0: mu + eps[0]})
         else:
-            norm = math.sqrt(
-                sum(
-                    combined(p, self.index[p], seeds, coefs, b).square().sum().item()
-                    for p, b in params
-                )
-            )
-            eps_coefs = [rho * c / norm for c in coefs]
-            self._move(params, seeds, eps_coefs)
-        self._pending = {"seeds": seeds, "coefs": eps_coefs}
-        self._unrestored = {p for p, _ in params}
-        return {"c": cs, "rho": rho, "moved": True}
+            coefs = {j: cs[j] / self.q for j in range(self.q)}  # ĝ = Σ_j (c_j / q) P_j
+            scale = rho / dirs.norm(coefs)
+            eps = {j: torch.where(ok, coefs[j] * scale, 0.0) for j in range(self.q)}
+            dirs.move(eps)
+        self._pending = {"dirs": dirs, "back": {j: -e for j, e in eps.items()}}
+        self._unrestored = set(self._perturbed)
+        return {"c": c, "rho": rho, "moved": ok}
 
-    def _perturb_sam(self, closure: Closure, params, rho: float) -> dict:
-        with torch.enable_grad():
-            closure()
-        grads = [p.grad for p, _ in params if p.grad is not None]
-        if not grads:  # the closure ran no backward (a non-finite loss): nothing to ascend
-            return {"rho": rho, "moved": False}
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        for p, _ in params:
-            if p.grad is not None:
-                self.state[p]["sam_eps"] = p.grad.float() * (rho / (norm + 1e-12))
-                p.add_(self.state[p]["sam_eps"].to(p.dtype))
-            p.grad = None
-        self._pending = {"sam": True}
-        self._unrestored = {p for p, _ in params if "sam_eps" in self.state[p]}
-        return {"grad_norm": norm.item(), "rho": rho, "moved": True}
+    def refreshes_early(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s basis is chosen in this step's refresh backward (a perturbed
+        low-rank matrix due for a refresh, not refreshed yet)."""
+        return p in self.zo_lowrank and self._refresh_due(p)
 
     @torch.no_grad()
-    def restore(self, p: torch.Tensor) -> None:
-        """Move ``p`` back from ``W + ε`` (regenerating ε from its seed; SAM keeps its ε)."""
-        if p not in self._unrestored:
+    def refresh_early(self, params: list[torch.Tensor]) -> None:
+        """In the refresh backward (``phase == "refresh"``): choose ``Q_t`` of those of
+        ``params`` that ``refreshes_early`` from their gradients at ``W_t``, and free every
+        gradient of ``params``. Fused hooks call it as the gradients arrive; otherwise
+        ``perturb`` does, after the backward."""
+        for p in params:
+            if p.grad is not None and self.refreshes_early(p):
+                self._refresh(p, full(p.grad))
+                self._fresh.add(p)
+            p.grad = None
+
+    def _refresh_before_ascent(self, closure: Closure) -> None:
+        """The paper's order: on a refresh step, choose ``Q_t`` from the gradient at ``W_t``
+        (an extra forward/backward) before perturbing inside it."""
+        if not any(self.refreshes_early(p) for p in self._perturbed):
             return
-        self._unrestored.discard(p)
-        if self._pending.get("sam"):
-            p.sub_(self.state[p].pop("sam_eps").to(p.dtype))
-        else:
-            basis = self.state[p].get("basis")
-            eps = combined(p, self.index[p], self._pending["seeds"], self._pending["coefs"], basis)
-            add_full_(p, eps.to(p.dtype), alpha=-1.0)
+        self.phase = "refresh"
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            self.phase = "update"
+        params = [p for g in self.param_groups for p in g["params"]]
+        if math.isfinite(float(loss)):  # one host read every update_gap steps
+            self.refresh_early(params)
+        self.zero_grad(set_to_none=True)
+
+    def _perturb_sam(self, closure: Closure, rho: float) -> dict:
+        self.phase = "ascent"
+        try:
+            with torch.enable_grad():
+                closure()
+        finally:
+            self.phase = "update"
+        params = [p for p in self._perturbed if p.grad is not None]
+        if not params:  # the closure ran no backward (a non-finite loss): nothing to ascend
+            return {"rho": rho, "moved": False}
+        grads = [p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        eps = torch._foreach_mul(grads, rho / (norm + 1e-12))
+        torch._foreach_add_(params, eps)
+        for p in params:
+            p.grad = None
+        self._pending = {"sam": dict(zip(params, eps, strict=True))}
+        self._unrestored = set(params)
+        return {"grad_norm": norm, "rho": rho, "moved": True}
+
+    def _zo_foldable(self, params: list[torch.Tensor]) -> set[torch.Tensor]:
+        """The parameters whose restore can ride on their update's GEMM: perturbed low-rank
+        matrices (full-rank ones gain nothing from folding)."""
+        if not (self._pending and "dirs" in self._pending):
+            return set()
+        return {p for p in params if p in self._unrestored and self._slot_of[p][1].lowrank}
+
+    def _by_block(self, params: list[torch.Tensor]) -> dict[int, list[Slot]]:
+        out: dict[int, list[Slot]] = {}
+        for p in params:
+            k, slot = self._slot_of[p]
+            out.setdefault(k, []).append(slot)
+        return out
+
+    def _add_restore_terms(self, params: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+        """``targets[i] += −ε``'s numbers of ``params[i]`` (in ``Z``'s shape)."""
+        dirs, back = self._pending["dirs"], self._pending["back"]
+        where = {p: i for i, p in enumerate(params)}
+        zs = [None] * len(params)
+        for k, slots in self._by_block(params).items():
+            terms = dirs.restore_terms(k, back)
+            for s in slots:
+                zs[where[s.param]] = full_z(s, s.view(terms), self.state[s.param])
+        torch._foreach_add_(targets, zs)
+
+    def _restore(self, params: list[torch.Tensor]) -> None:
+        """Move ``params`` back from ``W + ε`` (regenerating ε from its seed; SAM keeps its ε)."""
+        params = [p for p in params if p in self._unrestored]
+        if not params:
+            return
+        self._unrestored.difference_update(params)
+        if "sam" in self._pending:
+            torch._foreach_sub_(params, [self._pending["sam"].pop(p) for p in params])
+            return
+        dirs, back = self._pending["dirs"], self._pending["back"]
+        for k, slots in self._by_block(params).items():
+            dirs.apply_block(slots, dirs.restore_terms(k, back))
 
     # ------------------------------------------------------------------- checkpoints
     def _check_state_keys(self, saved: dict, stepped: bool) -> None:
@@ -417,7 +628,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
                         f"optimizer state is missing parameter {i} of shape {tuple(p.shape)}"
                     )
                 continue
-            want, have = _expected_keys(group, saved[i]), set(saved[i])
+            want = _expected_keys(group, saved[i], self.perturbation == "rank_r")
+            have = set(saved[i])
             if have != want:
                 raise ValueError(
                     f"optimizer state of parameter {i} (shape {tuple(p.shape)}, rank "
@@ -444,17 +656,28 @@ class SubspaceAdamW(torch.optim.Optimizer):
             if "absmax1" in state:
                 for key in ("exp_avg", "exp_avg_sq"):
                     state[key] = state[key].to(torch.uint8)
-            if "basis" in state:
-                state["basis"] = state["basis"].float()
+            for key in ("basis", "cobasis"):
+                if key in state:
+                    state[key] = state[key].float()
 
 
 _STATE_KEYS = {"step", "exp_avg", "exp_avg_sq"}
 
 
-def _expected_keys(group: dict, state: dict) -> set[str]:
+def _by_value(values: list) -> dict:
+    """``{value: [indices where it occurs]}``, in first-seen order."""
+    out: dict = {}
+    for i, v in enumerate(values):
+        out.setdefault(v, []).append(i)
+    return out
+
+
+def _expected_keys(group: dict, state: dict, rank_r: bool) -> set[str]:
     keys = set(_STATE_KEYS)
     if group["rank"] is not None:
         keys.add("basis")
+    if group["rank"] is not None and rank_r:
+        keys.add("cobasis")
     if group["rank"] is not None and group["residual"]:
         keys.add("residual_norm")
     if "absmax1" in state:

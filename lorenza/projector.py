@@ -10,10 +10,17 @@ Two ways to choose ``Q`` (``projection``):
 - ``svd``: the top-r singular vectors, GaLore's exact truncated SVD.
 - ``ssrf``: LORENZA's randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1/4.3):
   ``Y = g Ω`` with ``Ω ~ N(0, 1/r)`` of shape n x (r + p), ``power_iters`` rounds of
-  ``Y = g (gᵀ Y)``, ``Q = qr(Y).Q[:, :r]``. It costs one sketch matmul and a thin QR instead of
+  ``Y = g (gᵀ Y)``, ``Q = qr(Y).Q``. It costs one sketch matmul and a thin QR instead of
   a full SVD (60-160x faster at 4096 x 4096, r = 256). ``Ω`` comes from a generator seeded by
   ``(seed, step, index)``, so every data-parallel rank builds the same ``Q`` from the same
-  all-reduced ``g`` without communicating.
+  all-reduced ``g`` without communicating. With oversampling (p > 0) the r + p columns are
+  reduced to r by Halko's Alg. 5.1: the small SVD ``Q₀ᵀ g = Ũ Σ Vᵀ`` and ``Q = Q₀ Ũ[:, :r]``,
+  the best rank-r basis inside the sketch's span (keeping the first r columns of ``qr(Y)``
+  would span exactly what the r columns alone span, so p would buy nothing).
+
+The paper's literal rank-r perturbation ``Q diag(u) R`` also needs the other factor of that
+small SVD (``R = Vᵀ[:r]``), the *cobasis*: ``compute_basis(..., cobasis=True)`` returns it in
+the shape of the ZO directions ``Z`` (r x n when left, m x r when right).
 
 Everything is computed in float32 whatever the gradient's dtype.
 """
@@ -21,6 +28,8 @@ Everything is computed in float32 whatever the gradient's dtype.
 from __future__ import annotations
 
 import torch
+
+from lorenza.sharded import add_full_, addmm_rows_
 
 PROJECTIONS = ("ssrf", "svd")
 
@@ -60,9 +69,11 @@ def ssrf_basis(
     oversample: int = 0,
     power_iters: int = 0,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    cobasis: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis (m x rank) approximating the top-``rank`` column space of ``g``
-    (m x n) by a Gaussian sketch, as LORENZA's SSRF."""
+    (m x n) by a Gaussian sketch, as LORENZA's SSRF; with ``cobasis``, also ``R`` (rank x n,
+    orthonormal rows) with ``Qᵀ g ≈ Σ R`` (the sketch's small SVD)."""
     g = g.float()
     k = min(rank + oversample, g.shape[1])
     omega = torch.randn(g.shape[1], k, device=g.device, generator=generator) / rank**0.5
@@ -71,16 +82,28 @@ def ssrf_basis(
         # Re-orthonormalise between rounds (Halko Alg. 4.4): powers of g lose the small
         # singular directions to rounding otherwise.
         y = g @ (g.T @ torch.linalg.qr(y).Q)
-    return torch.linalg.qr(y).Q[:, :rank]
+    q0 = torch.linalg.qr(y).Q
+    if k == rank and not cobasis:
+        return q0
+    u, _, vh = torch.linalg.svd(q0.T @ g, full_matrices=False)  # k x n: small (Halko Alg. 5.1)
+    q = q0 @ u[:, :rank]
+    return (q, vh[:rank]) if cobasis else q
 
 
-def svd_basis(g: torch.Tensor, rank: int) -> torch.Tensor:
+def svd_basis(
+    g: torch.Tensor, rank: int, cobasis: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """GaLore's basis: the top-``rank`` left singular vectors of ``g`` (m x r) when left, the
     right ones (n x r) when right. Both come from one SVD of ``g`` itself, as in GaLore, so the
     signs of the singular vectors -- and with them the moments carried across a refresh --
-    agree with ``galore-torch`` exactly."""
+    agree with ``galore-torch`` exactly. With ``cobasis``, also the other side's singular
+    vectors in the shape of ``Z`` (r x n when left, m x r when right)."""
     u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
-    return u[:, :rank] if is_left(g.shape) else vh[:rank].T
+    if is_left(g.shape):
+        q, other = u[:, :rank], vh[:rank]
+    else:
+        q, other = vh[:rank].T, u[:, :rank]
+    return (q, other) if cobasis else q
 
 
 def compute_basis(
@@ -91,13 +114,17 @@ def compute_basis(
     oversample: int = 0,
     power_iters: int = 0,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The basis ``Q`` for gradient ``g``: m x r when left, n x r when right (see module doc)."""
+    cobasis: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The basis ``Q`` for gradient ``g``: m x r when left, n x r when right (see module doc);
+    with ``cobasis``, the pair ``(Q, C)`` with ``C`` in the shape of ``Z``."""
     if projection == "svd":
-        return svd_basis(g, rank)
+        return svd_basis(g, rank, cobasis)
     if projection == "ssrf":
-        side = g if is_left(g.shape) else g.T
-        return ssrf_basis(side, rank, oversample, power_iters, generator)
+        if is_left(g.shape):
+            return ssrf_basis(g, rank, oversample, power_iters, generator, cobasis)
+        out = ssrf_basis(g.T, rank, oversample, power_iters, generator, cobasis)
+        return (out[0], out[1].T) if cobasis else out
     raise ValueError(f"projection={projection!r} is not one of {', '.join(PROJECTIONS)}")
 
 
@@ -105,6 +132,17 @@ def project(g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``Qᵀ g`` (r x n) when left, ``g Q`` (m x r) when right."""
     g = g.to(q.dtype)
     return q.T @ g if is_left(g.shape) else g @ q
+
+
+def apply_back_(p: torch.Tensor, low: torch.Tensor, q: torch.Tensor, alpha: float = 1.0) -> None:
+    """``p += alpha · project_back(low)`` in one GEMM (``addmm_``), the m x n product never
+    built -- unless ``p`` is in another dtype than the basis (bf16 weights), where it is."""
+    if p.dtype != q.dtype:
+        add_full_(p, project_back(low, q, p.shape).to(p.dtype), alpha=alpha)
+    elif is_left(p.shape):
+        addmm_rows_(p, q, low, alpha=alpha)
+    else:
+        addmm_rows_(p, low, q.T, alpha=alpha)
 
 
 def project_back(low: torch.Tensor, q: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -3,9 +3,10 @@
 A fused update consumes a parameter's gradient inside backward, so the gradient has to be
 averaged over the ranks right there, before the update -- ``DistributedDataParallel`` cannot
 help, since it writes the averaged buckets back only at the end of backward. ``GradReducer``
-starts one asynchronous all-reduce per parameter as its gradient is accumulated and hands the
-parameter back once the reduction is done; ``FusedUpdates`` keeps a few reductions in flight,
-so the communication of one layer overlaps the backward of the next ones.
+starts one asynchronous all-reduce per parameter as its gradient is accumulated; ``FusedUpdates``
+waits for a block's (or a parameter's) reductions only when it updates it, keeping
+``in_flight`` of them running, so the communication of one layer overlaps the backward of the
+next ones.
 
 Low-rank all-reduce (``lowrank=True``): outside its refresh steps a low-rank parameter's update
 reads only ``Qᵀ g`` (r x n) -- ``SubspaceAdamW.reduces_projected`` says when -- and ``Q`` is the
@@ -21,9 +22,6 @@ rank in each case).
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
-
 import torch
 import torch.distributed as dist
 
@@ -38,7 +36,7 @@ class GradReducer:
         self.lowrank = lowrank
         self.group = group
         self.world = dist.get_world_size(group)
-        self._pending: deque = deque()
+        self._pending: dict[torch.Tensor, tuple] = {}
         self.bytes_sent = 0
         self.bytes_full = 0
 
@@ -53,17 +51,14 @@ class GradReducer:
         payload = grad if low is None else low
         payload.div_(self.world)  # sum of (g_i / N): the same operations as accumulating
         self.bytes_sent += payload.numel() * payload.element_size()
-        work = dist.all_reduce(payload, group=self.group, async_op=True)
-        self._pending.append((p, work, low))
+        self._pending[p] = (dist.all_reduce(payload, group=self.group, async_op=True), low)
 
-    def completed(self, in_flight: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Wait for the oldest reductions, leaving ``in_flight`` running; yields each
-        ``(parameter, averaged Qᵀ g or None)`` -- with ``None`` the averaged gradient is in
-        ``p.grad``."""
-        while len(self._pending) > in_flight:
-            p, work, low = self._pending.popleft()
-            work.wait()
-            yield p, low
+    def wait(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Wait for ``p``'s reduction: returns the averaged ``Qᵀ g``, or ``None`` when the
+        averaged gradient is in ``p.grad``."""
+        work, low = self._pending.pop(p)
+        work.wait()
+        return low
 
     def take_counts(self) -> tuple[int, int]:
         """``(bytes_sent, bytes_full)`` since the last call."""
@@ -73,14 +68,18 @@ class GradReducer:
 
 
 def bytes_per_step(optimizer: SubspaceAdamW) -> dict[str, int]:
-    """Payload bytes one step all-reduces, from the shapes alone: ``full`` (every gradient)
-    and ``lowrank`` (a step between refreshes with ``lowrank=True``: float32 ``Qᵀ g`` of
-    r x max(m, n) for each low-rank matrix, the full gradient for the rest)."""
-    full = lowrank = 0
+    """Payload bytes one step all-reduces, from the shapes alone: ``full`` (every gradient),
+    ``lowrank`` (a step between refreshes with ``lowrank=True``: float32 ``Qᵀ g`` of
+    r x max(m, n) for each low-rank matrix, the full gradient for the rest), and
+    ``refresh_extra``: what a refresh step adds in the paper's order (the gradients at ``W_t``
+    of the perturbed low-rank matrices, which choose their new bases)."""
+    full = lowrank = extra = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
             size = p.numel() * p.element_size()
             full += size
             projected = group["rank"] is not None and not group["residual"]
             lowrank += group["rank"] * max(p.shape) * 4 if projected else size
-    return {"full": full, "lowrank": lowrank}
+            if optimizer.refresh_before_ascent and p in optimizer.zo_lowrank:
+                extra += size
+    return {"full": full, "lowrank": lowrank, "refresh_extra": extra}

@@ -6,8 +6,8 @@ moments are sharded too. A low-rank update is not element-wise: the basis ``Q`` 
 from the whole gradient and ``Qᵀ g`` mixes all rows. Each rank therefore gathers one matrix's
 gradient at a time (``full``), computes the same low-rank update as every other rank --
 ``Q`` and the r x n moments are small and kept whole on each rank -- and adds only its own
-rows of it (``add_full_``). The same holds for the seeded zeroth-order directions, which every
-rank regenerates whole from the same seed.
+rows of it (``add_full_``, ``addmm_rows_``). The same holds for the seeded zeroth-order
+directions, which every rank regenerates whole from the same seed.
 """
 
 from __future__ import annotations
@@ -21,16 +21,32 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _local_rows(p: DTensor, whole: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p``'s local shard and the rows of the whole-height tensor ``whole`` that it holds."""
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"parameters sharded as {p.placements} are not supported: Shard(0) only")
+    # FSDP2 splits dim 0 as torch.chunk does.
+    chunks = torch.chunk(whole, p.device_mesh.size(), dim=0)
+    rank = p.device_mesh.get_local_rank()
+    return p.to_local(), chunks[rank] if rank < len(chunks) else whole[:0]
+
+
 def add_full_(p: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> None:
     """``p += alpha * delta`` for a whole-shape ``delta``: a sharded ``p`` takes its rows."""
     if not isinstance(p, DTensor):
         p.add_(delta, alpha=alpha)
         return
-    if tuple(p.placements) != (Shard(0),):
-        raise ValueError(f"parameters sharded as {p.placements} are not supported: Shard(0) only")
-    local = p.to_local()
-    if local.numel() == 0:
+    local, rows = _local_rows(p, delta)
+    if local.numel():
+        local.add_(rows, alpha=alpha)
+
+
+def addmm_rows_(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """``p += alpha * a @ b`` in one GEMM, the product never built whole: a sharded ``p``
+    multiplies only its own rows of ``a``."""
+    if not isinstance(p, DTensor):
+        p.addmm_(a, b, alpha=alpha)
         return
-    # FSDP2 splits dim 0 as torch.chunk does.
-    chunks = torch.chunk(delta, p.device_mesh.size(), dim=0)
-    local.add_(chunks[p.device_mesh.get_local_rank()], alpha=alpha)
+    local, rows = _local_rows(p, a)
+    if local.numel():
+        local.addmm_(rows, b, alpha=alpha)

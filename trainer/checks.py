@@ -11,7 +11,15 @@ import torch
 
 from lorenza import LorenzaPlus
 from models import Llama
-from trainer.config import CLIP_MODES, DEVICES, NONFINITE, PRECISIONS, WANDB_MODES, Config
+from trainer.config import (
+    CLIP_MODES,
+    DEVICES,
+    GRANULARITIES,
+    NONFINITE,
+    PRECISIONS,
+    WANDB_MODES,
+    Config,
+)
 from trainer.distributed import Ranks, pick_device
 from trainer.optimizers import OPTIMIZERS, build_optimizer, is_fused
 
@@ -35,6 +43,7 @@ def check_config(cfg: Config) -> None:
     one_of("trainer.wandb_mode", cfg.trainer.wandb_mode, WANDB_MODES)
     one_of("trainer.grad_clip_mode", cfg.trainer.grad_clip_mode, CLIP_MODES)
     one_of("trainer.on_nonfinite", cfg.trainer.on_nonfinite, NONFINITE)
+    one_of("trainer.fused_granularity", cfg.trainer.fused_granularity, GRANULARITIES)
     check_writable(Path(cfg.trainer.run_dir))
     if is_fused(cfg) and cfg.trainer.grad_clip > 0 and cfg.trainer.grad_clip_mode == "global":
         raise ValueError(
@@ -57,6 +66,11 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"optim.warmup_ratio={cfg.optim.warmup_ratio} must be in [0, 1)")
     if not 0 < cfg.optim.zo_batch_fraction <= 1:
         raise ValueError(f"optim.zo_batch_fraction={cfg.optim.zo_batch_fraction} must be in (0, 1]")
+    if not 0 <= cfg.optim.zo_microbatches <= cfg.trainer.grad_accum:
+        raise ValueError(
+            f"optim.zo_microbatches={cfg.optim.zo_microbatches} must be in [0, "
+            f"trainer.grad_accum={cfg.trainer.grad_accum}] (0: all micro-batches)"
+        )
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ValueError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
     if cfg.data.seq_len > cfg.model.max_position_embeddings:

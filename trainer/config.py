@@ -59,6 +59,21 @@ class OptimConfig:
     zo_batch_fraction: float = 1.0
     """Fraction of each micro-batch the zeroth-order forward passes run on (1.0: the paper's
     setting; 0.5 halves their cost at the price of a noisier ascent direction)."""
+    zo_microbatches: int = 0
+    """Run the two zeroth-order forward passes on the first K micro-batches of a step only
+    (0: all of them, the paper's setting). Unlike ``zo_batch_fraction`` this drops whole
+    forwards, so on a GPU it saves their kernel launches too."""
+    perturbation: str | None = None
+    """``null``: the optimizer's own. For lorenza/lorenza8bit/lorenza_plus, ``rank_r`` swaps
+    the directions ``P = QZ`` for the paper's literal ``Q diag(u) R`` (an ablation; keeps an
+    r x n cobasis ``R`` per matrix)."""
+    refresh_before_ascent: bool = True
+    """On refresh steps choose ``Q_t`` at ``W_t`` (one extra forward/backward every
+    ``update_gap`` steps), then perturb inside it: the paper's order. ``false``: perturb in
+    the previous basis and refresh from the gradient at ``W + ε``."""
+    zo_buffer_mib: float = 64.0
+    """A step keeps its zeroth-order random numbers between passes up to this many MiB (one
+    generator call per block per step); blocks beyond it are drawn again in each pass."""
 
 
 @dataclass
@@ -79,8 +94,11 @@ class TrainerConfig:
     """``global`` (one norm over all gradients; unfused only), ``per_param`` (each parameter's
     gradient clipped on its own; works fused), or ``auto``: per_param when fused, else global."""
     fused: bool | None = None
-    """Update each parameter inside backward and free its gradient at once (``lorenza.fused``);
+    """Update parameters inside backward and free their gradients at once (``lorenza.fused``);
     ``null`` = on for the low-rank optimizers, off for the others."""
+    fused_granularity: str = "block"
+    """Fused mode's unit: ``block`` (one update per transformer block, multi-tensor; live
+    gradients: one block's) or ``param`` (one per parameter; live gradients: one matrix's)."""
     precision: str = "fp32"
     """``fp32``, or ``bf16`` autocast (float32 master weights and optimizer states)."""
     device: str = "auto"
@@ -125,9 +143,10 @@ class DistConfig:
     fsdp: bool = False
     """Shard weights, gradients and full-rank optimizer states over the ranks (FSDP2
     ``fully_shard`` per decoder layer), for models that do not fit one device. Unfused only."""
-    in_flight: int = 4
-    """Fused mode: gradient all-reduces left running behind the backward before a hook waits
-    for the oldest (0: wait for each at once, no overlap)."""
+    in_flight: int = 1
+    """Fused mode: units (blocks, or parameters at ``param`` granularity) whose gradient
+    all-reduces are left running behind the backward before the oldest is waited for and
+    updated (0: no overlap)."""
 
 
 @dataclass
@@ -144,6 +163,7 @@ class Config:
 ConfigStore.instance().store(name="config_schema", node=Config)
 
 PRECISIONS = ("fp32", "bf16")
+GRANULARITIES = ("block", "param")
 CLIP_MODES = ("auto", "global", "per_param")
 NONFINITE = ("skip", "stop")
 DEVICES = ("auto", "cpu", "cuda")

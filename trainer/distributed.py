@@ -86,6 +86,16 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
+def mean_tensor_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over the ranks, left on the device: with NCCL the all-reduce is
+    queued behind the work that produces ``value`` and the host does not wait for it."""
+    if not current().enabled:
+        return value
+    value = value.float().reshape(1).clone()
+    dist.all_reduce(value)
+    return (value / dist.get_world_size()).reshape(())
+
+
 def sum_over_ranks(*values: float, device: torch.device) -> list[float]:
     """Element-wise sums over the ranks, in float64."""
     if not current().enabled:

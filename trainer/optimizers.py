@@ -12,6 +12,7 @@ from lorenza import (
     LorenzaPlus,
     SAMAdamW,
     lowrank_param_groups,
+    module_blocks,
 )
 from trainer.config import Config, OptimConfig
 
@@ -34,11 +35,24 @@ def is_fused(cfg: Config) -> bool:
     return OPTIMIZERS[cfg.optim.name][1] if cfg.trainer.fused is None else cfg.trainer.fused
 
 
+# the optimizers whose zeroth-order directions optim.perturbation may change
+ZO_DIRECTIONS = {"lorenza": ("zo", "rank_r"), "lorenza8bit": ("zo", "rank_r")}
+ZO_DIRECTIONS["lorenza_plus"] = ZO_DIRECTIONS["lorenza"]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The ``lorenza`` optimizer named by ``cfg.name``; low-rank variants manage the attention
-    and MLP matrices in rank ``cfg.rank`` and everything else in full rank (GaLore's split)."""
+    and MLP matrices in rank ``cfg.rank`` and everything else in full rank (GaLore's split).
+    The model's transformer blocks are the optimizer's blocks (one draw of zeroth-order
+    directions each)."""
     cls, lowrank, bits = OPTIMIZERS[cfg.name]
     params = lowrank_param_groups(model, cfg.rank) if lowrank else model.parameters()
+    if cfg.perturbation is not None and cfg.perturbation not in ZO_DIRECTIONS.get(cfg.name, ()):
+        allowed = ", ".join(ZO_DIRECTIONS) or "none"
+        raise ValueError(
+            f"perturbation={cfg.perturbation!r} is invalid for optim.name={cfg.name!r}: must be "
+            f"null, or zo | rank_r for {allowed}"
+        )
     kwargs = dict(
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
@@ -50,6 +64,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         min_lr_ratio=cfg.min_lr_ratio,
         mu=cfg.mu,
         q=cfg.q,
+        blocks=module_blocks(model),
+        zo_buffer_mib=cfg.zo_buffer_mib,
+        refresh_before_ascent=cfg.refresh_before_ascent,
+        **({"perturbation": cfg.perturbation} if cfg.perturbation else {}),
     )
     if lowrank:
         kwargs.update(

@@ -15,7 +15,12 @@ from lorenza.fused import FusedUpdates, clip_per_param_
 from lorenza.sharded import full
 from models import Llama, loss_fn
 from trainer.config import Config
-from trainer.distributed import CommCounter, mean_over_ranks, sum_over_ranks
+from trainer.distributed import (
+    CommCounter,
+    mean_over_ranks,
+    mean_tensor_over_ranks,
+    sum_over_ranks,
+)
 
 
 @torch.no_grad()
@@ -61,20 +66,34 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
     forward = ddp or model
     parts.comm.steps += 1
 
-    def closure(update: bool = False) -> float:
+    def probe() -> torch.Tensor:
+        """The zeroth-order probe loss, forward only: the mean over the first
+        ``optim.zo_microbatches`` micro-batches (all when 0), each maybe cut to
+        ``zo_batch_fraction`` of its rows, as a device scalar averaged over the ranks without
+        a host synchronisation."""
+        k = cfg.optim.zo_microbatches or len(micro)
+        total = None
+        for x, y in micro[:k]:
+            rows = max(1, math.ceil(cfg.optim.zo_batch_fraction * len(x)))
+            with parts.autocast:
+                logits = forward(x[:rows])
+            loss = loss_fn(logits, y[:rows]).detach()
+            total = loss if total is None else total + loss
+        return mean_tensor_over_ranks(total / min(k, len(micro)))
+
+    def closure() -> float | torch.Tensor:
         """Mean loss of this step's batch; backward too when grad is enabled (the
-        sharpness-aware optimizers also call it without grad, for forward-only losses).
-        In fused mode the hooks update the weights during the last backward of ``update``."""
+        sharpness-aware optimizers also call it without grad, for forward-only losses, and
+        with grad for SAM's ascent or a refresh). In fused mode the hooks act during the last
+        micro-batch's backward, as ``optimizer.phase`` says (update, refresh, or nothing)."""
+        if not torch.is_grad_enabled():
+            return probe()
         total = 0.0
-        grad = torch.is_grad_enabled()
         for i, (x, y) in enumerate(micro):
             last = i == len(micro) - 1
-            if not grad:  # zeroth-order forward: maybe a sub-batch
-                k = max(1, math.ceil(cfg.optim.zo_batch_fraction * len(x)))
-                x, y = x[:k], y[:k]
             # DDP and FSDP average gradients on the last micro-batch's backward only
-            sync = ddp.no_sync() if ddp is not None and grad and not last else nullcontext()
-            if isinstance(model, FSDPModule) and grad:
+            sync = ddp.no_sync() if ddp is not None and not last else nullcontext()
+            if isinstance(model, FSDPModule):
                 model.set_requires_gradient_sync(last)
             with sync:
                 with parts.autocast:
@@ -83,16 +102,15 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
                 total += mean_over_ranks(loss)
                 if not math.isfinite(total):
                     return total
-                if grad:
-                    if hooks is not None:
-                        hooks.armed = update and last
-                    loss.backward()
-                    if ddp is not None and last:
-                        parts.comm.synced_backward()
+                if hooks is not None:
+                    hooks.armed = last
+                loss.backward()
+                if ddp is not None and last:
+                    parts.comm.synced_backward()
         return total
 
     optimizer.perturb(closure)  # moves W to W + ε for SAM-type optimizers, else nothing
-    loss = closure(update=True)
+    loss = closure()
     if not math.isfinite(loss):  # skip: drop partial gradients, undo the perturbation
         optimizer.zero_grad(set_to_none=True)
         optimizer.finish_step()
@@ -101,8 +119,7 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
         hooks.finish()
         return loss
     if per_param_clip:
-        for p in model.parameters():
-            clip_per_param_(p.grad, t.grad_clip)
+        clip_per_param_([p.grad for p in model.parameters() if p.grad is not None], t.grad_clip)
     elif t.grad_clip > 0:
         parts.grad_norm = float(
             full(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
