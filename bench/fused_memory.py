@@ -41,7 +41,7 @@ MODES = ("unfused", "block", "param")
 GOAL = 1.05  # fused / unfused step time
 
 
-def child(name: str, optim: str, mode: str, steps: int, batch: int, seq: int) -> dict:
+def child(name: str, optim: str, mode: str, steps: int, batch: int, seq: int, warmup: int) -> dict:
     """One configuration, measured in this process."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_llama(name, 32000).to(device)
@@ -78,8 +78,8 @@ def child(name: str, optim: str, mode: str, steps: int, batch: int, seq: int) ->
         return loss.detach()
 
     times = []
-    for i in range(2 + steps):
-        if i == 2 and device.type == "cuda":
+    for i in range(warmup + steps):
+        if i == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         opt.perturb(closure)
@@ -91,7 +91,7 @@ def child(name: str, optim: str, mode: str, steps: int, batch: int, seq: int) ->
             opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     out = {
         "peak_grad_MiB": peak_grad[0] / 2**20,
@@ -114,11 +114,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps (a GPU's clock ramps)")
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "OPTIM", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         name, optim, mode = args.child
-        print(json.dumps(child(name, optim, mode, args.steps, args.batch, args.seq)))
+        print(json.dumps(child(name, optim, mode, args.steps, args.batch, args.seq, args.warmup)))
         return
     modes = ["unfused", *(m for m in args.modes if m != "unfused")]
     rows = []
@@ -141,6 +142,8 @@ def main() -> None:
                     str(args.batch),
                     "--seq",
                     str(args.seq),
+                    "--warmup",
+                    str(args.warmup),
                 ]
                 res[mode] = json.loads(
                     subprocess.run(
@@ -185,7 +188,7 @@ def main() -> None:
         f"fused-memory-{'cuda' if cuda else 'cpu'}",
         f"## Fused vs unfused updates on {device}\n\n"
         f"`python -m bench.fused_memory {cmdline}`; batch {args.batch}x{args.seq}, "
-        f"vocab 32000, median of {args.steps} steps after 2 warm-up steps, one "
+        f"vocab 32000, median of {args.steps} steps after {args.warmup} warm-up steps, one "
         f"process per row.\n\n{verdict}.\n\n{markdown_table(header, rows)}",
     )
 

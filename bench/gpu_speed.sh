@@ -11,9 +11,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
 keep() { if [ -n "${OUT:-}" ]; then cp bench/RESULTS.md "$OUT/"; fi; }  # after each: a
 # timeout still returns what was measured
-python3 -m bench.step_time --models llama_60m --bf16 --batch 32 --vocab 32000 --steps 10 \
-    --variants adamw galore lorenza lorenza_plus adazo_sam sam; keep
+python3 -m bench.step_time --models llama_60m --bf16 --batch 32 --vocab 32000 --steps 20 \
+    --variants adamw adamw_2fwd galore lorenza lorenza_plus adazo_sam sam; keep
 python3 -m bench.step_time --models llama_60m --bf16 --batch 128 --accum 4 --vocab 32000 \
-    --steps 5 --variants adamw lorenza lorenza_zo1; keep
+    --steps 6 --variants adamw adamw_2fwd lorenza lorenza_zo1 --goal 1.70; keep
 python3 -m bench.fused_memory --models llama_60m llama_130m llama_350m --optims adamw lorenza \
-    --modes unfused block --batch 16 --steps 20; keep
+    --modes unfused block --batch 16 --steps 30 --warmup 10; keep
