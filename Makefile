@@ -23,12 +23,15 @@ demo: install  ## train llama_tiny on the bundled sample corpus (CPU, a few minu
 test: install  ## the CPU test suite
 	$(PY) -m pytest -q
 
-bench: install  ## CPU benchmarks (~40 min); tables go to bench/RESULTS.md; GPU: bench/gpu_checks.sh
+bench: install  ## CPU benchmarks (~1 h); tables go to bench/RESULTS.md; GPU: bench/gpu_checks.sh, bench/gpu_speed.sh
 	$(PY) -m bench.unigram
 	$(PY) -m bench.throughput --models llama_tiny llama_60m
 	$(PY) -m bench.ssrf
 	$(PY) -m bench.state_bytes
+	$(PY) -m bench.op_count --model llama_60m
 	$(PY) -m bench.step_time --models llama_tiny llama_60m
+	$(PY) -m bench.step_time --models llama_60m --batch 1 --accum 4 --variants adamw adamw_2fwd lorenza lorenza_zo1
+	$(PY) -m bench.zo_microbatches
 	$(PY) -m bench.fused_memory --models llama_60m llama_130m
 	$(PY) -m bench.data_pipeline
 	$(PY) -m bench.optim_quality

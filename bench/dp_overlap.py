@@ -4,9 +4,10 @@
 
 Runs ``train.py`` under ``torchrun`` with 2 processes (gloo on CPU, NCCL on GPUs) and compares
 the steady-state step time of: the fused hooks waiting for each all-reduce at once
-(``dist.in_flight=0``), the fused hooks with 4 reductions in flight (default), the same with
-the low-rank all-reduce, and DDP (unfused). Steps 1-2 (start-up, first refresh) are left out;
-with ``update_gap`` larger than the run, every later step is a between-refresh step.
+(``dist.in_flight=0``) or leaving some running behind the backward (per parameter: 4
+parameters; per block: 1 block, the default), the low-rank all-reduce, and DDP (unfused).
+Steps 1-2 (start-up, first refresh) are left out; with ``update_gap`` larger than the run,
+every later step is a between-refresh step.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from pathlib import Path
 from bench.results import markdown_table, write_section
 from tests.conftest import ROOT
 
+PARAM = ["trainer.fused=true", "trainer.fused_granularity=param"]
+BLOCK = ["trainer.fused=true", "trainer.fused_granularity=block"]
 SETTINGS = {
-    "fused, wait for each all-reduce": ["trainer.fused=true", "dist.in_flight=0"],
-    "fused, 4 all-reduces in flight": ["trainer.fused=true", "dist.in_flight=4"],
-    "fused, 4 in flight, low-rank all-reduce": [
-        "trainer.fused=true",
-        "dist.in_flight=4",
+    "fused per parameter, wait for each all-reduce": [*PARAM, "dist.in_flight=0"],
+    "fused per parameter, 4 in flight": [*PARAM, "dist.in_flight=4"],
+    "fused per block, wait for each block": [*BLOCK, "dist.in_flight=0"],
+    "fused per block, 1 block in flight (default)": [*BLOCK, "dist.in_flight=1"],
+    "fused per block, 1 in flight, low-rank all-reduce": [
+        *BLOCK,
+        "dist.in_flight=1",
         "dist.lowrank_allreduce=true",
     ],
     "unfused (DDP)": ["trainer.fused=false"],
@@ -67,9 +72,9 @@ def main() -> None:
         label: step_seconds(args.model, args.optim, args.steps, args.batch, extra)
         for label, extra in SETTINGS.items()
     }
-    base = times["fused, wait for each all-reduce"]
+    base = times["fused per parameter, wait for each all-reduce"]
     rows = [[label, f"{t:.3f}", f"{t / base:.2f}"] for label, t in times.items()]
-    table = markdown_table(["2 processes", "s/step (median)", "vs waiting"], rows)
+    table = markdown_table(["2 processes", "s/step (median)", "vs per parameter, waiting"], rows)
     print(table)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
     write_section(

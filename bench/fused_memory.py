@@ -25,16 +25,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
-from contextlib import nullcontext
 
 import torch
 
 from bench.results import markdown_table, write_section
-from bench.step_time import build_llama, machine
-from lorenza import AdamW, Lorenza, lowrank_param_groups, module_blocks
-from lorenza.fused import FusedUpdates
-from models import loss_fn
+from bench.step_time import DEVICE, Run, batches, machine, timed
 
 RANKS = {"llama_tiny": 32, "llama_60m": 128}  # 256 for the larger sizes
 MODES = ("unfused", "block", "param")
@@ -43,62 +38,28 @@ GOAL = 1.05  # fused / unfused step time
 
 def child(name: str, optim: str, mode: str, steps: int, batch: int, seq: int, warmup: int) -> dict:
     """One configuration, measured in this process."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_llama(name, 32000).to(device)
-    blocks = module_blocks(model)
-    if optim == "lorenza":
-        groups = lowrank_param_groups(model, RANKS.get(name, 256), update_gap=200)
-        opt = Lorenza(groups, lr=1e-3, blocks=blocks)
-    else:
-        opt = AdamW(model.parameters(), lr=1e-3, blocks=blocks)
-    params = list(model.parameters())
+    cuda = DEVICE.type == "cuda"
+    params: list[torch.Tensor] = []
     peak_grad = [0]
 
     def count(_):
         live = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         peak_grad[0] = max(peak_grad[0], live)
 
-    for p in params:  # registered before the fused hooks, so it sees each gradient before it goes
-        p.register_post_accumulate_grad_hook(count)
-    hooks = None
-    if mode != "unfused":
-        hooks = FusedUpdates(opt, blocks=blocks if mode == "block" else None)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
-    ids = torch.randint(0, 32000, (batch, seq + 1), device=device)
-
-    def closure() -> torch.Tensor:
-        with autocast:
-            loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
-        if torch.is_grad_enabled():
-            if hooks is not None:
-                hooks.armed = True
-            loss.backward()
-        return loss.detach()
-
+    run = Run(optim, name, 32000, RANKS.get(name, 256), 200, mode, bf16=cuda, observe=count)
+    params += run.model.parameters()
+    micro = batches(1, batch, seq, 32000)
     times = []
     for i in range(warmup + steps):
-        if i == warmup and device.type == "cuda":
+        if i == warmup and cuda:
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        opt.perturb(closure)
-        closure()
-        if hooks is not None:
-            hooks.finish()
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        times.append(timed(lambda: run.step(micro)))
     out = {
         "peak_grad_MiB": peak_grad[0] / 2**20,
-        "step_s": statistics.median(times),
+        "step_s": statistics.median(times[warmup:]),
         "params_MiB": sum(p.numel() * p.element_size() for p in params) / 2**20,
     }
-    if device.type == "cuda":
+    if cuda:
         out["alloc_MiB"] = torch.cuda.max_memory_allocated() / 2**20
         out["reserved_MiB"] = torch.cuda.max_memory_reserved() / 2**20
     else:

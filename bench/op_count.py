@@ -26,9 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.results import markdown_table, write_section
-from bench.step_time import build_llama
-from lorenza import AdamW, GaLoreAdamW, Lorenza, lowrank_param_groups, module_blocks
-from lorenza.fused import FusedUpdates
+from bench.step_time import Run, batches, build_llama
 from models import loss_fn
 
 GOALS = {"zo_per_block": 32, "adamw_block": 150}
@@ -54,40 +52,13 @@ def counted(fn) -> int:
     return counter.count
 
 
-def step_ops(name: str, optim: str, mode: str, ids: torch.Tensor) -> int:
+def step_ops(name: str, variant: str, mode: str, seq: int) -> int:
     """Ops of one steady-state step: forward+backward (and probes), clipping off, update."""
-    model = build_llama(name, 32000)
-    blocks = module_blocks(model)
-    if optim == "adamw":
-        opt = AdamW(model.parameters(), lr=1e-3, blocks=blocks)
-    else:
-        cls = Lorenza if optim == "lorenza" else GaLoreAdamW
-        groups = lowrank_param_groups(model, RANKS.get(name, 256), update_gap=10**6)
-        opt = cls(groups, lr=1e-3, blocks=blocks)
-    hooks = None
-    if mode != "unfused":
-        hooks = FusedUpdates(opt, blocks=blocks if mode == "block" else None)
-
-    def closure():
-        loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
-        if torch.is_grad_enabled():
-            if hooks is not None:
-                hooks.armed = True
-            loss.backward()
-        return loss.detach()
-
-    def one_step():
-        opt.perturb(closure)
-        closure()
-        if hooks is not None:
-            hooks.finish()
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+    run = Run(variant, name, 32000, RANKS[name], 10**6, mode, bf16=False)
+    micro = batches(1, 1, seq, 32000)
     for _ in range(2):  # step 0 refreshes the basis; step 1 is steady
-        one_step()
-    return counted(one_step)
+        run.step(micro)
+    return counted(lambda: run.step(micro))
 
 
 def main() -> None:
@@ -109,7 +80,7 @@ def main() -> None:
 
     base, probe = counted(fwd_bwd), counted(forward)
     steps = {
-        (optim, mode): step_ops(args.model, optim, mode, ids)
+        (optim, mode): step_ops(args.model, optim, mode, args.seq)
         for optim in ("adamw", "galore", "lorenza")
         for mode in ("unfused", "block", "param")
     }

@@ -8,7 +8,8 @@ directions are regenerated from seeds, never stored) and Lorenza+ adds one scala
 Rather than trust a formula, this builds each model, gives it small random gradients, takes
 one step of each variant and sums the bytes of every tensor in ``opt.state``. The
 sharpness-aware variants run with ``ρ = 0`` so that no closure is needed; their states do not
-depend on ``ρ``. The paper's ranks, vocabulary 32000, update_gap 200, scale 0.25.
+depend on ``ρ``. ``rank_r`` (the paper's literal ``Q diag(u) R`` directions) shows what its
+cobasis ``R`` costs. The paper's ranks, vocabulary 32000, update_gap 200, scale 0.25.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ VARIANTS = {  # label: (class, bits, low-rank, extra kwargs)
     "LORENZA 32-bit": (Lorenza, 32, True, NO_RHO),
     "LORENZA 8-bit": (Lorenza, 8, True, NO_RHO),
     "Lorenza+ 32-bit": (LorenzaPlus, 32, True, NO_RHO),
+    # the paper's literal directions Q diag(u) R keep the cobasis R (r x n) per matrix
+    "LORENZA rank_r 32-bit": (Lorenza, 32, True, {**NO_RHO, "perturbation": "rank_r"}),
 }
 
 
@@ -88,6 +91,8 @@ def main() -> None:
             checks.append(f"{name} {bits}-bit: {'yes' if same else 'NO'}")
         extra = r["Lorenza+ 32-bit"] - r["LORENZA 32-bit"]
         checks.append(f"{name} Lorenza+ − LORENZA = {extra} bytes")
+        cobasis = r["LORENZA rank_r 32-bit"] - r["LORENZA 32-bit"]
+        checks.append(f"{name} rank_r − LORENZA = {cobasis / 2**20:.1f} MiB")
     print("LORENZA bytes == GaLore bytes:", "; ".join(checks))
     header = ["optimizer"] + [
         f"{n} (r={RANKS[n]}, {r['params'] / 1e6:.0f}M params)" for n, r in results.items()

@@ -103,12 +103,16 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 class Run:
-    """One optimizer on its own copy of the model, stepped as ``train.py`` steps it."""
+    """One optimizer on its own copy of the model, stepped as ``train.py`` steps it.
+    ``observe``: a hook that sees every gradient before the fused updates consume it."""
 
-    def __init__(self, variant, name, vocab, rank, gap, mode, bf16, **kw):
+    def __init__(self, variant, name, vocab, rank, gap, mode, bf16, observe=None, **kw):
         _, cls, lowrank = VARIANTS[variant]
         self.model = build_llama(name, vocab).to(DEVICE)
         blocks = module_blocks(self.model)
+        if observe is not None:  # registered first, so it runs before the fused update
+            for p in self.model.parameters():
+                p.register_post_accumulate_grad_hook(observe)
         params = (
             lowrank_param_groups(self.model, rank, update_gap=gap, scale=0.25)
             if lowrank
@@ -128,7 +132,7 @@ class Run:
                 k = self.zo_microbatches or len(micro)
                 with self.autocast:
                     losses = [loss_fn(self.model(x), y) for x, y in micro[:k]]
-                return torch.stack(losses).mean()
+                return losses[0] if k == 1 else torch.stack(losses).mean()
             for i, (x, y) in enumerate(micro):
                 with self.autocast:
                     loss = loss_fn(self.model(x), y) / len(micro)
