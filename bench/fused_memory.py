@@ -3,7 +3,10 @@
     python -m bench.fused_memory [--models llama_60m llama_130m] [--optims lorenza adamw]
 
 Fusion exists to save gradient memory; it should cost no time (goal: fused / unfused step time
-<= 1.05). Each configuration runs in its own process so that its peak is its own. Reported:
+<= 1.05). Memory: each configuration runs in its own process so that its peak is its own.
+Time: the modes of one model and optimizer run in one process, one step each in turn, so that
+a GPU's clock and other load fall on all of them alike (timing each in its own process, as
+this benchmark first did, gave ratios that moved by ±15 % from run to run). Reported:
 
 - peak live gradient bytes during backward, counted by hooks (unfused: every gradient exists
   at once before ``step()``; fused per block: one transformer block's, or the largest single
@@ -11,7 +14,7 @@ Fusion exists to save gradient memory; it should cost no time (goal: fused / unf
 - peak resident memory of the process (``ru_maxrss``; weights, states, activations, allocator
   slack and the Python runtime included) on CPU, or ``max_memory_allocated`` /
   ``max_memory_reserved`` on CUDA;
-- median step time.
+- median step time, interleaved as above.
 
 Batch 4 x 256, fp32 weights (bf16 autocast on CUDA), vocab 32000 (the paper's), ranks of the
 paper (128 for 60m, 256 above).
@@ -36,8 +39,8 @@ MODES = ("unfused", "block", "param")
 GOAL = 1.05  # fused / unfused step time
 
 
-def child(name: str, optim: str, mode: str, steps: int, batch: int, seq: int, warmup: int) -> dict:
-    """One configuration, measured in this process."""
+def memory(name: str, optim: str, mode: str, steps: int, batch: int, seq: int) -> dict:
+    """One configuration's memory, measured in this process."""
     cuda = DEVICE.type == "cuda"
     params: list[torch.Tensor] = []
     peak_grad = [0]
@@ -49,14 +52,12 @@ def child(name: str, optim: str, mode: str, steps: int, batch: int, seq: int, wa
     run = Run(optim, name, 32000, RANKS.get(name, 256), 200, mode, bf16=cuda, observe=count)
     params += run.model.parameters()
     micro = batches(1, batch, seq, 32000)
-    times = []
-    for i in range(warmup + steps):
-        if i == warmup and cuda:
+    for i in range(2 + steps):
+        if i == 2 and cuda:
             torch.cuda.reset_peak_memory_stats()
-        times.append(timed(lambda: run.step(micro)))
+        run.step(micro)
     out = {
         "peak_grad_MiB": peak_grad[0] / 2**20,
-        "step_s": statistics.median(times[warmup:]),
         "params_MiB": sum(p.numel() * p.element_size() for p in params) / 2**20,
     }
     if cuda:
@@ -65,6 +66,31 @@ def child(name: str, optim: str, mode: str, steps: int, batch: int, seq: int, wa
     else:
         out["rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def step_times(
+    name: str, optim: str, modes: list[str], steps: int, batch: int, seq: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds per step of every mode, stepped round-robin in this process."""
+    runs = {
+        m: Run(optim, name, 32000, RANKS.get(name, 256), 200, m, DEVICE.type == "cuda")
+        for m in modes
+    }
+    micro = batches(1, batch, seq, 32000)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(warmup + steps):
+        for m, run in runs.items():
+            t = timed(lambda run=run: run.step(micro))
+            if i >= warmup:
+                times[m].append(t)
+    return {m: statistics.median(ts) for m, ts in times.items()}
+
+
+def in_child(*args: str) -> dict:
+    """Run this module with ``args`` in a new process; its last line of output, parsed."""
+    cmd = [sys.executable, "-m", "bench.fused_memory", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
 
 
 def main() -> None:
@@ -76,42 +102,27 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps (a GPU's clock ramps)")
-    ap.add_argument("--child", nargs=3, metavar=("MODEL", "OPTIM", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory", nargs=3, metavar=("MODEL", "OPTIM", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--timing", nargs=2, metavar=("MODEL", "OPTIM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        name, optim, mode = args.child
-        print(json.dumps(child(name, optim, mode, args.steps, args.batch, args.seq, args.warmup)))
-        return
     modes = ["unfused", *(m for m in args.modes if m != "unfused")]
+    sizes = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    if args.memory:
+        print(json.dumps(memory(*args.memory, args.steps, args.batch, args.seq)))
+        return
+    if args.timing:
+        timing = step_times(*args.timing, modes, args.steps, args.batch, args.seq, args.warmup)
+        print(json.dumps(timing))
+        return
     rows = []
     cuda = torch.cuda.is_available()
+    mem = "alloc_MiB" if cuda else "rss_MiB"
     for name in args.models:
         for optim in args.optims:
-            res = {}
-            for mode in modes:
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "bench.fused_memory",
-                    "--child",
-                    name,
-                    optim,
-                    mode,
-                    "--steps",
-                    str(args.steps),
-                    "--batch",
-                    str(args.batch),
-                    "--seq",
-                    str(args.seq),
-                    "--warmup",
-                    str(args.warmup),
-                ]
-                res[mode] = json.loads(
-                    subprocess.run(
-                        cmd, capture_output=True, text=True, check=True
-                    ).stdout.splitlines()[-1]
-                )
-            mem = "alloc_MiB" if cuda else "rss_MiB"
+            res = {mode: in_child("--memory", name, optim, mode, *sizes) for mode in modes}
+            timing = in_child(
+                "--timing", name, optim, "--modes", *modes, "--warmup", str(args.warmup), *sizes
+            )
             for mode in modes:
                 r = res[mode]
                 rows.append(
@@ -122,8 +133,8 @@ def main() -> None:
                         f"{r['params_MiB']:.0f}",
                         f"{r['peak_grad_MiB']:.1f}",
                         f"{r[mem]:.0f}" + (f" / {r['reserved_MiB']:.0f}" if cuda else ""),
-                        f"{r['step_s'] * 1e3:.0f}",
-                        f"{r['step_s'] / res['unfused']['step_s']:.2f}",
+                        f"{timing[mode] * 1e3:.0f}",
+                        f"{timing[mode] / timing['unfused']:.2f}",
                     ]
                 )
             print(rows[-len(modes) :], flush=True)
@@ -149,8 +160,9 @@ def main() -> None:
         f"fused-memory-{'cuda' if cuda else 'cpu'}",
         f"## Fused vs unfused updates on {device}\n\n"
         f"`python -m bench.fused_memory {cmdline}`; batch {args.batch}x{args.seq}, "
-        f"vocab 32000, median of {args.steps} steps after {args.warmup} warm-up steps, one "
-        f"process per row.\n\n{verdict}.\n\n{markdown_table(header, rows)}",
+        f"vocab 32000. Memory: one process per row. Time: median of {args.steps} steps after "
+        f"{args.warmup} warm-up steps, the modes of a model and optimizer stepped in turn in one "
+        f"process.\n\n{verdict}.\n\n{markdown_table(header, rows)}",
     )
 
 

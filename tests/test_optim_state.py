@@ -27,6 +27,9 @@ VARIANTS = {
     "lorenza": lambda m, **kw: Lorenza(lowrank_param_groups(m, 8, update_gap=4), **kw),
     "lorenza8bit": lambda m, **kw: Lorenza(lowrank_param_groups(m, 8, update_gap=4), bits=8, **kw),
     "lorenza_plus": lambda m, **kw: LorenzaPlus(lowrank_param_groups(m, 8, update_gap=4), **kw),
+    "lorenza_rank_r": lambda m, **kw: Lorenza(
+        lowrank_param_groups(m, 8, update_gap=4), perturbation="rank_r", **kw
+    ),
     "adazo_sam": lambda m, **kw: AdaZoSAM(m.parameters(), **kw),
     "sam": lambda m, **kw: SAMAdamW(m.parameters(), **kw),
 }

@@ -3,6 +3,7 @@ and one-line refusals of bad input before any work."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 import train
 from models import load_hf
 from tests.conftest import ROOT
+from trainer import step
 from trainer.optimizers import OPTIMIZERS
 
 
@@ -115,6 +117,47 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, override, needle):
     assert needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["optim=adamw", "optim.perturbation=rank_r"], "optim.perturbation='rank_r' is invalid"),
+        (["optim=lorenza", "optim.zo_microbatches=2"], "optim.zo_microbatches=2 must be in [0"),
+        (["trainer.fused_granularity=layer"], "trainer.fused_granularity='layer' is not one of"),
+        (["optim=lorenza", "optim.zo_buffer_mib=-1"], "optim.zo_buffer_mib=-1.0 is invalid"),
+    ],
+)
+def test_step_settings_are_refused_in_one_line(config, overrides, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        train.check_config(config(*overrides))
+
+
+@pytest.mark.parametrize("k,probes", [(0, 8), (1, 2)])
+def test_zo_microbatches_probes_the_first_k_micro_batches(config, monkeypatch, k, probes):
+    """4 micro-batches: the two probes run on all 4 (8 forwards) or on the first one (2)."""
+    calls = []
+    real = step.loss_fn
+
+    def counting(logits, targets, **kw):
+        if not torch.is_grad_enabled():
+            calls.append(len(targets))
+        return real(logits, targets, **kw)
+
+    monkeypatch.setattr(step, "loss_fn", counting)
+    cfg = config(
+        "optim=lorenza",
+        "optim.rank=16",
+        f"optim.zo_microbatches={k}",
+        "trainer.grad_accum=4",
+        "trainer.batch_size=2",
+        "trainer.max_steps=2",
+        "trainer.eval_every=100",
+        "trainer.save_model=false",
+    )
+    monkeypatch.setattr(train, "evaluate", lambda *a, **kw: 1.0)  # its forwards: not probes
+    train.fit(cfg)
+    assert len(calls) == 2 * probes  # two steps
 
 
 @pytest.mark.parametrize("optim", list(OPTIMIZERS))
