@@ -45,8 +45,9 @@ def test_ssrf_energy_close_to_svd_on_noisy_low_rank(noise, oversample, power_ite
 def test_oversampling_keeps_the_best_rank_r_basis_of_the_larger_sketch():
     """Halko's Alg. 5.1: with p extra sketch columns the r-column basis is the best inside
     the r + p span, so it misses clearly less energy beyond the SVD's than p = 0 (here about
-    a quarter less, averaged over 8 sketches of a slowly decaying spectrum). Keeping the first r columns of qr(Y) would span just what r Gaussian
-    columns span, and miss as much as p = 0: this test fails on that."""
+    a quarter less, averaged over 8 sketches of a slowly decaying spectrum). Keeping the
+    first r columns of qr(Y) would span just what r Gaussian columns span, and miss as much
+    as p = 0: this test fails on that."""
     gen = torch.Generator().manual_seed(2)
     m, n, r = 200, 300, 20
     spectrum = torch.arange(1, m + 1, dtype=torch.float32) ** -0.5  # slowly decaying
