@@ -35,6 +35,7 @@ from lorenza.fused import FusedUpdates
 from lorenza.reduce import GradReducer, bytes_per_step
 from lorenza.schedule import cosine_lr
 from models import Llama, save_hf
+from models.llama import RUNTIME_KEYS
 from trainer.checkpoint import load_checkpoint, resume_path, save_checkpoint
 from trainer.checks import check_config
 from trainer.config import Config, to_config
@@ -78,9 +79,11 @@ from trainer.step import StepParts, evaluate, train_step
 
 
 def run_identity(cfg: Config) -> dict:
-    """What a checkpoint must have been written for to be resumed by this config."""
+    """What a checkpoint must have been written for to be resumed by this config (the model's
+    shape, not how it runs: activation checkpointing and the loss chunk may change)."""
+    model = OmegaConf.to_container(OmegaConf.structured(cfg.model))
     return {
-        "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+        "model": {k: v for k, v in model.items() if k not in RUNTIME_KEYS},
         "optim": cfg.optim.name,
     }
 

@@ -131,11 +131,11 @@ class Run:
             if not torch.is_grad_enabled():  # the probes: forwards only
                 k = self.zo_microbatches or len(micro)
                 with self.autocast:
-                    losses = [loss_fn(self.model(x), y) for x, y in micro[:k]]
+                    losses = [self.model(x, y) for x, y in micro[:k]]
                 return losses[0] if k == 1 else torch.stack(losses).mean()
             for i, (x, y) in enumerate(micro):
                 with self.autocast:
-                    loss = loss_fn(self.model(x), y) / len(micro)
+                    loss = self.model(x, y) / len(micro)
                 if self.hooks is not None:
                     self.hooks.armed = i == len(micro) - 1
                 loss.backward()

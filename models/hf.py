@@ -90,4 +90,5 @@ def load_hf(folder: str | os.PathLike, name: str = "hf") -> Llama:
         k.removeprefix("model."): v for k, v in load_file(str(folder / "model.safetensors")).items()
     }
     model.load_state_dict(state, strict=True, assign=True)
+    model.reset_rotary(model.lm_head.weight.device)
     return model

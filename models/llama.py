@@ -1,6 +1,13 @@
 """The LLaMA decoder used for every experiment: RMSNorm, rotary embeddings, SwiGLU MLP,
 causal SDPA attention and untied input/output embeddings.
 
+``model(ids)`` returns the logits; ``model(ids, targets)`` returns the cross-entropy without
+ever holding float32 logits for the whole batch: the output layer and the loss run over
+chunks of ``loss_chunk`` tokens, each recomputed in the backward (activation checkpointing of
+the chunk), so the float32 logits alive at any time are one chunk's. With
+``activation_checkpointing="block"`` each decoder layer keeps only its input and recomputes
+the rest in the backward.
+
 Module names mirror Hugging Face's ``LlamaForCausalLM`` (``embed_tokens``,
 ``layers.i.self_attn.q_proj``, ``mlp.gate_proj``, ``lm_head`` ...) so that importing or
 exporting weights is a renaming of the top-level prefix only, and so that GaLore's rule for
@@ -16,6 +23,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CHECKPOINTING = ("none", "block")
+RUNTIME_KEYS = ("activation_checkpointing", "loss_chunk")
+"""ModelConfig fields that say how the model runs, not what it is (not part of a checkpoint's
+identity)."""
 
 
 @dataclass
@@ -42,6 +55,14 @@ class ModelConfig:
     """Base of the rotary frequencies."""
     initializer_range: float = 0.02
     """Standard deviation of the normal init of every linear and embedding weight."""
+    activation_checkpointing: str = "none"
+    """``none``, or ``block``: keep only each decoder layer's input and recompute the layer in
+    the backward (about one more forward of compute for far less activation memory). How the
+    model runs, not what it is: it does not change weights, exports or checkpoints."""
+    loss_chunk: int = 4096
+    """Tokens per chunk of the output layer and cross-entropy in ``model(ids, targets)``
+    (float32 logits alive: ``loss_chunk x vocab_size``); 0 = the whole batch at once. Runtime
+    only, like ``activation_checkpointing``."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the key for a shape that cannot build a model."""
@@ -55,6 +76,13 @@ class ModelConfig:
         ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be a positive integer")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(
+                f"model.activation_checkpointing={self.activation_checkpointing!r} is not one of "
+                f"{', '.join(CHECKPOINTING)}"
+            )
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk={self.loss_chunk} must be >= 0 (0: no chunks)")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
@@ -156,24 +184,75 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
+        self.reset_rotary(self.lm_head.weight.device)
+
+    def reset_rotary(self, device: torch.device) -> None:
+        """The rotary tables for every position, computed once rather than in every forward,
+        in float32 like Hugging Face's; buffers that move with the model but are not saved
+        (so a model built on the meta device and loaded with ``assign=True`` calls this)."""
+        head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
+        cos, sin = rotary_tables(
+            self.cfg.max_position_embeddings, head_dim, self.cfg.rope_theta, device
+        )
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """A cast of the model (``.bfloat16()``) keeps the rotary tables in float32."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            self.reset_rotary(self.rope_cos.device)
+        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.initializer_range)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]``; with ``targets``, the next-token cross-entropy
+        instead (``loss_fn``'s value, ``-100`` targets ignored), computed by chunks."""
         t = input_ids.shape[1]
         if t > self.cfg.max_position_embeddings:
             raise ValueError(
                 f"sequence length {t} exceeds max_position_embeddings "
                 f"{self.cfg.max_position_embeddings}"
             )
-        head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
-        cos, sin = rotary_tables(t, head_dim, self.cfg.rope_theta, input_ids.device)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.embed_tokens(input_ids)
+        recompute = self.cfg.activation_checkpointing == "block" and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+            x = (
+                checkpoint(layer, x, cos, sin, use_reentrant=False)
+                if recompute
+                else layer(x, cos, sin)
+            )
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        return self.chunked_loss(x, targets, reduction)
+
+    def chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Cross-entropy of ``lm_head(x)`` over chunks of ``cfg.loss_chunk`` tokens. With grad,
+        each chunk is checkpointed: its logits are recomputed in the backward instead of kept,
+        so float32 logits exist for one chunk at a time (the whole ``[B, T, V]`` is 4.2 GB at
+        128 x 256 x 32000)."""
+        x, targets = x.flatten(0, 1), targets.flatten()
+        size = self.cfg.loss_chunk or len(targets)
+        total = None
+        for xs, ys in zip(x.split(size), targets.split(size), strict=True):
+            if torch.is_grad_enabled():
+                part = checkpoint(self._chunk_loss, xs, ys, use_reentrant=False)
+            else:
+                part = self._chunk_loss(xs, ys)
+            total = part if total is None else total + part
+        if reduction == "sum":
+            return total
+        return total / (targets != -100).sum()
+
+    def _chunk_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss_fn(self.lm_head(x), targets, reduction="sum")
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -190,7 +269,12 @@ class Llama(nn.Module):
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in float32; ``-100`` targets (padding) are ignored."""
+    """Next-token cross-entropy in float32; ``-100`` targets (padding) are ignored. Holds the
+    float32 logits of everything it is given: ``model(ids, targets)`` gives the same value
+    chunk by chunk."""
     return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.flatten(),
+        ignore_index=-100,
+        reduction=reduction,
     )

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import train
-from models import load_hf
+from models import Llama, load_hf
 from tests.conftest import ROOT
-from trainer import step
 from trainer.optimizers import OPTIMIZERS
 
 
@@ -137,14 +136,14 @@ def test_step_settings_are_refused_in_one_line(config, overrides, needle):
 def test_zo_microbatches_probes_the_first_k_micro_batches(config, monkeypatch, k, probes):
     """4 micro-batches: the two probes run on all 4 (8 forwards) or on the first one (2)."""
     calls = []
-    real = step.loss_fn
+    real = Llama.chunked_loss
 
-    def counting(logits, targets, **kw):
+    def counting(self, x, targets, reduction):
         if not torch.is_grad_enabled():
             calls.append(len(targets))
-        return real(logits, targets, **kw)
+        return real(self, x, targets, reduction)
 
-    monkeypatch.setattr(step, "loss_fn", counting)
+    monkeypatch.setattr(Llama, "chunked_loss", counting)
     cfg = config(
         "optim=lorenza",
         "optim.rank=16",

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lorenza.fused import FusedUpdates, clip_per_param_
 from lorenza.sharded import full
-from models import Llama, loss_fn
+from models import Llama
 from trainer.config import Config
 from trainer.distributed import (
     CommCounter,
@@ -32,8 +32,7 @@ def evaluate(model: Llama, batches, autocast, device: torch.device, reduce: bool
     total, count = 0.0, 0
     for x, y in batches:
         with autocast:
-            logits = model(x)
-        total += loss_fn(logits, y, reduction="sum").item()
+            total += model(x, y, reduction="sum").item()
         count += int((y != -100).sum())
     model.train(was_training)
     if reduce:
@@ -76,8 +75,7 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
         for x, y in micro[:k]:
             rows = max(1, math.ceil(cfg.optim.zo_batch_fraction * len(x)))
             with parts.autocast:
-                logits = forward(x[:rows])
-            loss = loss_fn(logits, y[:rows]).detach()
+                loss = forward(x[:rows], y[:rows]).detach()
             total = loss if total is None else total + loss
         return mean_tensor_over_ranks(total / min(k, len(micro)))
 
@@ -97,8 +95,7 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
                 model.set_requires_gradient_sync(last)
             with sync:
                 with parts.autocast:
-                    logits = forward(x)
-                loss = loss_fn(logits, y) / t.grad_accum
+                    loss = forward(x, y) / t.grad_accum
                 total += mean_over_ranks(loss)
                 if not math.isfinite(total):
                     return total
