@@ -42,7 +42,6 @@ from trainer.config import Config, to_config
 from trainer.distributed import (
     CommCounter,
     Ranks,
-    any_rank,
     barrier,
     broadcast_from_main,
     check_replicas,
@@ -247,7 +246,9 @@ def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) ->
             tuple(v.to(device, non_blocking=True) for v in next(batches))
             for _ in range(t.grad_accum)
         ]
-        step_parts = StepParts(model, ddp, optimizer, hooks, autocast, comm)
+        step_parts = StepParts(
+            model, ddp, optimizer, hooks, autocast, comm, stops.received is not None
+        )
         loss_sum = train_step(cfg, step_parts, micro, per_param_clip)
         done = step + 1
         if not math.isfinite(loss_sum):
@@ -276,13 +277,17 @@ def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) ->
                 **({"allreduce_bytes": sent, "allreduce_bytes_full": full} if comm.counts else {}),
                 skipped=skipped,
                 skipped_lines=loader.skipped_lines,
-                **({"grad_norm": step_parts.grad_norm} if step_parts.grad_norm else {}),
+                **(
+                    {"grad_norm": float(step_parts.grad_norm)}
+                    if step_parts.grad_norm is not None
+                    else {}
+                ),
             )
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             window_start, window_tokens = time.perf_counter(), 0
         if done % t.eval_every == 0 or done == t.max_steps:
             val_loss = eval_and_log(done)
-        stop = any_rank(stops.received is not None, device)  # all ranks stop together
+        stop = step_parts.stop  # agreed by every rank in the step's one read
         if (t.save_every and done % t.save_every == 0) or done == t.max_steps or stop:
             save(done, skipped)
         if stop and done < t.max_steps:

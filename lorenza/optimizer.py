@@ -566,7 +566,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
             return {"rho": rho, "moved": False}
         grads = [p.grad for p in params]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        eps = torch._foreach_mul(grads, rho / (norm + 1e-12))
+        # a non-finite gradient gives ε = 0 (decided on the device; the step is then skipped)
+        ok = torch.isfinite(norm)
+        eps = [torch.where(ok, e, 0.0) for e in torch._foreach_mul(grads, rho / (norm + 1e-12))]
         torch._foreach_add_(params, eps)
         for p in params:
             p.grad = None

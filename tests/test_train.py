@@ -6,15 +6,21 @@ import math
 import re
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
+from lorenza import module_blocks
+from lorenza.fused import FusedUpdates
 from models import Llama, load_hf
 from tests.conftest import ROOT
-from trainer.optimizers import OPTIMIZERS
+from trainer.distributed import CommCounter
+from trainer.optimizers import OPTIMIZERS, build_optimizer
+from trainer.step import StepParts, train_step
 
 
 def read_metrics(run_dir):
@@ -191,3 +197,50 @@ def test_optimizer_arguments_are_checked_against_the_model(tmp_path):
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "optim.rank=200 is invalid: must be an integer in [1, 128]" in proc.stderr
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values into Python: ``.item()``/``float()``/``bool()``
+    (``_local_scalar_dense``) and copies to the CPU (``_to_copy`` to device cpu)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default or (
+            func is torch.ops.aten._to_copy.default and str(kwargs.get("device")) == "cpu"
+        ):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "optim,fused,clip",
+    [("lorenza", "true", "per_param"), ("adamw", "false", "global"), ("sam", "false", "global")],
+)
+def test_a_training_step_reads_the_device_once(config, optim, fused, clip):
+    """Losses, the non-finite test, the stop votes and the clip norm stay on the device; a
+    steady-state step (2 micro-batches) reads it once, before its last backward."""
+    cfg = config(
+        f"optim={optim}",
+        "optim.rank=16",
+        "optim.update_gap=100",
+        "trainer.grad_accum=2",
+        f"trainer.fused={fused}",
+        f"trainer.grad_clip_mode={clip}",
+    )
+    cfg.model.vocab_size = cfg.data.vocab_size
+    torch.manual_seed(0)
+    model = Llama(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    hooks = FusedUpdates(optimizer, 1.0, blocks=module_blocks(model)) if fused == "true" else None
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 4, 33))
+    micro = [(ids[i, :, :-1], ids[i, :, 1:]) for i in range(2)]
+    parts = StepParts(model, None, optimizer, hooks, nullcontext(), CommCounter(None, None))
+    for _ in range(2):  # step 0 refreshes the bases (one more read, every update_gap steps)
+        train_step(cfg, parts, micro, per_param_clip=clip == "per_param")
+    with HostReads() as reads:
+        loss = train_step(cfg, parts, micro, per_param_clip=clip == "per_param")
+    assert math.isfinite(loss) and reads.count == 1

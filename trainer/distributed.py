@@ -76,38 +76,34 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """The mean of a scalar over the ranks, as a Python float (the value itself alone)."""
-    value = value.detach()
+def to_host(values: torch.Tensor) -> list:
+    """The device values as Python numbers: one copy to the host (and, on a GPU, one wait
+    for the queue). Everything the training step reads from the device goes through here
+    or ``.item()``, so a test can count the reads."""
+    return values.to("cpu", copy=True).tolist()
+
+
+def sum_tensor_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over the ranks, left on the device (queued behind the work that
+    produces ``value``; the host does not wait)."""
     if current().enabled:
-        value = value.float().reshape(1).clone()
+        value = value.clone()
         dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
+    return value
 
 
 def mean_tensor_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a scalar over the ranks, left on the device: with NCCL the all-reduce is
-    queued behind the work that produces ``value`` and the host does not wait for it."""
-    if not current().enabled:
-        return value
-    value = value.float().reshape(1).clone()
-    dist.all_reduce(value)
-    return (value / dist.get_world_size()).reshape(())
+    """The mean of a scalar over the ranks, left on the device (see ``sum_tensor_over_ranks``)."""
+    return sum_tensor_over_ranks(value.float().reshape(1)).reshape(()) / current().world
 
 
-def sum_over_ranks(*values: float, device: torch.device) -> list[float]:
-    """Element-wise sums over the ranks, in float64."""
-    if not current().enabled:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any."""
-    return sum_over_ranks(float(flag), device=device)[0] > 0
+def read_step_stats(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+    """A step's one read of the device: ``loss`` (this rank's) averaged over the ranks, and
+    whether any rank asked to stop, all-reduced together, so every rank takes the same
+    decisions (skip a non-finite step, stop after this one) from one collective."""
+    stats = torch.stack([loss.float().reshape(()), torch.tensor(float(stop), device=loss.device)])
+    mean, stops = to_host(sum_tensor_over_ranks(stats))
+    return mean / current().world, stops > 0
 
 
 def broadcast_from_main(obj):

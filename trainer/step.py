@@ -17,26 +17,29 @@ from models import Llama
 from trainer.config import Config
 from trainer.distributed import (
     CommCounter,
-    mean_over_ranks,
     mean_tensor_over_ranks,
-    sum_over_ranks,
+    read_step_stats,
+    sum_tensor_over_ranks,
+    to_host,
 )
 
 
 @torch.no_grad()
 def evaluate(model: Llama, batches, autocast, device: torch.device, reduce: bool = True) -> float:
     """Token-weighted mean validation loss over a fixed set of batches (with ``reduce``, each
-    rank evaluates its share of them and the sums are added over the ranks)."""
+    rank evaluates its share of them and the sums are added over the ranks); the sums stay
+    on the device and are read once."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in batches:
         with autocast:
-            total += model(x, y, reduction="sum").item()
-        count += int((y != -100).sum())
+            sums[0] += model(x, y, reduction="sum").double()
+        sums[1] += (y != -100).sum()
     model.train(was_training)
     if reduce:
-        total, count = sum_over_ranks(total, count, device=device)
+        sums = sum_tensor_over_ranks(sums)
+    total, count = to_host(sums)
     return total / count
 
 
@@ -51,15 +54,24 @@ class StepParts:
     hooks: FusedUpdates | None
     autocast: AbstractContextManager
     comm: CommCounter
-    grad_norm: float | None = None
-    """The global gradient norm before clipping (unfused global clipping only)."""
+    stop_requested: bool = False
+    """A stop signal reached this process (its vote for stopping after this step)."""
+    stop: bool = False
+    """Set by the step: some rank asked to stop (every rank sees the same)."""
+    grad_norm: torch.Tensor | None = None
+    """The global gradient norm before clipping (unfused global clipping only), left on the
+    device: read it when logging."""
 
 
 def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool) -> float:
     """One update from the micro-batches ``micro``: the sharpness-aware perturbation (if any),
     forward/backward, clipping, update. Returns the mean loss (over micro-batches and ranks);
-    when it is not finite no update is made (and no backward is run from the bad micro-batch
-    on) -- on every rank alike, since they all see the same mean."""
+    when it is not finite no update is made (the last micro-batch's backward, which updates
+    in fused mode, is not run) -- on every rank alike, since they all see the same mean.
+
+    The step reads the device once, right before the last backward: the summed loss and the
+    ranks' stop votes, all-reduced together (``read_step_stats``). Nothing else waits for
+    the device, so a GPU's queue runs ahead of Python for the whole step."""
     t = cfg.trainer
     model, ddp, optimizer, hooks = parts.model, parts.ddp, parts.optimizer, parts.hooks
     forward = ddp or model
@@ -86,7 +98,8 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
         micro-batch's backward, as ``optimizer.phase`` says (update, refresh, or nothing)."""
         if not torch.is_grad_enabled():
             return probe()
-        total = 0.0
+        update = getattr(optimizer, "phase", "update") == "update"
+        total, mean = None, None
         for i, (x, y) in enumerate(micro):
             last = i == len(micro) - 1
             # DDP and FSDP average gradients on the last micro-batch's backward only
@@ -96,15 +109,18 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
             with sync:
                 with parts.autocast:
                     loss = forward(x, y) / t.grad_accum
-                total += mean_over_ranks(loss)
-                if not math.isfinite(total):
-                    return total
+                total = loss.detach() if total is None else total + loss.detach()
+                if last and update:  # the step's one read of the device
+                    mean, parts.stop = read_step_stats(total, parts.stop_requested)
+                    if not math.isfinite(mean):
+                        return mean
                 if hooks is not None:
                     hooks.armed = last
                 loss.backward()
                 if ddp is not None and last:
                     parts.comm.synced_backward()
-        return total
+        # an extra backward of the optimizer's (SAM's ascent, a refresh): its loss stays put
+        return mean if update else mean_tensor_over_ranks(total)
 
     optimizer.perturb(closure)  # moves W to W + ε for SAM-type optimizers, else nothing
     loss = closure()
@@ -118,9 +134,7 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
     if per_param_clip:
         clip_per_param_([p.grad for p in model.parameters() if p.grad is not None], t.grad_clip)
     elif t.grad_clip > 0:
-        parts.grad_norm = float(
-            full(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-        )
+        parts.grad_norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
