@@ -54,10 +54,12 @@ from trainer.distributed import (
 from trainer.metrics import (
     MFU_FORMULA,
     MetricsLog,
+    compile_stats,
     git_version,
     peak_memory,
     peak_tflops,
     plot_losses,
+    update_run_info,
 )
 from trainer.optimizers import build_optimizer, is_fused
 from trainer.preemption import (
@@ -110,6 +112,9 @@ def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) ->
     tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.path)
     cfg.model.vocab_size = cfg.data.vocab_size  # the embedding holds every tokenizer piece
     model = Llama(cfg.model).to(device)
+    compiled = t.compile if t.compile is not None else device.type == "cuda"
+    if compiled:  # before any wrapping: DDP and FSDP2 then wrap compiled layers
+        model.compile_layers(t.compile_backend)
     sharded = cfg.dist.fsdp and ranks.enabled
     if sharded:
         shard_model(model)
@@ -186,6 +191,7 @@ def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) ->
                     "world_size": ranks.world,
                     "params": model.num_params(),
                     "fused": fused and t.fused_granularity,
+                    "compile": compiled and t.compile_backend,
                     "flops_per_token": flops_per_token,
                     "allreduce_bytes_per_step": bytes_per_step(optimizer),
                     "peak_tflops": peak,
@@ -284,6 +290,8 @@ def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) ->
                 ),
             )
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if compiled and ranks.is_main:  # compiling happens in the first steps (and evals)
+                update_run_info(run_dir, **compile_stats())
             window_start, window_tokens = time.perf_counter(), 0
         if done % t.eval_every == 0 or done == t.max_steps:
             val_loss = eval_and_log(done)

@@ -20,7 +20,6 @@ import argparse
 import io
 import os
 import platform
-import re
 import sys
 import time
 
@@ -37,14 +36,18 @@ WORLD_SIZES = (1, 8, 64)
 
 
 def trained_tokens_per_s(section: str, precision: str) -> int:
-    """llama_60m tokens/s in a `bench.throughput` section of RESULTS.md."""
-    text = RESULTS.read_text().split(f"<!-- {section} -->")[1]
-    row = re.search(
-        rf"^\| llama_60m \| [^|]+ \| {precision} \|(?:[^|]+\|){{2}} ([\d,]+) \|", text, re.M
-    )
-    if row is None:
-        raise SystemExit(f"no llama_60m {precision} row in {section}: run bench.throughput")
-    return int(row[1].replace(",", ""))
+    """llama_60m AdamW tokens/s (eager, no checkpointing) in a `bench.throughput` section of
+    RESULTS.md, found by column name (older sections have fewer columns)."""
+    text = RESULTS.read_text().split(f"<!-- {section} -->")[1].split(f"<!-- /{section} -->")[0]
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    want = {"model": "llama_60m", "precision": precision, "optimizer": "adamw", "compiled": "no"}
+    want["checkpointing"] = "none"
+    for line in lines[2:]:
+        row = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        if all(row.get(k, v) == v for k, v in want.items()):
+            return int(row["tokens/s"].replace(",", ""))
+    raise SystemExit(f"no llama_60m {precision} row in {section}: run bench.throughput")
 
 
 def tokenizer_rate(tokenizer: Tokenizer | spm.SentencePieceProcessor, docs: list[str]) -> float:

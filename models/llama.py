@@ -254,6 +254,16 @@ class Llama(nn.Module):
     def _chunk_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return loss_fn(self.lm_head(x), targets, reduction="sum")
 
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """``torch.compile`` each decoder layer's forward and the loss chunk, in place:
+        parameter names, state dicts, hooks and FSDP2/DDP wrapping stay as they are, and all
+        layers share one compiled graph (their parameters are graph inputs). Per layer rather
+        than whole-model, as torchtitan does, so that activation checkpointing and FSDP2's
+        per-layer units wrap compiled code."""
+        for layer in self.layers:
+            layer.forward = torch.compile(layer.forward, backend=backend)
+        self._chunk_loss = torch.compile(self._chunk_loss, backend=backend)
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embeddings else n

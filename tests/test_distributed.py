@@ -51,6 +51,7 @@ def case_overrides(name: str, fused: str, fsdp: str) -> list[str]:
 
 # (optimizer, trainer.fused, dist.fsdp): DDP unfused, own hooks fused, FSDP2 (unfused)
 CASES = [(o, f, s) for o in ("adamw", "galore", "lorenza") for f, s in FSDP_OR_NOT]
+COMPILED = [i for i, case in enumerate(CASES) if case[0] == "lorenza"]
 
 
 def torchrun(*args, nproc=2, timeout=600):
@@ -97,7 +98,11 @@ def two_process_runs(tmp_path_factory):
         [*SMALL_RUN, *RUN, *TWO_PROCS, f"optim={name}", "trainer.grad_clip=0", lowrank]
         for lowrank in ("dist.lowrank_allreduce=false", "dist.lowrank_allreduce=true")
         for name in LOWRANK
-    ]
+    ] + [  # the lorenza cases again, compiled
+        [*SMALL_RUN, *RUN, *TWO_PROCS, *case_overrides(*CASES[case]), f"dist.fsdp={CASES[case][2]}",
+         "trainer.compile=true", "trainer.compile_backend=aot_eager"]
+        for case in COMPILED
+    ]  # fmt: skip
     out = torchrun("tests/distributed_fit.py", str(root), json.dumps(runs))
     assert out.returncode == 0, out.stderr[-3000:]
     return root
@@ -129,6 +134,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(case, two_process_ru
     if fsdp == "false":  # replicas: the trainer also refuses to go on if they differ
         digests = state2["replica_digests"]
         assert len(digests) == 2 and digests[0] == digests[1]
+
+
+@pytest.mark.parametrize(
+    "case", COMPILED, ids=[f"fused={CASES[c][1]}-fsdp={CASES[c][2]}" for c in COMPILED]
+)
+def test_compiled_layers_train_as_eager_under_ddp_hooks_and_fsdp(case, two_process_runs):
+    """torch.compile (aot_eager: the same tracing as inductor, no code generation) with DDP,
+    the fused hooks' own averaging and FSDP2: the weights and losses of the eager run."""
+    compiled = len(CASES) + 2 * len(LOWRANK) + COMPILED.index(case)
+    w_eager, _, rows_eager = final(two_process_runs / str(case))
+    w_compiled, state, rows_compiled = final(two_process_runs / str(compiled))
+    assert max_relative_difference(w_eager, w_compiled) <= 1e-5
+    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (rows_eager, rows_compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", LOWRANK)

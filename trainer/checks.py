@@ -44,6 +44,11 @@ def check_config(cfg: Config) -> None:
     one_of("trainer.grad_clip_mode", cfg.trainer.grad_clip_mode, CLIP_MODES)
     one_of("trainer.on_nonfinite", cfg.trainer.on_nonfinite, NONFINITE)
     one_of("trainer.fused_granularity", cfg.trainer.fused_granularity, GRANULARITIES)
+    if cfg.trainer.compile is not False:
+        import torch._dynamo
+
+        backends = tuple(torch._dynamo.list_backends(exclude_tags=()))
+        one_of("trainer.compile_backend", cfg.trainer.compile_backend, backends)
     check_writable(Path(cfg.trainer.run_dir))
     if is_fused(cfg) and cfg.trainer.grad_clip > 0 and cfg.trainer.grad_clip_mode == "global":
         raise ValueError(

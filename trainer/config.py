@@ -101,6 +101,12 @@ class TrainerConfig:
     gradients: one block's) or ``param`` (one per parameter; live gradients: one matrix's)."""
     precision: str = "fp32"
     """``fp32``, or ``bf16`` autocast (float32 master weights and optimizer states)."""
+    compile: bool | None = None
+    """``torch.compile`` each decoder layer and the loss chunk (``Llama.compile_layers``);
+    ``null`` = on for CUDA, off on the CPU (where the first step compiles for minutes)."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend: ``inductor``, or ``aot_eager`` (traces, no code
+    generation: for checking that compilation works, fast)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
     eval_every: int = 100

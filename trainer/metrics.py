@@ -16,6 +16,30 @@ from trainer.config import Config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def compile_stats() -> dict:
+    """Seconds spent compiling so far (dynamo's own timers: tracing and code generation of
+    the forward graphs, and of the backward graphs compiled at their first call) and the
+    number of distinct graphs compiled."""
+    import torch._dynamo.utils as dynamo
+
+    times = dynamo.compilation_time_metrics
+    seconds = sum(times.get("_compile.compile_inner", [])) + sum(
+        times.get("compile_fx.<locals>.bw_compiler", [])
+    )
+    return {
+        "compile_seconds": round(seconds, 2),
+        "compiled_graphs": int(dynamo.counters["stats"]["unique_graphs"]),
+    }
+
+
+def update_run_info(run_dir: Path, **fields) -> None:
+    """Add or replace ``fields`` in ``run_dir/run_info.json``."""
+    path = run_dir / "run_info.json"
+    info = json.loads(path.read_text())
+    if any(info.get(k) != v for k, v in fields.items()):
+        path.write_text(json.dumps({**info, **fields}, indent=2))
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl`` (one JSON object per logged step), mirrored to wandb."""
 
