@@ -53,8 +53,15 @@ def check_shards(files: Iterable[Path]) -> None:
 class LocalShards:
     """The training view of local shards for one reader: blocks of raw lines, and their text.
 
-    Every reader walks every line (gzip must be decompressed in order anyway), but parses and
-    tokenizes only the documents it owns: `share` = (this reader, number of readers).
+    Readers split the shards as the Hub source does. With at least as many shards as readers
+    (C4 has 1024), reader r owns whole shards -- files[r], files[r + R], ... of the sorted
+    list -- and reads only those: nothing is decompressed twice, and each reader's supply
+    does not shrink as readers are added. An epoch of a reader covers each of its documents
+    once, and the readers' shards together are the corpus, each document in exactly one of
+    them (when R does not divide the shard count, readers with one shard fewer start their
+    next epoch sooner). With fewer shards than readers, every reader walks every line (gzip
+    must be decompressed in order anyway) and parses and tokenizes only the documents it
+    owns: `share` = (this reader, number of readers).
 
     An unparsable line (bad JSON, bad UTF-8, no string `text`) is skipped, not fatal: one
     corrupt line in a 356k-document C4 shard should not kill a days-long run. It is not
@@ -64,8 +71,11 @@ class LocalShards:
     """
 
     def __init__(self, files: list[Path], reader: int = 0, num_readers: int = 1) -> None:
-        self.files = files
-        self.share = (reader, num_readers)
+        self.whole_shards = len(files) >= num_readers
+        if self.whole_shards:
+            self.files, self.share = files[reader::num_readers], (0, 1)
+        else:
+            self.files, self.share = files, (reader, num_readers)
         self._warned: set[Path] = set()
 
     def blocks(

@@ -183,3 +183,39 @@ def test_data_configs_load_and_validate(monkeypatch, name, error):
     else:
         with pytest.raises(ValueError, match=re.escape(error)):
             cfg.validate()
+
+
+@pytest.fixture
+def four_shards(tmp_path, monkeypatch):
+    """40 numbered documents in four train shards."""
+    monkeypatch.setattr(stream, "SHUFFLE_BLOCK", 8)
+    docs = [{"text": f"Document number {i} says hello.", "url": f"{i}"} for i in range(40)]
+    for shard in range(4):
+        write_shard(tmp_path / f"c4-train.{shard:05d}-of-00004.json.gz", docs[shard::4])
+    write_shard(tmp_path / "c4-validation.00000-of-00001.json.gz", docs[:4])
+    return tmp_path
+
+
+@pytest.mark.parametrize("readers", [2, 3, 4])
+def test_readers_take_whole_shards_when_there_are_enough(four_shards, tokenizer, readers):
+    """4 shards, 2-4 readers: each reader opens only its own shards, its epoch reads each of
+    their documents once, and together the readers read every document exactly once."""
+    files = shard_files(four_shards, "train")
+    sources = [LocalShards(files, r, readers) for r in range(readers)]
+    assert all(s.whole_shards for s in sources)
+    assert sorted(f for s in sources for f in s.files) == files
+    epochs = [first_epoch(s, tokenizer) for s in sources]
+    shard_of = {i: files[i % 4] for i in range(40)}  # document i is in shard i mod 4
+    for source, docs in zip(sources, epochs, strict=True):
+        numbers_read = [int(re.search(r"number (\d+)", d)[1]) for d in docs]
+        assert {shard_of[n] for n in numbers_read} == set(source.files)
+        assert len(numbers_read) == len(set(numbers_read))
+    read = sorted(int(re.search(r"number (\d+)", d)[1]) for docs in epochs for d in docs)
+    assert read == list(range(40))
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_whole_shard_readers_resume_exactly(four_shards, tokenizer, workers):
+    """2 or 4 readers over 4 shards (whole shards each), resumed across an epoch."""
+    cfg = DataConfig(path=str(four_shards), seq_len=16, packing=False, num_workers=workers)
+    assert_resume_is_exact(cfg, tokenizer, n=30, k=11)
