@@ -9,8 +9,9 @@ Sharding. There are R = world_size × workers readers; worker w of rank r is rea
 r × workers + w. With at least as many shards as readers each reader owns whole shards and
 reads only those (data/shards.py, data/hub.py). Otherwise document d of an epoch (counted in
 that shuffled order) belongs to reader d mod R, so every document is read exactly once per
-epoch, and the union of the readers is the one-reader stream. Each reader tokenizes and packs its own documents and yields whole batches; the
-DataLoader takes batches from its workers round-robin.
+epoch, and the union of the readers is the one-reader stream. Each reader tokenizes and
+packs its own documents and yields whole batches; the DataLoader takes batches from its
+workers round-robin.
 
 Position. A reader's state after each batch is exact and JSON-ready (`ReaderState`); workers send
 it with every batch, and the loader keeps the latest one per worker and which worker comes

@@ -107,12 +107,14 @@ def bnb_adam_update(
         )
 
 
-def adam_directions(
+def adam_moments(
     states: list[dict], grads: list[torch.Tensor], beta1: float, beta2: float, eps: float
 ) -> list[torch.Tensor]:
-    """32-bit ``adam_direction`` for many tensors at once, with multi-tensor ops (one kernel
-    launch per op on CUDA for the whole list): advances the moments and returns each ``N``.
-    The step factors are the caller's (they depend only on each tensor's step count)."""
+    """Advance the 32-bit moments of many tensors at once, with multi-tensor ops (one kernel
+    launch per op on CUDA for the whole list), and return the denominators
+    ``sqrt(v) + eps``: ``N = m / denominator``. A full-rank update applies it with
+    ``_foreach_addcdiv_`` and never holds ``N`` (one temporary the size of the parameters,
+    not two). The step factors are the caller's (they depend only on each step count)."""
     ms = [s["exp_avg"] for s in states]
     vs = [s["exp_avg_sq"] for s in states]
     torch._foreach_mul_(ms, beta1)
@@ -121,7 +123,16 @@ def adam_directions(
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
     denom = torch._foreach_sqrt(vs)
     torch._foreach_add_(denom, eps)
-    return torch._foreach_div(ms, denom)
+    return denom
+
+
+def adam_directions(
+    states: list[dict], grads: list[torch.Tensor], beta1: float, beta2: float, eps: float
+) -> list[torch.Tensor]:
+    """32-bit ``adam_direction`` for many tensors at once: advances the moments and returns
+    each ``N`` (``adam_moments``)."""
+    denom = adam_moments(states, grads, beta1, beta2, eps)
+    return torch._foreach_div([s["exp_avg"] for s in states], denom)
 
 
 def adam_direction(

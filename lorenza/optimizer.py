@@ -53,7 +53,14 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from lorenza.adam import BITS, adam_direction, adam_directions, bnb_adam_update, init_moments
+from lorenza.adam import (
+    BITS,
+    adam_direction,
+    adam_directions,
+    adam_moments,
+    bnb_adam_update,
+    init_moments,
+)
 from lorenza.projector import (
     PROJECTIONS,
     apply_back_,
@@ -374,12 +381,16 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 )
             return
         grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in ps]
-        ns = adam_directions([self.state[p] for p in ps], grads, beta1, beta2, eps)
+        states = [self.state[p] for p in ps]
+        denom = adam_moments(states, grads, beta1, beta2, eps)
         for t, idx in _by_value(steps).items():
             factor = math.sqrt(1 - beta2**t) / (1 - beta1**t)
-            targets = [ps[i] for i in idx]
-            updates = [ns[i] if ns[i].dtype == ps[i].dtype else ns[i].to(ps[i].dtype) for i in idx]
-            torch._foreach_add_(targets, updates, alpha=-lr * factor)
+            torch._foreach_addcdiv_(
+                [ps[i] for i in idx],
+                [states[i]["exp_avg"] for i in idx],
+                [denom[i] for i in idx],
+                value=-lr * factor,
+            )
 
     def _update_lowrank(
         self,
