@@ -26,6 +26,9 @@ test: install  ## the CPU test suite
 bench: install  ## CPU benchmarks (~1 h); tables go to bench/RESULTS.md; GPU: bench/gpu_checks.sh, bench/gpu_speed.sh
 	$(PY) -m bench.unigram
 	$(PY) -m bench.throughput --models llama_tiny llama_60m
+	$(PY) -m bench.throughput --models llama_tiny llama_60m --optims adamw lorenza --precisions fp32 --compile both --steps 3 --section throughput-cpu-compile
+	$(PY) -m bench.throughput --models llama_350m --optims adamw lorenza --precisions fp32 --checkpointing none block --steps 2 --warmup 1 --section throughput-cpu-checkpointing
+	$(PY) -m bench.loss_memory --tokens 4096 8192 16384
 	$(PY) -m bench.ssrf
 	$(PY) -m bench.state_bytes
 	$(PY) -m bench.op_count --model llama_60m

@@ -32,16 +32,22 @@ def tokenizer():
     return load_tokenizer("sample", 8000, SAMPLE)
 
 
-@pytest.fixture
-def numbered(tmp_path, monkeypatch):
-    """40 short documents "Document number i ..." in two train shards, shuffled in blocks of
-    8 so that an epoch has several blocks."""
+def numbered_corpus(folder, monkeypatch, shards: int):
+    """40 short documents "Document number i ..." (document i in shard i mod ``shards``),
+    shuffled in blocks of 8 so that an epoch has several blocks."""
     monkeypatch.setattr(stream, "SHUFFLE_BLOCK", 8)
     docs = [{"text": f"Document number {i} says hello.", "url": f"{i}"} for i in range(40)]
-    for shard in range(2):
-        write_shard(tmp_path / f"c4-train.{shard:05d}-of-00002.json.gz", docs[shard::2])
-    write_shard(tmp_path / "c4-validation.00000-of-00001.json.gz", docs[:4])
-    return tmp_path
+    for shard in range(shards):
+        name = f"c4-train.{shard:05d}-of-{shards:05d}.json.gz"
+        write_shard(folder / name, docs[shard::shards])
+    write_shard(folder / "c4-validation.00000-of-00001.json.gz", docs[:4])
+    return folder
+
+
+@pytest.fixture
+def numbered(tmp_path, monkeypatch):
+    """The numbered corpus in two train shards."""
+    return numbered_corpus(tmp_path, monkeypatch, 2)
 
 
 @pytest.fixture
@@ -187,13 +193,8 @@ def test_data_configs_load_and_validate(monkeypatch, name, error):
 
 @pytest.fixture
 def four_shards(tmp_path, monkeypatch):
-    """40 numbered documents in four train shards."""
-    monkeypatch.setattr(stream, "SHUFFLE_BLOCK", 8)
-    docs = [{"text": f"Document number {i} says hello.", "url": f"{i}"} for i in range(40)]
-    for shard in range(4):
-        write_shard(tmp_path / f"c4-train.{shard:05d}-of-00004.json.gz", docs[shard::4])
-    write_shard(tmp_path / "c4-validation.00000-of-00001.json.gz", docs[:4])
-    return tmp_path
+    """The numbered corpus in four train shards."""
+    return numbered_corpus(tmp_path, monkeypatch, 4)
 
 
 @pytest.mark.parametrize("readers", [2, 3, 4])

@@ -276,6 +276,7 @@ def _ranks_draw(rank: int, init_file: str, out: str) -> None:
     dist.all_gather(gathered, flat)
     if rank == 0:
         torch.save(gathered, out)
+    dist.barrier()  # without it gloo aborts one rank at exit now and then (ENVIRONMENT.md)
     dist.destroy_process_group()
 
 
