@@ -14,7 +14,8 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, closing, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -24,19 +25,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import (
+    ResumableLoader,
     Tokenizer,
     TokenizerUnavailable,
     build_train_loader,
     load_tokenizer,
     validation_batches,
 )
-from lorenza import module_blocks
+from lorenza import SubspaceAdamW, module_blocks
 from lorenza.fused import FusedUpdates
 from lorenza.reduce import GradReducer, bytes_per_step
 from lorenza.schedule import cosine_lr
 from models import Llama, save_hf
 from models.llama import RUNTIME_KEYS
-from trainer.checkpoint import load_checkpoint, resume_path, save_checkpoint
+from trainer.checkpoint import load_checkpoint, read_state, resume_path, save_checkpoint
 from trainer.checks import check_config
 from trainer.config import Config, to_config
 from trainer.distributed import (
@@ -48,8 +50,10 @@ from trainer.distributed import (
     current,
     gather_to_all,
     init_distributed,
+    on_main,
     pick_device,
     shutdown,
+    to_host,
 )
 from trainer.metrics import (
     MFU_FORMULA,
@@ -69,6 +73,8 @@ from trainer.preemption import (
     StopRequests,
     TrainingStopped,
 )
+from trainer.run_dir import RunLock, check_fresh
+from trainer.settings import compare_settings, flat_config
 from trainer.sharding import (
     full_model_state,
     full_optimizer_state,
@@ -81,7 +87,8 @@ from trainer.step import StepParts, evaluate, train_step
 
 def run_identity(cfg: Config) -> dict:
     """What a checkpoint must have been written for to be resumed by this config (the model's
-    shape, not how it runs: activation checkpointing and the loss chunk may change)."""
+    shape, not how it runs: activation checkpointing and the loss chunk may change). Kept
+    for checkpoints written before the whole config was stored in them."""
     model = OmegaConf.to_container(OmegaConf.structured(cfg.model))
     return {
         "model": {k: v for k, v in model.items() if k not in RUNTIME_KEYS},
@@ -89,28 +96,202 @@ def run_identity(cfg: Config) -> dict:
     }
 
 
-def fit(cfg: Config, tokenizer: Tokenizer | None = None, stops: StopRequests | None = None) -> dict:
+@dataclass
+class Start:
+    """What the checks before any work found: the tokenizer, the checkpoint to resume (if
+    any) with the settings changed since it was written, and the run folder's lock."""
+
+    tokenizer: Tokenizer
+    checkpoint: Path | None = None
+    changes: dict = field(default_factory=dict)
+    lock: RunLock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Start:
+    """Everything a user can get wrong, found before any work and raised as one line
+    (``ValueError``, ``FileNotFoundError``, ``TokenizerUnavailable``): the config, the
+    tokenizer, the run folder (an earlier run's checkpoints without ``trainer.resume``,
+    another job's lock) and the checkpoint to resume (missing, damaged, other settings).
+    Every rank calls it and raises rank 0's error."""
+    check_config(cfg)
+    cfg.model.vocab_size = cfg.data.vocab_size  # the embedding holds every tokenizer piece
+    ranks = current()
+    tokenizer = tokenizer or load_tokenizer_in_turn(cfg, ranks)
+    run_dir, t = Path(cfg.trainer.run_dir), cfg.trainer
+    lock = RunLock(run_dir) if ranks.is_main else None
+
+    def claim() -> tuple[Path | None, dict]:
+        check_fresh(run_dir, t.resume)
+        lock.acquire()
+        try:
+            checkpoint = resume_path(t.resume, run_dir)
+            return checkpoint, resume_changes(cfg, checkpoint, ranks.world)
+        except ValueError:
+            lock.release()
+            raise
+
+    checkpoint, changes = on_main(claim)
+    return Start(tokenizer, checkpoint, changes, lock)
+
+
+def resume_changes(cfg: Config, checkpoint: Path | None, world: int) -> dict:
+    """The settings this run changes from ``checkpoint``'s (``{key: [old, new]}``); refuses
+    in one line, listing them all, changes of what shapes the state or the optimizer's
+    meaning (``trainer.settings``), and a data position it cannot continue."""
+    if checkpoint is None:
+        return {}
+    state = read_state(checkpoint)
+    if "config" not in state:  # written before checkpoints held their config
+        for key, value in run_identity(cfg).items():
+            if state[key] != value:
+                raise ValueError(f"checkpoint {checkpoint} was written for {key}={state[key]}")
+        return {}
+    refused, changes = compare_settings(state["config"], flat_config(cfg))
+    if refused:
+        raise ValueError(
+            f"cannot resume {checkpoint} with other settings of the model, optimizer or data "
+            f"({'; '.join(refused)}): use the checkpoint's values, or start a new run"
+        )
+    if cfg.trainer.resume_data:
+        saved = state["data"][0]
+        if len(state["data"]) != world or saved["num_workers"] != cfg.data.num_workers:
+            raise ValueError(
+                f"checkpoint {checkpoint} holds the data positions of {len(state['data'])} "
+                f"processes x {saved['num_workers']} data.num_workers, this run has {world} "
+                f"x {cfg.data.num_workers}: resume with as many, or with "
+                f"trainer.resume_data=false to start the data stream afresh"
+            )
+    changes.pop("trainer.resume", None)  # resuming is the point
+    return changes
+
+
+def fit(
+    cfg: Config,
+    tokenizer: Tokenizer | None = None,
+    stops: StopRequests | None = None,
+    start: Start | None = None,
+) -> dict:
     """Train as ``cfg`` says; returns the final metrics. Raises ``ValueError`` on a bad config.
     Under torchrun (a process group already joined) every rank calls it: data parallel.
     ``stops``: signal handlers installed earlier (by ``main``, so that a stop signal during
-    the set-up is kept for the first step boundary); by default installed here."""
+    the set-up is kept for the first step boundary); by default installed here. ``start``:
+    ``prepare``'s result, if the caller checked already."""
     with ExitStack() as stack:
         stops = stops or stack.enter_context(StopRequests())
-        return train_loop(cfg, tokenizer, stops)
+        start = start or prepare(cfg, tokenizer)
+        stack.callback(start.release)
+        run = build_run(cfg, start.tokenizer)
+        if start.checkpoint is not None:
+            restore(run, start.checkpoint)
+        open_logs(run, start)
+        batches = stack.enter_context(closing(iter(run.loader)))  # ends workers on any error
+        loss, val_loss = step_loop(run, batches, stops, evaluate_first=start.checkpoint is None)
+        export(run, start.tokenizer)
+        return {
+            "step": cfg.trainer.max_steps,
+            "tokens": run.tokens,
+            "loss": loss,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(val_loss),
+            "skipped": run.skipped,
+        }
 
 
-def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) -> dict:
-    """``fit``'s body, with the stop handlers already installed."""
-    check_config(cfg)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+@dataclass
+class Run:
+    """A run's parts, built once, and where it stands."""
+
+    cfg: Config
+    ranks: Ranks
+    device: torch.device
+    run_dir: Path
+    parts: StepParts
+    loader: ResumableLoader
+    val_set: list
+    sharded: bool
+    compiled: bool
+    per_param_clip: bool
+    log: MetricsLog | None = None
+    step: int = 0
+    tokens: int = 0
+    skipped: int = 0
+
+    @property
+    def model(self) -> Llama:
+        return self.parts.model
+
+    @property
+    def optimizer(self) -> SubspaceAdamW:
+        return self.parts.optimizer
+
+    def record(self, **row) -> None:
+        if self.log is not None:
+            self.log.log(**row)
+
+    def evaluate(self, step: int) -> float:
+        val_loss = evaluate(
+            self.model, self.val_set, self.parts.autocast, self.device, reduce=not self.sharded
+        )
+        self.record(step=step, tokens=self.tokens, val_loss=val_loss, val_ppl=math.exp(val_loss))
+        return val_loss
+
+    def save(self, step: int) -> None:
+        """A checkpoint at ``step`` (a collective). Refuses, on every rank, to write
+        non-finite weights or optimizer states: the newest checkpoint stays a usable one."""
+        state = {
+            "step": step,
+            "tokens": self.tokens,
+            "skipped": self.skipped,
+            "data": gather_to_all(self.loader.state_dict()),  # each rank reads its own part
+            "config": flat_config(self.cfg),
+            **run_identity(self.cfg),
+        }
+        if self.ranks.enabled and not self.sharded:
+            state["replica_digests"] = check_replicas(self.model)
+        model_state = full_model_state(self.model)  # sharded: gathered, on every rank's call
+        optimizer_state = full_optimizer_state(self.optimizer, keep=self.ranks.is_main)
+        if not on_main(lambda: all_finite(model_state, optimizer_state)):
+            raise TrainingStopped(
+                f"the weights or optimizer states are not finite at step {step}: no "
+                f"checkpoint written (the newest one in {self.run_dir} is the last good state)",
+                EXIT_NONFINITE,
+            )
+        if self.ranks.is_main:
+            save_checkpoint(
+                self.run_dir, model_state, optimizer_state, state, self.cfg.trainer.keep_last
+            )
+        barrier()  # nobody goes on (or exits) before the checkpoint is complete
+
+
+def all_finite(*states: dict) -> bool:
+    """Whether every floating-point tensor in the (nested) state dicts is finite; one read."""
+    flags = []
+
+    def visit(x) -> None:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+            flags.append(torch.isfinite(x).all())
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                visit(v)
+
+    visit(states)
+    return not flags or bool(to_host(torch.stack([f.cpu() for f in flags]).all().reshape(1))[0])
+
+
+def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
+    """The model (compiled, sharded as configured), optimizer, fused hooks or DDP wrapper,
+    training stream and validation set of a run."""
     t = cfg.trainer
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ranks = current()
     device = pick_device(t.device, ranks)
-    run_dir = Path(t.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.path)
-    cfg.model.vocab_size = cfg.data.vocab_size  # the embedding holds every tokenizer piece
     model = Llama(cfg.model).to(device)
     compiled = t.compile if t.compile is not None else device.type == "cuda"
     if compiled:  # before any wrapping: DDP and FSDP2 then wrap compiled layers
@@ -140,8 +321,10 @@ def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) ->
         if ranks.enabled and not (fused or sharded)
         else None
     )
-    loader = build_train_loader(
-        cfg.data, tokenizer, t.batch_size, cfg.seed, ranks.rank, ranks.world
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if t.precision == "bf16"
+        else nullcontext()
     )
     val_set = [
         (x.to(device), y.to(device))
@@ -150,184 +333,200 @@ def train_loop(cfg: Config, tokenizer: Tokenizer | None, stops: StopRequests) ->
         )
         if sharded or i % ranks.world == ranks.rank  # FSDP: every rank runs every forward
     ]
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if t.precision == "bf16"
-        else nullcontext()
+    return Run(
+        cfg,
+        ranks,
+        device,
+        Path(t.run_dir),
+        StepParts(model, ddp, optimizer, hooks, autocast, CommCounter(reducer, ddp)),
+        build_train_loader(cfg.data, tokenizer, t.batch_size, cfg.seed, ranks.rank, ranks.world),
+        val_set,
+        sharded,
+        compiled,
+        per_param_clip,
     )
 
-    start, tokens = 0, 0
-    # rank 0's choice: another node's view of a shared folder may lag behind
-    checkpoint = broadcast_from_main(resume_path(t.resume, run_dir))
-    if checkpoint is not None:
-        state, model_state, optimizer_state = load_checkpoint(
-            checkpoint, run_identity(cfg), weights=ranks.is_main or not sharded
-        )
-        load_model_state(model, model_state)
-        load_optimizer_state(optimizer, optimizer_state)
-        start, tokens = state["step"], state["tokens"]
-        if t.resume_data and len(state["data"]) != ranks.world:
-            raise ValueError(
-                f"checkpoint {checkpoint} holds the data positions of {len(state['data'])} "
-                f"processes, this run has {ranks.world}: resume with as many, or with "
-                f"trainer.resume_data=false to start the data stream afresh"
-            )
-        if t.resume_data:
-            loader.load_state_dict(state["data"][ranks.rank])
-    batches = iter(loader)  # once: every iter() starts new worker processes
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
-    peak = peak_tflops(device, t.peak_tflops)
-    log = MetricsLog(run_dir, cfg, append=checkpoint is not None) if ranks.is_main else None
-    if ranks.is_main:
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-        (run_dir / "run_info.json").write_text(
-            json.dumps(
-                {
-                    "code_version": git_version(),
-                    "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name(device)
-                    if device.type == "cuda"
-                    else "cpu",
-                    "world_size": ranks.world,
-                    "params": model.num_params(),
-                    "fused": fused and t.fused_granularity,
-                    "compile": compiled and t.compile_backend,
-                    "flops_per_token": flops_per_token,
-                    "allreduce_bytes_per_step": bytes_per_step(optimizer),
-                    "peak_tflops": peak,
-                    "mfu_formula": MFU_FORMULA,
-                    "resumed_from": str(checkpoint),
-                    "command": sys.argv,
-                },
-                indent=2,
-            )
-        )
+
+def restore(run: Run, checkpoint: Path) -> None:
+    """Model, optimizer, step, tokens and (with ``trainer.resume_data``) the data position
+    from ``checkpoint`` (already checked by ``prepare``)."""
+    state, model_state, optimizer_state = load_checkpoint(
+        checkpoint, weights=run.ranks.is_main or not run.sharded
+    )
+    load_model_state(run.model, model_state)
+    load_optimizer_state(run.optimizer, optimizer_state)
+    run.step, run.tokens, run.skipped = state["step"], state["tokens"], state.get("skipped", 0)
+    if run.cfg.trainer.resume_data:
+        run.loader.load_state_dict(state["data"][run.ranks.rank])
+
+
+def open_logs(run: Run, start: Start) -> None:
+    """config.yaml, run_info.json and metrics.jsonl (appended to when resuming, with a
+    ``resumed`` line naming the checkpoint and the settings changed since it)."""
+    if not run.ranks.is_main:
+        return
+    cfg, t, device = run.cfg, run.cfg.trainer, run.device
+    run.log = MetricsLog(run.run_dir, cfg, append=start.checkpoint is not None)
+    if start.checkpoint is not None:
+        run.record(step=run.step, resumed=str(start.checkpoint), changed=start.changes)
+    run.run_dir.joinpath(PREEMPTED_MARKER).unlink(missing_ok=True)  # this run writes its own
+    OmegaConf.save(OmegaConf.structured(cfg), run.run_dir / "config.yaml")
+    info = {
+        "code_version": git_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": run.ranks.world,
+        "params": run.model.num_params(),
+        "fused": run.parts.hooks is not None and t.fused_granularity,
+        "compile": run.compiled and t.compile_backend,
+        "flops_per_token": run.model.flops_per_token(cfg.data.seq_len),
+        "allreduce_bytes_per_step": bytes_per_step(run.optimizer),
+        "peak_tflops": peak_tflops(device, t.peak_tflops),
+        "mfu_formula": MFU_FORMULA,
+        "resumed_from": str(start.checkpoint),
+        "command": sys.argv,
+    }
+    (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> tuple[float, float]:
+    """Steps from ``run.step`` to ``trainer.max_steps``: learning rate, micro-batches, the
+    update, then logging, evaluation, checkpoints and stops at their cadences. Returns the
+    last training and validation losses."""
+    cfg, t = run.cfg, run.cfg.trainer
     warmup = int(cfg.optim.warmup_ratio * t.max_steps)
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * ranks.world
-
-    def record(**row) -> None:
-        if log is not None:
-            log.log(**row)
-
-    def eval_and_log(step: int) -> float:
-        val_loss = evaluate(model, val_set, autocast, device, reduce=not sharded)
-        record(step=step, tokens=tokens, val_loss=val_loss, val_ppl=math.exp(val_loss))
-        return val_loss
-
-    def save(step: int, skipped: int) -> None:
-        state = {
-            "step": step,
-            "tokens": tokens,
-            "skipped": skipped,
-            "data": gather_to_all(loader.state_dict()),  # each rank reads its own part
-            **run_identity(cfg),
-        }
-        if ranks.enabled and not sharded:
-            state["replica_digests"] = check_replicas(model)
-        model_state = full_model_state(model)  # sharded: gathered, on every rank's call
-        optimizer_state = full_optimizer_state(optimizer, keep=ranks.is_main)
-        if ranks.is_main:
-            save_checkpoint(run_dir, model_state, optimizer_state, state, t.keep_last)
-        barrier()  # nobody goes on (or exits) before the checkpoint is complete
-
-    val_loss = eval_and_log(0) if checkpoint is None else float("nan")
-    skipped = state.get("skipped", 0) if checkpoint is not None else 0
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * run.ranks.world
+    val_loss = run.evaluate(0) if evaluate_first else float("nan")
+    loss = float("nan")  # stays so when resuming a finished run
+    meter = Meter(run)
     bar = tqdm(
-        range(start, t.max_steps),
-        initial=start,
+        range(run.step, t.max_steps),
+        initial=run.step,
         total=t.max_steps,
-        disable=not (t.progress and ranks.is_main),
+        disable=not (t.progress and run.ranks.is_main),
         desc=f"{cfg.model.name}/{cfg.optim.name}",
     )
-    comm = CommCounter(reducer, ddp)
-    window_start, window_tokens = time.perf_counter(), 0
-    loss_sum = float("nan")  # stays so when resuming a finished run
-    if ranks.is_main:  # a marker of an earlier stop: this run will write its own if it stops
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     for step in bar:
         lr = cosine_lr(step, cfg.optim.lr, warmup, t.max_steps, cfg.optim.min_lr_ratio)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         micro = [
-            tuple(v.to(device, non_blocking=True) for v in next(batches))
+            tuple(v.to(run.device, non_blocking=True) for v in next(batches))
             for _ in range(t.grad_accum)
         ]
-        step_parts = StepParts(
-            model, ddp, optimizer, hooks, autocast, comm, stops.received is not None
-        )
-        loss_sum = train_step(cfg, step_parts, micro, per_param_clip)
-        done = step + 1
-        if not math.isfinite(loss_sum):
-            if t.on_nonfinite == "stop":
-                save(step, skipped)
-                raise TrainingStopped(
-                    f"non-finite loss ({loss_sum}) at step {done}; the "
-                    f"state before it is checkpointed",
-                    EXIT_NONFINITE,
-                )
-            skipped += 1
-        tokens += tokens_per_step
-        window_tokens += tokens_per_step
+        run.parts.stop_requested = stops.received is not None
+        loss = train_step(cfg, run.parts, micro, run.per_param_clip)
+        if run.parts.nonfinite or run.parts.zeroed:
+            on_nonfinite(run, step, loss)
+        run.step, run.tokens = step + 1, run.tokens + tokens_per_step
+        done = run.step
+        meter.tokens += tokens_per_step
         if done % t.log_every == 0 or done == t.max_steps:
-            seconds = time.perf_counter() - window_start
-            tok_s = window_tokens / seconds / ranks.world  # per device
-            sent, full = comm.take_per_step()
-            record(
-                step=done,
-                loss=loss_sum,
-                lr=lr,
-                tokens=tokens,
-                tokens_per_s=tok_s,
-                **({"mfu": tok_s * flops_per_token / (peak * 1e12)} if peak else {}),
-                **peak_memory(device),
-                **({"allreduce_bytes": sent, "allreduce_bytes_full": full} if comm.counts else {}),
-                skipped=skipped,
-                skipped_lines=loader.skipped_lines,
-                **(
-                    {"grad_norm": float(step_parts.grad_norm)}
-                    if step_parts.grad_norm is not None
-                    else {}
-                ),
-            )
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            if compiled and ranks.is_main:  # compiling happens in the first steps (and evals)
-                update_run_info(run_dir, **compile_stats())
-            window_start, window_tokens = time.perf_counter(), 0
+            meter.log(loss, lr, bar)
         if done % t.eval_every == 0 or done == t.max_steps:
-            val_loss = eval_and_log(done)
-        stop = step_parts.stop  # agreed by every rank in the step's one read
+            val_loss = run.evaluate(done)
+        stop = run.parts.stop  # agreed by every rank in the step's one read
         if (t.save_every and done % t.save_every == 0) or done == t.max_steps or stop:
-            save(done, skipped)
+            run.save(done)
         if stop and done < t.max_steps:
-            if ranks.is_main:
-                log.close()
-                (run_dir / PREEMPTED_MARKER).write_text(f"{done}\n")
-            name = signal.Signals(stops.received).name if stops.received else "a stop signal"
-            raise TrainingStopped(
-                f"{name} at step {done}: checkpoint written; continue with trainer.resume=auto",
-                EXIT_PREEMPTED,
-            )
+            stop_on_signal(run, stops)
     bar.close()
-    export = model
-    if sharded and t.save_model:  # a plain copy of the gathered weights, on rank 0 only
-        weights = full_model_state(model)  # a collective: every rank takes part
-        if ranks.is_main:
-            export = Llama(cfg.model)
-            export.load_state_dict(weights)
-    if ranks.is_main:
-        log.close()
-        if t.save_model:
-            save_hf(export, run_dir / "model", tokenizer.bos_id, tokenizer.eos_id)
-            shutil.copy(tokenizer.model_file, run_dir / "model" / "tokenizer.model")
-        plot_losses(log.path, run_dir / "loss.png")
-    return {
-        "step": t.max_steps,
-        "tokens": tokens,
-        "loss": loss_sum,
-        "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss),
-        "skipped": skipped,
-    }
+    if run.parts.hooks is not None:  # the last step's zeroed gradients, if any
+        run.skipped += int(to_host(run.parts.hooks.take_nonfinite(run.device).reshape(1))[0])
+    return loss, val_loss
+
+
+def on_nonfinite(run: Run, step: int, loss: float) -> None:
+    """A step that met a non-finite loss or gradient: count it, or stop with a checkpoint
+    of the state before it (``trainer.on_nonfinite=stop``)."""
+    run.skipped += 1
+    if run.cfg.trainer.on_nonfinite == "skip":
+        return
+    run.save(step)
+    what = (
+        f"non-finite loss ({loss})"
+        if math.isnan(loss) or math.isinf(loss)
+        else "non-finite gradients"
+    )
+    zeroed = (
+        f" (fused updates: step {step}'s non-finite gradients were replaced by zeros)"
+        if run.parts.zeroed
+        else ""
+    )
+    raise TrainingStopped(
+        f"{what} at step {step + 1}; the state before it is checkpointed{zeroed}",
+        EXIT_NONFINITE,
+    )
+
+
+def stop_on_signal(run: Run, stops: StopRequests) -> None:
+    """After the checkpoint of a step some rank was asked to stop at: mark the folder for
+    the launcher and leave with ``EXIT_PREEMPTED``."""
+    if run.ranks.is_main:
+        run.log.close()
+        (run.run_dir / PREEMPTED_MARKER).write_text(f"{run.step}\n")
+    name = signal.Signals(stops.received).name if stops.received else "a stop signal"
+    raise TrainingStopped(
+        f"{name} at step {run.step}: checkpoint written; continue with trainer.resume=auto",
+        EXIT_PREEMPTED,
+    )
+
+
+class Meter:
+    """Throughput, memory and traffic over the steps since the last metrics line."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.flops_per_token = run.model.flops_per_token(run.cfg.data.seq_len)
+        self.peak = peak_tflops(run.device, run.cfg.trainer.peak_tflops)
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def log(self, loss: float, lr: float, bar) -> None:
+        run, parts = self.run, self.run.parts
+        tok_s = self.tokens / (time.perf_counter() - self.start) / run.ranks.world  # per device
+        sent, full = parts.comm.take_per_step()
+        traffic = {"allreduce_bytes": sent, "allreduce_bytes_full": full}
+        run.record(
+            step=run.step,
+            loss=loss,
+            lr=lr,
+            tokens=run.tokens,
+            tokens_per_s=tok_s,
+            **({"mfu": tok_s * self.flops_per_token / (self.peak * 1e12)} if self.peak else {}),
+            **peak_memory(run.device),
+            **(traffic if parts.comm.counts else {}),
+            skipped=run.skipped,
+            skipped_lines=run.loader.skipped_lines,
+            **({"grad_norm": float(parts.grad_norm)} if parts.grad_norm is not None else {}),
+        )
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        if run.compiled and run.ranks.is_main:  # compiling happens in the first steps (and evals)
+            update_run_info(run.run_dir, **compile_stats())
+        self.start, self.tokens = time.perf_counter(), 0
+
+
+def export(run: Run, tokenizer: Tokenizer) -> None:
+    """The final model in Hugging Face format (gathered from the shards when sharded), and the
+    loss plot. Non-finite final weights are exported nowhere: the run fails instead."""
+    t = run.cfg.trainer
+    model = run.model
+    if run.sharded and t.save_model:  # a plain copy of the gathered weights, on rank 0 only
+        weights = full_model_state(run.model)  # a collective: every rank takes part
+        if run.ranks.is_main:
+            model = Llama(run.cfg.model)
+            model.load_state_dict(weights)
+    if not run.ranks.is_main:
+        return
+    run.log.close()
+    plot_losses(run.log.path, run.run_dir / "loss.png")
+    if t.save_model:
+        if not all_finite(model.state_dict()):
+            raise TrainingStopped(
+                f"the final weights are not finite: nothing exported to {run.run_dir / 'model'}",
+                EXIT_NONFINITE,
+            )
+        save_hf(model, run.run_dir / "model", tokenizer.bos_id, tokenizer.eos_id)
+        shutil.copy(tokenizer.model_file, run.run_dir / "model" / "tokenizer.model")
 
 
 def load_tokenizer_in_turn(cfg: Config, ranks: Ranks) -> Tokenizer:
@@ -358,19 +557,19 @@ def main(dict_cfg) -> None:
 
 
 def run(cfg: Config, stops: StopRequests) -> None:
-    """The command line's run: join the job, refuse a bad config in one line, train, and
-    exit with the code a launcher needs (0, 75 preempted, 65 non-finite, 1 bad input)."""
+    """The command line's run: join the job, refuse bad input in one line, train, and exit
+    with the code a launcher needs (0, 75 preempted, 65 non-finite, 1 bad input or a crash).
+    A crash prints its traceback and exits at once (DataLoader workers included)."""
     ranks = init_distributed(pick_device(cfg.trainer.device, Ranks()).type == "cuda")
     # ${now:...} in the run folder's name is read from each rank's clock: take rank 0's.
     cfg.trainer.run_dir = broadcast_from_main(cfg.trainer.run_dir)
     try:  # everything a user can get wrong is found here, before any work, as one line
-        check_config(cfg)
-        tokenizer = load_tokenizer_in_turn(cfg, ranks)
+        start = prepare(cfg)
     except (ValueError, FileNotFoundError, TokenizerUnavailable) as err:
         shutdown()
         sys.exit(f"error: {err}")
     try:
-        result = fit(cfg, tokenizer, stops)
+        result = fit(cfg, stops=stops, start=start)
     except TrainingStopped as stop:
         shutdown()
         print(f"stopped: {stop}", file=sys.stderr)

@@ -35,19 +35,48 @@ def shard_files(data_path: str | os.PathLike[str], split: str) -> list[Path]:
     return files
 
 
-def check_shards(files: Iterable[Path]) -> None:
-    """Fail now, naming the file, if a shard is missing (e.g. a dangling link), not gzip, or
-    holds no line: found before training rather than hours into it. Reads one line each."""
+def check_shards(files: Iterable[Path], lines: int = 100) -> None:
+    """Fail now, naming the file, if a shard is missing (e.g. a dangling link), not gzip,
+    holds no line, or has no non-empty text in its first ``lines`` lines (a corpus of empty
+    texts would train on end-of-document tokens only): found before training rather than
+    hours into it."""
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"shard {file} is missing")
         try:
             with gzip.open(file, "rb") as f:
-                first = f.readline()
-        except (OSError, EOFError) as e:
-            raise ValueError(f"shard {file} is not a readable gzip file ({e})") from None
-        if not first:
+                head = _read_lines(f, lines)
+        except (OSError, EOFError) as e:  # a break later on is the reader's to report
+            head = e.lines_read if getattr(e, "lines_read", None) else None
+            if head is None:
+                raise ValueError(f"shard {file} is not a readable gzip file ({e})") from None
+        if not head:
             raise ValueError(f"shard {file} is empty")
+        if not any(_has_text(raw) for raw in head):
+            raise ValueError(
+                f"shard {file} has no non-empty 'text' in its first {len(head)} lines: "
+                f"nothing to train on"
+            )
+
+
+def _has_text(raw: bytes) -> bool:
+    try:
+        text = json.loads(raw)["text"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(text, str) and bool(text.strip())
+
+
+def _read_lines(f, size: int) -> list[bytes]:
+    """Up to ``size`` lines of ``f``; a read error carries the lines read before it
+    (``lines_read``), so that a corrupt shard is reported at the right line."""
+    chunk: list[bytes] = []
+    try:
+        chunk.extend(itertools.islice(f, size))
+    except (OSError, EOFError) as e:
+        e.lines_read = chunk
+        raise
+    return chunk
 
 
 class LocalShards:
@@ -96,15 +125,16 @@ class LocalShards:
             try:
                 with gzip.open(files[index], "rb") as f:
                     f.seek(offset)
-                    while chunk := list(itertools.islice(f, size)):
+                    while chunk := _read_lines(f, size):
                         block = [(files[index], line + i, raw) for i, raw in enumerate(chunk, 1)]
                         offset += sum(map(len, chunk))
                         line += len(chunk)
                         after = {"shard": index, "offset": offset, "line": line}
                         yield [item for item in block if item[2].strip()], after
             except (OSError, EOFError) as e:  # the rest of the shard is lost: not a line to skip
+                read = line + len(getattr(e, "lines_read", ()))
                 raise ValueError(
-                    f"shard {files[index]} is corrupt after line {line} ({e}); download it again"
+                    f"shard {files[index]} is corrupt after line {read} ({e}); download it again"
                 ) from None
             offset = line = 0
 

@@ -148,6 +148,21 @@ def _leave_signals_to_the_trainer(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _end_workers(batches) -> None:
+    """Stop a DataLoader's worker processes now, as its ``__del__`` would, and kill those
+    still alive after that (they ignore SIGTERM, so ``terminate()`` does nothing). Waiting
+    for the garbage collector is not enough: a traceback keeps the iterator alive, and at
+    exit ``multiprocessing`` joins the workers forever -- a crashed run would hang."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:  # read in this process
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
 class ResumableLoader:
     """Infinite training batches [batch_size, seq_len] (input, target) int64 from the train
     split, sharded by (rank, DataLoader worker), resumable exactly.
@@ -202,20 +217,25 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[Batch]:
         workers = _Workers(self)
         batches = (
-            DataLoader(
-                workers,
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=torch.cuda.is_available(),
-                worker_init_fn=_leave_signals_to_the_trainer,
+            iter(
+                DataLoader(
+                    workers,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    pin_memory=torch.cuda.is_available(),
+                    worker_init_fn=_leave_signals_to_the_trainer,
+                )
             )
             if self.num_workers
             else iter(workers)
         )
-        for worker, inputs, targets, state in batches:
-            self.states[worker] = state
-            self.next_worker = (worker + 1) % len(self.states)
-            yield inputs, targets
+        try:
+            for worker, inputs, targets, state in batches:
+                self.states[worker] = state
+                self.next_worker = (worker + 1) % len(self.states)
+                yield inputs, targets
+        finally:  # on any error or close(): the workers ignore SIGTERM, so end them here
+            _end_workers(batches)
 
     def state_dict(self) -> dict:
         """The position after the last batch yielded (JSON-serialisable)."""

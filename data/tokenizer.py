@@ -81,6 +81,22 @@ def train_sample_tokenizer(
     if out.exists():
         return out
     model = io.BytesIO()
+    try:
+        _train_bpe(train_files, model, vocab_size)
+    except RuntimeError as e:  # sentencepiece's own reason, e.g. "Vocabulary size too high"
+        reason = str(e).strip().splitlines()[-1].split("] ")[-1]
+        raise ValueError(
+            f"data.vocab_size={vocab_size}: cannot train the sample tokenizer on "
+            f"{len(train_files)} training shards ({reason})"
+        ) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(model.getvalue())
+    os.replace(tmp.name, out)
+    return out
+
+
+def _train_bpe(train_files: Sequence[Path], model: io.BytesIO, vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(train_files),
         model_writer=model,
@@ -95,11 +111,6 @@ def train_sample_tokenizer(
         num_threads=1,
         minloglevel=2,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(model.getvalue())
-    os.replace(tmp.name, out)
-    return out
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -26,6 +26,12 @@ The faults of GaLore's per-layer mode are handled instead of ignored (STYLE.md):
 - clipping: a global norm cannot exist before the gradients are consumed, so fused mode
   clips each parameter's gradient to ``max_norm`` on its own (``clip_per_param_``), the same
   rule the unfused trainer applies when asked for it; global clipping is refused;
+- non-finite gradients: each unit's (reduced) gradients are tested before its update, on
+  the device; if any is NaN/inf the unit's gradients are replaced by zeros, so nothing
+  non-finite reaches a weight or a state, and ``nonfinite`` (a device flag, read by the
+  trainer with the next step's statistics) records it. Units updated earlier in the same
+  backward keep their update: a fused update cannot be taken back. (A non-finite *loss* is
+  caught before the last backward, so that whole step is skipped.)
 - data parallel: each hook starts averaging its gradient over the ranks at once
   (``reduce.py``), asynchronously, with the low-rank all-reduce as an option; a unit is
   updated once its reductions are done, ``in_flight`` units behind the backward.
@@ -48,14 +54,27 @@ from lorenza.reduce import GradReducer
 GRANULARITIES = ("block", "param")
 
 
-def clip_per_param_(grads: list[torch.Tensor], max_norm: float) -> None:
+def clip_per_param_(
+    grads: list[torch.Tensor], max_norm: float, norms: torch.Tensor | None = None
+) -> None:
     """Scale each gradient in place so that its own L2 norm is at most ``max_norm`` (a few
-    multi-tensor ops for the whole list)."""
+    multi-tensor ops for the whole list); ``norms``: the gradients' norms, if known."""
     if not grads:
         return
-    norms = torch.stack(torch._foreach_norm(grads))
+    norms = torch.stack(torch._foreach_norm(grads)) if norms is None else norms
     scales = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
     torch._foreach_mul_(grads, list(scales.unbind()))
+
+
+def zero_if_nonfinite_(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace ``grads`` by zeros, in place and decided on the device, if any element of any
+    of them is NaN or inf. Returns ``(norms, ok)``: the per-gradient norms (of the zeros, if
+    replaced) and whether they were all finite."""
+    norms = torch.stack(torch._foreach_norm(grads))
+    ok = torch.isfinite(norms.sum())
+    for g in grads:
+        g.masked_fill_(~ok, 0.0)
+    return torch.where(ok, norms, 0.0), ok
 
 
 class FusedUpdates:
@@ -76,6 +95,8 @@ class FusedUpdates:
         self.reducer = reducer
         self.in_flight = in_flight
         self.armed = False
+        self.nonfinite: torch.Tensor | None = None
+        """Whether a unit had non-finite gradients since ``take_nonfinite`` last read it."""
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         units = [[p] for p in params] if blocks is None else [list(b) for b in blocks]
         unit_of = {p: k for k, unit in enumerate(units) for p in unit}
@@ -120,8 +141,12 @@ class FusedUpdates:
                 low = self.reducer.wait(p)
                 if low is not None:
                     lows[p] = low
-        if self.max_norm > 0:
-            clip_per_param_([lows.get(p, p.grad) for p in params], self.max_norm)
+        grads = [lows.get(p, p.grad) for p in params if p in lows or p.grad is not None]
+        if grads:
+            norms, ok = zero_if_nonfinite_(grads)
+            self.nonfinite = ~ok if self.nonfinite is None else self.nonfinite | ~ok
+            if self.max_norm > 0:
+                clip_per_param_(grads, self.max_norm, norms)
         self.optimizer.update(params, lows)
         for p in params:
             p.grad = None
@@ -135,6 +160,11 @@ class FusedUpdates:
                 self._update(k)
         self.armed = False
         self.optimizer.finish_step()
+
+    def take_nonfinite(self, device: torch.device) -> torch.Tensor:
+        """The ``nonfinite`` flag as a device tensor, reset for the steps after."""
+        flag, self.nonfinite = self.nonfinite, None
+        return torch.zeros((), dtype=torch.bool, device=device) if flag is None else flag
 
     def remove(self) -> None:
         for h in self._handles:

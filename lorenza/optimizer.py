@@ -318,6 +318,10 @@ class SubspaceAdamW(torch.optim.Optimizer):
         """A new basis (and, for rank_r, cobasis) from ``grad``, the whole gradient of ``p``."""
         group, state = self.group_of(p), self.state[p]
         gen = seeded_generator(p.device, self.seed, _OMEGA, self.step_count, self.index[p])
+        # A NaN/inf gradient (the step is then skipped) must not become the basis: the
+        # previous one is kept (decided on the device); the first one comes from zeros.
+        ok = torch.isfinite(grad).all()
+        grad = torch.where(ok, grad, 0.0)
         out = compute_basis(
             grad,
             group["rank"],
@@ -327,10 +331,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
             generator=gen,
             cobasis=self.perturbation == "rank_r",
         )
-        if self.perturbation == "rank_r":
-            state["basis"], state["cobasis"] = out
-        else:
-            state["basis"] = out
+        keys = ("basis", "cobasis") if self.perturbation == "rank_r" else ("basis",)
+        for key, new in zip(keys, out if self.perturbation == "rank_r" else (out,), strict=True):
+            state[key] = torch.where(ok, new, state[key]) if key in state else new
 
     @torch.no_grad()
     def update(
@@ -715,5 +718,6 @@ def fira_residual(
     if "residual_norm" in state:
         limiter = torch.clamp(norm / (state["residual_norm"] + 1e-8), min=1.01) / 1.01
         s, norm = s / limiter, norm / limiter
-    state["residual_norm"] = norm
+    # a zero gradient (a non-finite one, zeroed) must not reset the limiter to nothing
+    state["residual_norm"] = torch.where(norm > 0, norm, state.get("residual_norm", norm))
     return s

@@ -1,12 +1,15 @@
 """Checkpoints: model (safetensors), optimizer (every per-parameter state), trainer state
-(step, tokens, data position, what the run was) and every RNG state, written atomically."""
+(step, tokens, data position, the run's config) and every RNG state, written atomically and
+sealed by a manifest of sizes and checksums, so that a damaged one is recognised."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
 
 
 def save_checkpoint(
@@ -48,9 +52,14 @@ def save_checkpoint(
         tmp / "optimizer.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    for f in tmp.iterdir():
+    files = sorted(tmp.iterdir())
+    for f in files:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    # last: its presence says every file above is complete (read back from the disk)
+    (tmp / MANIFEST).write_text(json.dumps({f.name: file_record(f) for f in files}, indent=2))
+    with open(tmp / MANIFEST, "rb") as fh:
+        os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("step_*"))[:-keep_last]:
@@ -68,23 +77,61 @@ def json_rng(state: tuple) -> list:
     ]
 
 
+def file_record(path: Path) -> dict:
+    """Size and SHA-256 of a file, as the manifest holds them."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint folder ``path`` (None: it is intact): a missing
+    manifest or file, or a file whose size or checksum differs from the manifest's."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"it has no {MANIFEST}"
+    except ValueError:
+        return f"its {MANIFEST} is not valid JSON"
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, not {expected['bytes']}"
+        if file_record(file)["sha256"] != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first (interrupted writes are ignored)."""
+    return sorted((run_dir / CHECKPOINTS).glob("step_*"))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (temporary folders of interrupted writes are ignored)."""
-    done = sorted((run_dir / CHECKPOINTS).glob("step_*"))
-    return done[-1] if done else None
+    """The newest intact checkpoint; each newer damaged one is named in a warning."""
+    for path in reversed(checkpoints(run_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        warnings.warn(
+            f"checkpoint {path} is damaged ({problem}); falling back to an older one",
+            stacklevel=2,
+        )
+    return None
 
 
-def load_checkpoint(path: Path, expected: dict, weights: bool = True) -> tuple[dict, dict, dict]:
+def read_state(path: Path) -> dict:
+    """The trainer state of checkpoint ``path``: step, tokens, data positions, config."""
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_checkpoint(path: Path, weights: bool = True) -> tuple[dict, dict, dict]:
     """Restore the RNG states; returns the trainer, model (``{}`` unless ``weights``: a sharded
-    model is loaded from rank 0's copy) and optimizer states (memory-mapped). Refuses a
-    checkpoint whose trainer state differs from ``expected`` (e.g. another model shape or
-    optimizer) with one line naming the difference."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    for key, value in expected.items():
-        if state[key] != value:
-            raise ValueError(
-                f"checkpoint {path} was written for {key}={state[key]}, not {key}={value}"
-            )
+    model is loaded from rank 0's copy) and optimizer states (memory-mapped). Whether this
+    run may resume it is ``train.resume_changes``'s to say, before any work."""
+    state = read_state(path)
     model_state = load_file(str(path / "model.safetensors")) if weights else {}
     blob = torch.load(path / "optimizer.pt", weights_only=True, mmap=True)
     torch.set_rng_state(blob["torch_rng"])
@@ -106,5 +153,11 @@ def resume_path(resume: str, run_dir: Path) -> Path | None:
         return latest_checkpoint(run_dir)
     path = Path(resume)
     if not (path / "trainer_state.json").exists():
-        raise ValueError(f"trainer.resume={resume!r} is not a checkpoint folder")
+        raise ValueError(
+            f"trainer.resume={resume!r} is not a checkpoint folder (one holding "
+            f"trainer_state.json); use none, auto, or a run's checkpoints/step_N"
+        )
+    problem = damage(path)
+    if problem is not None:
+        raise ValueError(f"trainer.resume={resume!r} is a damaged checkpoint: {problem}")
     return path

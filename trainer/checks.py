@@ -3,8 +3,10 @@ value before any work starts."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ def check_config(cfg: Config) -> None:
         if value not in allowed:
             raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
 
+    check_finite(cfg)
     cfg.model.validate()
     cfg.data.validate()
     one_of("optim.name", cfg.optim.name, tuple(OPTIMIZERS))
@@ -62,6 +65,12 @@ def check_config(cfg: Config) -> None:
             f"trainer.keep_last={cfg.trainer.keep_last} >= 1"
         )
     positive("optim.lr", cfg.optim.lr)
+    positive("optim.eps", cfg.optim.eps)
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg.optim, key) < 1:
+            raise ValueError(f"optim.{key}={getattr(cfg.optim, key)} must be in [0, 1)")
+    if cfg.optim.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0")
     check_distributed(cfg)
     for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every"):
         positive(f"trainer.{key}", getattr(cfg.trainer, key))
@@ -90,6 +99,16 @@ def check_config(cfg: Config) -> None:
             build_optimizer(Llama(cfg.model), cfg.optim)
         except ValueError as err:
             raise ValueError(f"optim.{err}") from None
+
+
+def check_finite(cfg: Config) -> None:
+    """Every number in the config is finite: a NaN passes every ``<``/``>`` test (so
+    ``weight_decay=nan`` would act as 0) and an inf bound means nothing."""
+    for section in ("model", "optim", "data", "trainer", "dist"):
+        for f in fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{section}.{f.name}={value} must be a finite number")
 
 
 def check_distributed(cfg: Config) -> None:

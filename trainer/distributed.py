@@ -13,6 +13,7 @@ signal seen by one rank stops all of them at the same step.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -97,13 +98,20 @@ def mean_tensor_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return sum_tensor_over_ranks(value.float().reshape(1)).reshape(()) / current().world
 
 
-def read_step_stats(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
-    """A step's one read of the device: ``loss`` (this rank's) averaged over the ranks, and
-    whether any rank asked to stop, all-reduced together, so every rank takes the same
-    decisions (skip a non-finite step, stop after this one) from one collective."""
-    stats = torch.stack([loss.float().reshape(()), torch.tensor(float(stop), device=loss.device)])
-    mean, stops = to_host(sum_tensor_over_ranks(stats))
-    return mean / current().world, stops > 0
+def read_step_stats(
+    loss: torch.Tensor, stop: bool, nonfinite: torch.Tensor
+) -> tuple[float, bool, bool]:
+    """A step's one read of the device: ``loss`` (this rank's) averaged over the ranks,
+    whether any rank asked to stop, and whether any rank saw a non-finite loss or gradient
+    (``nonfinite``, a device flag), all-reduced together, so every rank takes the same
+    decisions (skip, stop) from one collective."""
+    device = loss.device
+    stats = torch.stack(
+        [loss.float().reshape(()), torch.tensor(float(stop), device=device), nonfinite.float()]
+    )
+    total, stops, bad = to_host(sum_tensor_over_ranks(stats))
+    mean = total / current().world
+    return mean, stops > 0, bad > 0 or not math.isfinite(mean)
 
 
 def broadcast_from_main(obj):
@@ -113,6 +121,21 @@ def broadcast_from_main(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn):
+    """``fn()`` run by rank 0, its result (or the ``ValueError``/``FileNotFoundError`` it
+    raised) on every rank: a check made once, whose outcome every rank acts on alike."""
+    result, error = None, None
+    if current().is_main:
+        try:
+            result = fn()
+        except (ValueError, FileNotFoundError) as err:
+            error = err
+    result, error = broadcast_from_main((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def gather_to_all(obj) -> list:

@@ -58,24 +58,36 @@ class StepParts:
     """A stop signal reached this process (its vote for stopping after this step)."""
     stop: bool = False
     """Set by the step: some rank asked to stop (every rank sees the same)."""
+    nonfinite: bool = False
+    """Set by the step: a loss or gradient was NaN/inf on some rank, and no weight moved
+    (fused mode: see ``zeroed``)."""
+    zeroed: bool = False
+    """Set by a fused step: the previous step's backward met non-finite gradients and
+    replaced them by zeros, unit by unit (``FusedUpdates``); learnt with this step's read."""
     grad_norm: torch.Tensor | None = None
-    """The global gradient norm before clipping (unfused global clipping only), left on the
-    device: read it when logging."""
+    """The global gradient norm before clipping (unfused runs), left on the device: read it
+    when logging."""
 
 
 def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool) -> float:
     """One update from the micro-batches ``micro``: the sharpness-aware perturbation (if any),
-    forward/backward, clipping, update. Returns the mean loss (over micro-batches and ranks);
-    when it is not finite no update is made (the last micro-batch's backward, which updates
-    in fused mode, is not run) -- on every rank alike, since they all see the same mean.
+    forward/backward, clipping, update. Returns the mean loss (over micro-batches and ranks).
 
-    The step reads the device once, right before the last backward: the summed loss and the
-    ranks' stop votes, all-reduced together (``read_step_stats``). Nothing else waits for
-    the device, so a GPU's queue runs ahead of Python for the whole step."""
+    Nothing non-finite reaches a weight. Unfused, the step reads the device once, after the
+    backward: the loss, whether the global gradient norm is finite, and the ranks' stop
+    votes, all-reduced together (``read_step_stats``); if the loss or a gradient is not
+    finite no update is made. Fused, the update happens inside the last backward, so the
+    read comes right before it: a non-finite loss skips that backward (and with it the whole
+    update); the hooks zero non-finite gradients unit by unit on the device, and their flag
+    is read with the next step's statistics (``zeroed``; with ``on_nonfinite=stop`` that
+    step is skipped). Nothing else waits for the device, so a GPU's queue runs ahead of
+    Python for the whole step."""
     t = cfg.trainer
     model, ddp, optimizer, hooks = parts.model, parts.ddp, parts.optimizer, parts.hooks
     forward = ddp or model
     parts.comm.steps += 1
+    parts.nonfinite = parts.zeroed = False
+    read = {"loss": math.nan}
 
     def probe() -> torch.Tensor:
         """The zeroth-order probe loss, forward only: the mean over the first
@@ -91,15 +103,25 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
             total = loss if total is None else total + loss
         return mean_tensor_over_ranks(total / min(k, len(micro)))
 
-    def closure() -> float | torch.Tensor:
-        """Mean loss of this step's batch; backward too when grad is enabled (the
-        sharpness-aware optimizers also call it without grad, for forward-only losses, and
-        with grad for SAM's ascent or a refresh). In fused mode the hooks act during the last
-        micro-batch's backward, as ``optimizer.phase`` says (update, refresh, or nothing)."""
+    def fused_read(total: torch.Tensor) -> bool:
+        """The fused step's read, before its last backward; True: skip that backward."""
+        zeroed = hooks.take_nonfinite(total.device)
+        mean, parts.stop, bad = read_step_stats(total, parts.stop_requested, zeroed)
+        parts.nonfinite = not math.isfinite(mean)
+        parts.zeroed = bad and not parts.nonfinite
+        read["loss"] = mean
+        return parts.nonfinite or (parts.zeroed and t.on_nonfinite == "stop")
+
+    def closure() -> torch.Tensor:
+        """Mean loss of this step's batch (a device scalar); backward too when grad is
+        enabled (the sharpness-aware optimizers also call it without grad, for forward-only
+        losses, and with grad for SAM's ascent or a refresh). In fused mode the hooks act
+        during the last micro-batch's backward, as ``optimizer.phase`` says (update,
+        refresh, or nothing)."""
         if not torch.is_grad_enabled():
             return probe()
         update = getattr(optimizer, "phase", "update") == "update"
-        total, mean = None, None
+        total = None
         for i, (x, y) in enumerate(micro):
             last = i == len(micro) - 1
             # DDP and FSDP average gradients on the last micro-batch's backward only
@@ -110,31 +132,43 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
                 with parts.autocast:
                     loss = forward(x, y) / t.grad_accum
                 total = loss.detach() if total is None else total + loss.detach()
-                if last and update:  # the step's one read of the device
-                    mean, parts.stop = read_step_stats(total, parts.stop_requested)
-                    if not math.isfinite(mean):
-                        return mean
+                if last and update and hooks is not None and fused_read(total):
+                    return total
                 if hooks is not None:
                     hooks.armed = last
                 loss.backward()
                 if ddp is not None and last:
                     parts.comm.synced_backward()
         # an extra backward of the optimizer's (SAM's ascent, a refresh): its loss stays put
-        return mean if update else mean_tensor_over_ranks(total)
+        return total if update else mean_tensor_over_ranks(total)
 
     optimizer.perturb(closure)  # moves W to W + ε for SAM-type optimizers, else nothing
-    loss = closure()
-    if not math.isfinite(loss):  # skip: drop partial gradients, undo the perturbation
-        optimizer.zero_grad(set_to_none=True)
-        optimizer.finish_step()
-        return loss
+    total = closure()
     if hooks is not None:
+        if parts.nonfinite or (parts.zeroed and t.on_nonfinite == "stop"):
+            return skip(optimizer, read["loss"])
         hooks.finish()
-        return loss
+        return read["loss"]
+    params = [p for p in model.parameters() if p.grad is not None]
+    local_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # sharded: a DTensor
+    norm = full(local_norm)
+    mean, parts.stop, parts.nonfinite = read_step_stats(
+        total, parts.stop_requested, ~torch.isfinite(norm)
+    )
+    if parts.nonfinite:
+        return skip(optimizer, mean)
     if per_param_clip:
-        clip_per_param_([p.grad for p in model.parameters() if p.grad is not None], t.grad_clip)
+        clip_per_param_([p.grad for p in params], t.grad_clip)
     elif t.grad_clip > 0:
-        parts.grad_norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+        torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, local_norm)
+    parts.grad_norm = norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return mean
+
+
+def skip(optimizer: torch.optim.Optimizer, loss: float) -> float:
+    """End a step without an update: drop partial gradients, undo the perturbation."""
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.finish_step()
     return loss
