@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q '$(TORCH)' -e '.[dev]'
 	touch $(STAMP)
 
-demo: install  ## train llama_tiny on the bundled sample corpus (CPU, a few minutes)
+demo: install  ## train llama_tiny on the bundled sample corpus (CPU, a few minutes; replaces runs/demo)
+	rm -rf runs/demo
 	$(PY) train.py trainer.run_dir=runs/demo trainer.max_steps=500
 
 test: install  ## the CPU test suite

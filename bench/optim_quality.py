@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ def main() -> None:
     rows = []
     for optim in args.optims:
         run_dir = Path(args.out) / optim
+        shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own scratch run
         cmd = [
             sys.executable,
             "train.py",

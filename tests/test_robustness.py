@@ -53,6 +53,7 @@ def test_a_corrupt_shard_read_by_two_workers_ends_the_run_in_seconds(tmp_path):
         ("optim.weight_decay=nan", "optim.weight_decay=nan must be a finite number"),
         ("trainer.grad_clip=nan", "trainer.grad_clip=nan must be a finite number"),
         ("optim.eps=0", "optim.eps=0.0 must be positive"),
+        ("trainer.resume=/nonexistent/step_1", "trainer.resume='/nonexistent/step_1' is not a"),
     ],
 )
 def test_bad_numbers_are_one_line_before_any_work(tmp_path, override, needle):

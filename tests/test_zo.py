@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorenza import (
+    AdamW,
     AdaZoSAM,
     Lorenza,
     LorenzaPlus,
@@ -157,6 +158,30 @@ def test_restore_is_exact_up_to_float32_rounding(name, skip_restore, monkeypatch
         assert max(drift) > 1e-4
     else:
         assert max(drift) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["sam", "adazo_sam"])
+def test_full_rank_update_is_made_at_w_not_at_w_plus_eps(name):
+    """A sharpness-aware step is AdamW from ``W`` with the gradient taken at ``W + ε``: the
+    weights are moved back before the update, so the decoupled weight decay shrinks ``W``,
+    not ``W + ε`` (restoring after the update would be off by ``lr·wd·ε``)."""
+    kw = {"lr": 1e-2, "weight_decay": 0.5, "rho_max": 0.5, "rho_min": 0.5}
+    model, opt = build(name, **kw)
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (2, 17))
+    closure = model_closure(model, ids)
+    opt.perturb(closure)
+    with torch.enable_grad():
+        closure()  # the gradient at W + ε
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.update(list(model.parameters()))
+    opt.finish_step()
+    adamw = AdamW(reference.parameters(), **{k: v for k, v in kw.items() if "rho" not in k})
+    for p, g in zip(reference.parameters(), grads, strict=True):
+        p.grad = g
+    adamw.step()
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
 
 
 def perturbation_of(model, opt, closure):
