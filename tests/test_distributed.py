@@ -362,3 +362,21 @@ def test_an_fsdp_lorenza_run_resumes_under_fsdp(two_process_runs, tmp_path):
     exported = load_hf(tmp_path / "0" / "model").state_dict()
     weights, _, _ = final(tmp_path / "0")
     assert all(torch.equal(exported[k], weights[k]) for k in weights)
+
+
+def test_nan_gradients_on_one_rank_are_skipped_by_every_rank(tmp_path):
+    """Rank 1 alone gets NaN gradients at step 3, with a finite loss: DDP and the fused
+    hooks average them into every rank's gradient, FSDP2's global norm is all-reduced, so
+    every rank skips (or zeroes) alike and the replicas stay identical and finite."""
+    cases = [("adamw", "false", "false"), ("galore", "true", "false"), ("adamw", "false", "true")]
+    runs = [
+        [*SMALL_RUN, *RUN, *TWO_PROCS, *case_overrides(*case), f"dist.fsdp={case[2]}"]
+        for case in cases
+    ]
+    out = torchrun("tests/distributed_nonfinite.py", str(tmp_path), json.dumps(runs))
+    assert out.returncode == 0, out.stderr[-3000:]
+    for i in range(len(cases)):
+        ranks = [json.loads((tmp_path / str(i) / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert all(r["finite"] and r["skipped"] == 1 for r in ranks), (cases[i], ranks)
+        if cases[i][2] == "false":  # FSDP2: one sharded model, gathered on rank 0 only
+            assert ranks[0]["digest"] == ranks[1]["digest"], cases[i]

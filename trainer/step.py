@@ -149,21 +149,28 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
             return skip(optimizer, read["loss"])
         hooks.finish()
         return read["loss"]
-    params = [p for p in model.parameters() if p.grad is not None]
+    return update_unfused(parts, total, t.grad_clip if per_param_clip else 0.0, t.grad_clip)
+
+
+def update_unfused(parts: StepParts, loss: torch.Tensor, per_param: float, clip: float) -> float:
+    """The unfused step's end: its one read (the loss, whether the global gradient norm is
+    finite, the stop votes), then -- if all is finite -- clipping (each gradient to
+    ``per_param``, else the global norm to ``clip``; 0 disables) and the update."""
+    params = [p for p in parts.model.parameters() if p.grad is not None]
     local_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # sharded: a DTensor
     norm = full(local_norm)
     mean, parts.stop, parts.nonfinite = read_step_stats(
-        total, parts.stop_requested, ~torch.isfinite(norm)
+        loss, parts.stop_requested, ~torch.isfinite(norm)
     )
     if parts.nonfinite:
-        return skip(optimizer, mean)
-    if per_param_clip:
-        clip_per_param_([p.grad for p in params], t.grad_clip)
-    elif t.grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, local_norm)
+        return skip(parts.optimizer, mean)
+    if per_param > 0:
+        clip_per_param_([p.grad for p in params], per_param)
+    elif clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, local_norm)
     parts.grad_norm = norm
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
     return mean
 
 
