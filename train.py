@@ -63,6 +63,7 @@ from trainer.metrics import (
     peak_memory,
     peak_tflops,
     plot_losses,
+    plot_sharpness,
     update_run_info,
 )
 from trainer.optimizers import build_optimizer, is_fused
@@ -82,6 +83,7 @@ from trainer.sharding import (
     load_optimizer_state,
     shard_model,
 )
+from trainer.sharpness import measure
 from trainer.step import StepParts, evaluate, train_step
 
 
@@ -212,6 +214,8 @@ class Run:
     parts: StepParts
     loader: ResumableLoader
     val_set: list
+    sharp_batch: tuple
+    """The fixed validation batch the sharpness metrics use (the same on every rank)."""
     sharded: bool
     compiled: bool
     per_param_clip: bool
@@ -237,6 +241,16 @@ class Run:
             self.model, self.val_set, self.parts.autocast, self.device, reduce=not self.sharded
         )
         self.record(step=step, tokens=self.tokens, val_loss=val_loss, val_ppl=math.exp(val_loss))
+        t = self.cfg.trainer
+        if t.sharpness_every and (step % t.sharpness_every == 0 or step == t.max_steps):
+            sharp = measure(
+                self.model,
+                self.sharp_batch,
+                t.sharpness_rho,
+                t.sharpness_directions,
+                t.sharpness_iters,
+            )
+            self.record(step=step, tokens=self.tokens, **sharp.as_row())
         return val_loss
 
     def save(self, step: int) -> None:
@@ -326,12 +340,12 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
         if t.precision == "bf16"
         else nullcontext()
     )
-    val_set = [
+    val = [
         (x.to(device), y.to(device))
-        for i, (x, y) in enumerate(
-            validation_batches(cfg.data, tokenizer, t.batch_size, cfg.data.val_tokens)
-        )
-        if sharded or i % ranks.world == ranks.rank  # FSDP: every rank runs every forward
+        for x, y in validation_batches(cfg.data, tokenizer, t.batch_size, cfg.data.val_tokens)
+    ]
+    val_set = [  # FSDP: every rank runs every forward
+        batch for i, batch in enumerate(val) if sharded or i % ranks.world == ranks.rank
     ]
     return Run(
         cfg,
@@ -341,6 +355,7 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
         StepParts(model, ddp, optimizer, hooks, autocast, CommCounter(reducer, ddp)),
         build_train_loader(cfg.data, tokenizer, t.batch_size, cfg.seed, ranks.rank, ranks.world),
         val_set,
+        val[0],
         sharded,
         compiled,
         per_param_clip,
@@ -519,6 +534,8 @@ def export(run: Run, tokenizer: Tokenizer) -> None:
         return
     run.log.close()
     plot_losses(run.log.path, run.run_dir / "loss.png")
+    if run.cfg.trainer.sharpness_every:
+        plot_sharpness(run.log.path, run.run_dir / "sharpness.png")
     if t.save_model:
         if not all_finite(model.state_dict()):
             raise TrainingStopped(

@@ -65,6 +65,7 @@ def check_config(cfg: Config) -> None:
             f"trainer.keep_last={cfg.trainer.keep_last} >= 1"
         )
     positive("optim.lr", cfg.optim.lr)
+    check_sharpness(cfg)
     positive("optim.eps", cfg.optim.eps)
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(cfg.optim, key) < 1:
@@ -99,6 +100,22 @@ def check_config(cfg: Config) -> None:
             build_optimizer(Llama(cfg.model), cfg.optim)
         except ValueError as err:
             raise ValueError(f"optim.{err}") from None
+
+
+def check_sharpness(cfg: Config) -> None:
+    t = cfg.trainer
+    if t.sharpness_every < 0:
+        raise ValueError(f"trainer.sharpness_every={t.sharpness_every} must be >= 0 (0: off)")
+    if not t.sharpness_every:
+        return
+    for key in ("sharpness_rho", "sharpness_directions", "sharpness_iters"):
+        if not getattr(t, key) > 0:
+            raise ValueError(f"trainer.{key}={getattr(t, key)} must be positive")
+    if cfg.dist.fsdp:
+        raise ValueError(
+            "trainer.sharpness_every>0 does not work with dist.fsdp=true: the measurement "
+            "perturbs whole weights; measure from a checkpoint in one process instead"
+        )
 
 
 def check_finite(cfg: Config) -> None:

@@ -127,6 +127,16 @@ class TrainerConfig:
     """Restore the data position on resume. ``false`` starts the stream afresh (model,
     optimizer and step are restored): needed to resume on another number of processes, whose
     readers split the data differently."""
+    sharpness_every: int = 0
+    """Measure sharpness (``trainer/sharpness.py``: ``sharp_random``, ``sharp_ascent``,
+    ``hessian_top_eig``) on a fixed validation batch at the evaluation steps that are
+    multiples of this (and the last); 0: never."""
+    sharpness_rho: float = 0.05
+    """ρ of the sharpness metrics (fixed; not the training schedule's)."""
+    sharpness_directions: int = 4
+    """Random directions averaged in ``sharp_random``."""
+    sharpness_iters: int = 20
+    """Most power iterations of ``hessian_top_eig`` (it stops earlier at 1e-3 relative)."""
     on_nonfinite: str = "skip"
     """A non-finite loss: ``skip`` the update (counted in metrics.jsonl as ``skipped``) or
     ``stop`` with a checkpoint of the last good state and exit code ``EXIT_NONFINITE``."""

@@ -95,6 +95,29 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def plot_sharpness(metrics_path: Path, out: Path) -> None:
+    """The sharpness metrics (``trainer/sharpness.py``) against tokens seen, one panel each,
+    with the validation loss beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    keys = ("val_loss", "sharp_random", "sharp_ascent", "hessian_top_eig")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
+    for ax, key in zip(axes, keys, strict=True):
+        points = [(r["tokens"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o")
+        ax.set_title(key)
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def git_version() -> str:
     try:
         out = subprocess.run(
