@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SIZE ?= tiny
 
-.PHONY: install demo test bench repro lint sample clean
+.PHONY: install demo test bench repro ablation lint sample clean
 
 install: $(STAMP)
 
@@ -28,7 +28,7 @@ bench: install  ## CPU benchmarks (~1 h); tables go to bench/RESULTS.md; GPU: be
 	$(PY) -m bench.unigram
 	$(PY) -m bench.throughput --models llama_tiny llama_60m
 	$(PY) -m bench.throughput --models llama_tiny llama_60m --optims adamw lorenza --precisions fp32 --compile both --steps 3 --section throughput-cpu-compile
-	$(PY) -m bench.throughput --models llama_350m --optims adamw lorenza --precisions fp32 --checkpointing none block --steps 2 --warmup 1 --section throughput-cpu-checkpointing
+	$(PY) -m bench.throughput --models llama_350m --optims adamw lorenza lorenza8bit --precisions fp32 --checkpointing none block --steps 2 --warmup 1 --section throughput-cpu-checkpointing
 	$(PY) -m bench.loss_memory --tokens 4096 8192 16384
 	$(PY) -m bench.ssrf
 	$(PY) -m bench.state_bytes
@@ -42,6 +42,12 @@ bench: install  ## CPU benchmarks (~1 h); tables go to bench/RESULTS.md; GPU: be
 	$(PY) -m bench.memory
 	$(PY) -m bench.allreduce_bytes
 	$(PY) -m bench.dp_overlap
+	$(PY) -m bench.sharpness_cost
+	$(PY) -m bench.ascent_effect
+
+ablation: install  ## is LORENZA flatter and better? 5 seeds of every method and ablation (CPU, ~1 h)
+	$(PY) -m bench.ablation
+	$(PY) -m bench.ablation --regime repeat --names adamw-lr1e-3 adamw-lr3e-3 galore lorenza lorenza_plus adazo_sam sam
 
 repro: install  ## the paper's table: SIZE=tiny (CPU, ~25 min, 3 seeds) or 60m/130m/350m (GPU, C4)
 	$(PY) -m bench.repro --size $(SIZE)

@@ -9,10 +9,10 @@ Every run is ``train.py`` with ``trainer.resume=auto`` in ``results/ablation-<re
 seed<k>``: rerunning continues unfinished runs and skips finished ones. The scale is cut to
 fit about an hour on 2 CPU cores (``Scale``): llama_tiny with 2 layers, sequences of 128,
 4 sequences per step, bf16 off (float32), 120 steps, rank 16, refresh every 30 steps. That
-is a few hundred thousand tokens: it shows what the methods do at this scale, not at the
-paper's. ``repeat`` trains on the first documents of the sample corpus only
-(``data.max_docs``-style slice via a copy of one shard), so the model sees them for many
-epochs and train and validation loss separate.
+is 61k tokens per run: it shows what the methods do at this scale, not at the paper's.
+``repeat`` trains on the sample corpus's first 20 documents only (6.2k tokens, a copy of
+them as a one-shard corpus), so the model sees them about 10 times and train and
+validation loss separate.
 
 The table (``bench/RESULTS.md``, section ``ablation-<regime>``): validation perplexity
 mean ± std over seeds, the train − validation loss gap at the end (train loss averaged over
@@ -34,22 +34,35 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from bench.results import markdown_table, write_section
 from bench.step_time import machine
 
 ROOT = Path(__file__).resolve().parents[1]
+WALL = "wall_seconds"  # a run's wall time, start-up and sharpness included
 
 
 @dataclass(frozen=True)
 class Scale:
-    layers: int = 2
+    model: str = "llama_tiny"
+    layers: int | None = 2  # None: the model's own
     seq: int = 128
-    batch: int = 4
+    batch: int = 4  # sequences per micro-batch
+    accum: int = 1
     steps: int = 120
     rank: int = 16
     update_gap: int = 30
-    repeat_docs: int = 40  # the ``repeat`` regime's training documents
+    precision: str = "fp32"
+    repeat_docs: int = 20  # the ``repeat`` regime's training documents (6.2k tokens: ~10 epochs)
 
+
+SCALES = {
+    "cpu": Scale(),
+    # GaLore's protocol for llama_60m (512 x 256 per step, rank 128, refresh every 200,
+    # bf16) on the sample corpus, for as many steps as ~1.5 min of an H100/H200 allow
+    "gpu-60m": Scale("llama_60m", None, 256, 128, 4, 150, 128, 200, "bf16"),
+}
 
 # name -> train.py overrides. AdamW's learning rate is swept (GaLore's 1e-3 was tuned for
 # 60M, not for this model); each other method keeps its configs/optim learning rate.
@@ -97,7 +110,10 @@ def command(name: str, seed: int, out: Path, scale: Scale, data: list[str]) -> l
         *GRID[name],
         *data,
         f"seed={seed}",
-        f"model.num_hidden_layers={scale.layers}",
+        f"model={scale.model}",
+        *([f"model.num_hidden_layers={scale.layers}"] if scale.layers else []),
+        f"trainer.precision={scale.precision}",
+        f"trainer.grad_accum={scale.accum}",
         f"data.seq_len={scale.seq}",
         "data.val_tokens=16384",
         "data.num_workers=0",
@@ -146,7 +162,9 @@ def welch_p(a: list[float], b: list[float]) -> float:
 
 
 def mean_std(xs: list[float], fmt: str) -> str:
-    return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}" if len(xs) > 1 else "-"
+    if len(xs) == 1:
+        return f"{xs[0]:{fmt}}"
+    return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}"
 
 
 def table(out: Path, names: list[str], seeds: int, steps: int) -> tuple[str, dict]:
@@ -167,7 +185,7 @@ def table(out: Path, names: list[str], seeds: int, steps: int) -> tuple[str, dic
                 len(runs),
                 mean_std([math.exp(x) for x in losses], ".1f"),
                 mean_std([r["gap"] for r in runs], ".3f"),
-                mean_std([r["sharp_random"] for r in runs], ".4f"),
+                mean_std([r["sharp_random"] for r in runs], ".1e"),
                 mean_std([r["sharp_ascent"] for r in runs], ".3f"),
                 mean_std([r["hessian_top_eig"] for r in runs], ".1f"),
                 f"{statistics.mean(r['tokens_per_s'] for r in runs):,.0f}",
@@ -188,19 +206,68 @@ def table(out: Path, names: list[str], seeds: int, steps: int) -> tuple[str, dic
     return markdown_table(header, rows), results
 
 
+def plot(results: dict[str, list[dict]], out: Path) -> None:
+    """Two panels: LORENZA's validation perplexity against ρ (ρ = 0 is SSRF alone), and each
+    method's mean sharpness against its mean perplexity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def ppl(runs):
+        xs = [math.exp(r["val_loss"]) for r in runs]
+        return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    rhos = {"lorenza-rho0": 0.0, "lorenza-rho0.003": 0.003, "lorenza": 0.01}
+    rhos |= {"lorenza-rho0.03": 0.03, "lorenza-rho0.1": 0.1}
+    points = [(rho, *ppl(results[name])) for name, rho in rhos.items() if results.get(name)]
+    if points:
+        x, y, err = zip(*points, strict=True)
+        left.errorbar([max(v, 1e-3) for v in x], y, yerr=err, marker="o", capsize=3)
+        left.set_xscale("log")
+    if results.get("galore"):
+        left.axhline(ppl(results["galore"])[0], color="gray", ls="--", label="GaLore")
+        left.legend()
+    left.set_xlabel("ρ (ρ = 0 drawn at 1e-3)")
+    left.set_ylabel("validation perplexity")
+    left.set_title("LORENZA: perplexity against ρ")
+    for name, runs in results.items():
+        if runs:
+            sharp = statistics.mean(r["sharp_ascent"] for r in runs)
+            right.scatter(sharp, ppl(runs)[0])
+            right.annotate(name, (sharp, ppl(runs)[0]), fontsize=7)
+    right.set_xlabel("sharp_ascent of the final weights (ρ = 0.05)")
+    right.set_ylabel("validation perplexity")
+    right.set_title("sharpness against perplexity")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regime", choices=("fresh", "repeat"), default="fresh")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--names", nargs="+", default=list(GRID))
     ap.add_argument("--out", default="results")
+    ap.add_argument("--scale", choices=tuple(SCALES), default="cpu")
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
-    scale = Scale()
-    out = Path(args.out) / f"ablation-{args.regime}"
+    scale = SCALES[args.scale]
+    tag = args.regime if args.scale == "cpu" else f"{args.regime}-{args.scale}"
+    out = Path(args.out) / f"ablation-{tag}"
     data = []
-    if args.regime == "repeat":
-        data = [f"data.path={repeat_corpus(out, scale.repeat_docs).resolve()}"]
+    if args.regime == "repeat":  # the full sample's tokenizer: 20 documents cannot train one
+        from data import load_tokenizer
+
+        tokenizer = load_tokenizer("sample", 8000, ROOT / "data" / "sample")
+        data = [
+            f"data.path={repeat_corpus(out, scale.repeat_docs).resolve()}",
+            f"data.tokenizer={Path(tokenizer.model_file).resolve()}",
+        ]
     start = time.time()
     for seed in range(args.seeds):  # seed-major: a cut-short grid still has every method
         for name in args.names:
@@ -208,18 +275,27 @@ def main() -> None:
             if args.dry_run:
                 print(" ".join(cmd))
                 continue
-            if summary(out / f"{name}-seed{seed}", scale.steps) is None:
+            folder = out / f"{name}-seed{seed}"
+            if summary(folder, scale.steps) is None:
+                began = time.time()
                 subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+                (folder / WALL).write_text(f"{time.time() - began:.1f}\n")
                 print(f"{name} seed {seed}: done ({time.time() - start:.0f} s)", flush=True)
     if args.dry_run:
         return
-    md, _ = table(out, args.names, args.seeds, scale.steps)
+    md, results = table(out, args.names, args.seeds, scale.steps)
+    walls = [out / f"{n}-seed{k}" / WALL for n in args.names for k in range(args.seeds)]
+    wall = sum(float(w.read_text()) for w in walls if w.exists())
     print(md)
+    figure = ROOT / "bench" / f"ablation-{tag}.png"
+    plot(results, figure)
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else machine()
+    layers = f" with {scale.layers} layers" if scale.layers else ""
     write_section(
-        f"ablation-{args.regime}",
-        f"## Optimizers and ablations, {args.seeds} seeds, {args.regime} data ({machine()})\n\n"
-        f"`python -m bench.ablation {' '.join(sys.argv[1:])}`; llama_tiny with "
-        f"{scale.layers} layers, float32, {scale.steps} steps of {scale.batch} x {scale.seq} "
+        f"ablation-{tag}",
+        f"## Optimizers and ablations, {args.seeds} seeds, {args.regime} data ({where})\n\n"
+        f"`python -m bench.ablation {' '.join(sys.argv[1:])}`; {scale.model}{layers}, "
+        f"{scale.precision}, {scale.steps} steps of {scale.batch * scale.accum} x {scale.seq} "
         f"tokens, rank {scale.rank}, refresh every {scale.update_gap}, each method's "
         "configs/optim learning rate (AdamW swept); "
         + (
@@ -227,8 +303,9 @@ def main() -> None:
             if args.regime == "repeat"
             else "fresh data every step; "
         )
-        + f"sharpness of the final weights (ρ = 0.05, ≤ 10 power iterations). Wall time "
-        f"of this invocation: {time.time() - start:.0f} s.\n\n" + md,
+        + f"sharpness of the final weights (ρ = 0.05, ≤ 10 power iterations). Wall time of "
+        f"the {len(walls)} runs, one after another: {wall / 60:.0f} min. Figure: "
+        f"`{figure.name}`.\n\n" + md,
     )
 
 
