@@ -55,6 +55,7 @@ from trainer.distributed import (
     shutdown,
     to_host,
 )
+from trainer.init_from import adopt_init_from, load_pretrained
 from trainer.metrics import (
     MFU_FORMULA,
     MetricsLog,
@@ -119,6 +120,7 @@ def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Start:
     tokenizer, the run folder (an earlier run's checkpoints without ``trainer.resume``,
     another job's lock) and the checkpoint to resume (missing, damaged, other settings).
     Every rank calls it and raises rank 0's error."""
+    adopt_init_from(cfg)  # a pretrained folder sets the shape, vocabulary and tokenizer
     check_config(cfg)
     cfg.model.vocab_size = cfg.data.vocab_size  # the embedding holds every tokenizer piece
     ranks = current()
@@ -189,6 +191,8 @@ def fit(
         run = build_run(cfg, start.tokenizer)
         if start.checkpoint is not None:
             restore(run, start.checkpoint)
+        elif cfg.model.init_from:
+            load_pretrained(run.model, cfg.model.init_from, run.ranks.is_main)
         open_logs(run, start)
         batches = stack.enter_context(closing(iter(run.loader)))  # ends workers on any error
         loss, val_loss = step_loop(run, batches, stops, evaluate_first=start.checkpoint is None)

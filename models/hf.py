@@ -41,7 +41,7 @@ def hf_config(
         architectures=["LlamaForCausalLM"],
         model_type="llama",
         hidden_act="silu",
-        num_key_value_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
         tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,
@@ -76,19 +76,89 @@ def save_hf(
     return folder
 
 
-def load_hf(folder: str | os.PathLike, name: str = "hf") -> Llama:
-    """Build our ``Llama`` from a Hugging Face LLaMA folder (single safetensors file)."""
+# Fields of a Hugging Face LLaMA config that change the network, and the values ours has.
+_FIXED = {
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+}
+
+
+def check_hf_config(folder: Path, hf: dict) -> None:
+    """Refuse, naming the field, a config our ``Llama`` cannot represent exactly."""
+    if hf.get("architectures", ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
+        raise ValueError(
+            f"{folder}/config.json: architectures={hf['architectures']} is not LlamaForCausalLM"
+        )
+    for key, ours in _FIXED.items():
+        if hf.get(key, ours) != ours:
+            raise ValueError(
+                f"{folder}/config.json: {key}={hf[key]!r} is not supported (only {ours!r})"
+            )
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"{folder}/config.json: rope_parameters.rope_type={rope['rope_type']!r} is not "
+            "supported (only 'default': plain rotary positions)"
+        )
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    if hf.get("head_dim", head_dim) != head_dim:
+        raise ValueError(
+            f"{folder}/config.json: head_dim={hf['head_dim']} is not hidden_size / "
+            f"num_attention_heads = {head_dim}, the only layout supported"
+        )
+
+
+def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model.safetensors``, or of the shards that
+    ``model.safetensors.index.json`` lists, in float32 (bf16/fp16 checkpoints are widened:
+    training keeps float32 master weights)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(
+            f"{folder} has neither model.safetensors nor model.safetensors.index.json "
+            "(only safetensors checkpoints are read)"
+        )
+    state = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def hf_shape(folder: str | os.PathLike) -> dict:
+    """The ``ModelConfig`` fields of the network in a Hugging Face LLaMA folder (checked by
+    ``check_hf_config``): its shape, ``rope_theta`` and ``rms_norm_eps``."""
     folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
     hf = json.loads((folder / "config.json").read_text())
-    heads = hf["num_attention_heads"]
-    if hf.get("num_key_value_heads", heads) != heads or hf.get("tie_word_embeddings", False):
-        raise ValueError(f"{folder}: grouped-query attention and tied embeddings are not supported")
-    cfg = ModelConfig(name=name, **{k: hf[k] for k in _CONFIG_KEYS if k in hf})
+    check_hf_config(folder, hf)
+    if "rope_theta" in (hf.get("rope_parameters") or {}):
+        hf["rope_theta"] = hf["rope_parameters"]["rope_theta"]
+    kv = hf.get("num_key_value_heads", hf["num_attention_heads"])
+    return {
+        "num_key_value_heads": kv if kv != hf["num_attention_heads"] else None,
+        **{k: hf[k] for k in _CONFIG_KEYS if k in hf},
+    }
+
+
+def load_hf(folder: str | os.PathLike, name: str = "hf") -> Llama:
+    """Build our ``Llama`` from a Hugging Face LLaMA folder: ``config.json`` and
+    ``model.safetensors`` or its shards; grouped-query attention, any ``rope_theta`` and
+    ``rms_norm_eps``; bf16 weights become float32. A config it cannot represent is refused
+    naming the field."""
+    cfg = ModelConfig(name=name, **hf_shape(folder))
+    cfg.validate()
     with torch.device("meta"):
         model = Llama(cfg)
-    state = {
-        k.removeprefix("model."): v for k, v in load_file(str(folder / "model.safetensors")).items()
-    }
+    state = {k.removeprefix("model."): v for k, v in hf_weights(folder).items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_rotary(model.lm_head.weight.device)
     return model

@@ -45,6 +45,10 @@ class ModelConfig:
     """Width of the SwiGLU MLP's hidden layer."""
     num_attention_heads: int = 8
     """Number of attention heads; ``hidden_size`` must be divisible by it."""
+    num_key_value_heads: int | None = None
+    """Key/value heads (grouped-query attention: each serves ``num_attention_heads /
+    num_key_value_heads`` query heads, as in LLaMA 2 70B and LLaMA 3); ``null``: one per
+    query head (multi-head attention, GaLore's models)."""
     num_hidden_layers: int = 8
     """Number of transformer blocks."""
     max_position_embeddings: int = 1024
@@ -55,6 +59,10 @@ class ModelConfig:
     """Base of the rotary frequencies."""
     initializer_range: float = 0.02
     """Standard deviation of the normal init of every linear and embedding weight."""
+    init_from: str | None = None
+    """A Hugging Face ``LlamaForCausalLM`` folder to start from (fine-tuning): its
+    ``config.json`` sets every shape key above, its weights replace the random init and its
+    ``tokenizer.model`` becomes ``data.tokenizer`` (``trainer/init_from.py``)."""
     activation_checkpointing: str = "none"
     """``none``, or ``block``: keep only each decoder layer's input and recompute the layer in
     the backward (about one more forward of compute for far less activation memory). How the
@@ -86,6 +94,14 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        kv = self.num_key_value_heads
+        if kv is not None and not (
+            0 < kv <= self.num_attention_heads and self.num_attention_heads % kv == 0
+        ):
+            raise ValueError(
+                f"model.num_key_value_heads={kv} must divide "
                 f"model.num_attention_heads={self.num_attention_heads}"
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
@@ -127,21 +143,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    """Causal self-attention with rotary positions; grouped-query when the config has fewer
+    key/value heads than query heads (each key/value head is repeated for its group)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, self.n_heads = cfg.hidden_size, cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads or self.n_heads
+        kv = d // self.n_heads * self.n_kv
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        heads = [
-            p(x).view(b, t, self.n_heads, -1).transpose(1, 2)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
-        ]
-        q, k, v = apply_rotary(heads[0], cos, sin), apply_rotary(heads[1], cos, sin), heads[2]
+        q, k, v = (
+            p(x).view(b, t, n, -1).transpose(1, 2)
+            for p, n in (
+                (self.q_proj, self.n_heads),
+                (self.k_proj, self.n_kv),
+                (self.v_proj, self.n_kv),
+            )
+        )
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv < self.n_heads:  # HF's repeat_kv: head j serves query heads j*g ... j*g+g-1
+            k, v = (z.repeat_interleave(self.n_heads // self.n_kv, dim=1) for z in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
 

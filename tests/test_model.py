@@ -1,5 +1,8 @@
 """The LLaMA family: sizes equal GaLore's, logits equal Hugging Face's, HF folders round-trip."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,7 +36,7 @@ def hf_twin(model: Llama) -> "transformers.LlamaForCausalLM":
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
         num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
         num_hidden_layers=c.num_hidden_layers,
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps,
@@ -63,6 +66,15 @@ SMALL = [
         vocab_size=517,
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
+    ),
+    dict(  # grouped-query attention: 6 query heads share 2 key/value heads, as in LLaMA 3
+        hidden_size=96,
+        intermediate_size=256,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=517,
+        rope_theta=500000.0,
     ),
 ]
 
@@ -108,3 +120,69 @@ def test_causality_future_tokens_do_not_change_past_logits():
 def test_bad_shape_names_the_key():
     with pytest.raises(ValueError, match="num_attention_heads"):
         Llama(ModelConfig(hidden_size=100, num_attention_heads=3))
+
+
+def test_a_sharded_bf16_gqa_checkpoint_imports_with_hugging_face_logits(tmp_path):
+    """A LLaMA-3-style folder: grouped-query attention, bf16 weights in several safetensors
+    shards with an index. Ours is built in float32 from the same bf16 numbers."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_attention_heads=4,
+        num_key_value_heads=1, num_hidden_layers=2, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(
+        tmp_path, max_shard_size="100KB"
+    )
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    ours = load_hf(tmp_path).eval()
+    assert ours.cfg.num_key_value_heads == 1 and ours.lm_head.weight.dtype == torch.float32
+    ids = torch.randint(0, 300, (2, 21))
+    with torch.no_grad():
+        assert (ours(ids) - hf.eval()(ids).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
+        ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4}),
+        ("tie_word_embeddings", True),
+        ("architectures", ["MistralForCausalLM"]),
+        ("head_dim", 32),
+        ("hidden_act", "gelu"),
+    ],
+)
+def test_a_checkpoint_we_cannot_represent_is_refused_naming_the_field(tmp_path, field, value):
+    torch.manual_seed(1)
+    save_hf(Llama(ModelConfig(name="small", **SMALL[0])), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=rf"config.json: {field}[=.].* (is not|not supported)"):
+        load_hf(tmp_path)
+
+
+def test_a_run_starts_from_an_exported_model(config, tmp_path):
+    """``model.init_from`` takes the folder's shape, tokenizer and weights: the fine-tuning
+    run's validation loss before its first step is the exporting run's last one."""
+    import train
+
+    pretrain = config("trainer.max_steps=3", "trainer.eval_every=3")
+    done = train.fit(pretrain)
+    folder = Path(pretrain.trainer.run_dir) / "model"
+    tune = config(
+        "model.num_hidden_layers=1",  # overridden by the folder's config.json
+        f"model.init_from={folder}",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        "trainer.save_model=false",
+    )
+    tune.trainer.run_dir = str(tmp_path / "tune")
+    train.fit(tune)
+    rows = [json.loads(x) for x in (tmp_path / "tune" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[0]["val_loss"] == pytest.approx(done["val_loss"], abs=1e-6)
+    assert tune.model.num_hidden_layers == pretrain.model.num_hidden_layers
+    (folder / "tokenizer.model").rename(folder / "tokenizer.json")
+    with pytest.raises(ValueError, match="has no tokenizer.model .*found only tokenizer.json"):
+        train.fit(config(f"model.init_from={folder}"))
