@@ -14,6 +14,7 @@ be used in any training loop::
 """
 
 from lorenza.groups import lowrank_param_groups, module_blocks
+from lorenza.mezo import MeZO
 from lorenza.optimizer import SubspaceAdamW
 from lorenza.schedule import cosine_lr, rho_for_lr
 from lorenza.variants import AdamW, AdaZoSAM, GaLoreAdamW, Lorenza, LorenzaPlus, SAMAdamW
@@ -24,6 +25,7 @@ __all__ = [
     "GaLoreAdamW",
     "Lorenza",
     "LorenzaPlus",
+    "MeZO",
     "SAMAdamW",
     "SubspaceAdamW",
     "cosine_lr",

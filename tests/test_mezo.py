@@ -1,0 +1,90 @@
+"""MeZO: the two-point estimate of the directional derivative along regenerated Gaussian
+directions, forward passes only."""
+
+import math
+
+import pytest
+import torch
+
+from lorenza import MeZO
+from lorenza.mezo import _MEZO
+from lorenza.projector import seeded_generator
+from models import Llama
+from tests.conftest import SMALL
+
+A = torch.tensor([4.0, 1.0, 0.5, 2.0, 3.0, 0.1])
+
+
+def quadratic():
+    torch.manual_seed(0)
+    params = [torch.randn(2, 2), torch.randn(2)]
+
+    def loss():
+        w = torch.cat([p.reshape(-1) for p in params])
+        return 0.5 * (A * w * w).sum()
+
+    return params, loss
+
+
+def test_one_step_is_the_two_point_estimate_along_z():
+    """In float64, so that the finite difference's rounding (~1e-7/μ in float32) is nil."""
+    params, loss = quadratic()
+    params[:] = [p.double() for p in params]
+    before = [p.clone() for p in params]
+    opt = MeZO(params, lr=0.1, mu=1e-3, weight_decay=0.01, seed=5)
+    opt.step(loss)
+    zs = [
+        torch.randn(p.shape, generator=seeded_generator(p.device, 5, _MEZO, 0, i), dtype=p.dtype)
+        for i, p in enumerate(before)
+    ]
+
+    def f(ws):
+        w = torch.cat([x.reshape(-1) for x in ws])
+        return 0.5 * (A * w * w).sum()
+
+    c = (
+        f([w + 1e-3 * z for w, z in zip(before, zs, strict=True)])
+        - f([w - 1e-3 * z for w, z in zip(before, zs, strict=True)])
+    ) / 2e-3
+    for p, w, z in zip(params, before, zs, strict=True):
+        want = w * (1 - 0.1 * 0.01) - 0.1 * c * z
+        torch.testing.assert_close(p, want, rtol=1e-9, atol=1e-12)
+
+
+def test_it_descends_a_quadratic_without_any_gradient():
+    params, loss = quadratic()
+    opt = MeZO(params, lr=0.05, mu=1e-3, seed=1)
+    start = loss().item()
+    for _ in range(300):
+        opt.step(loss)
+    assert loss().item() < 0.2 * start
+
+
+def test_a_step_on_a_model_never_allocates_a_gradient():
+    torch.manual_seed(0)
+    model = Llama(SMALL)
+    ids = torch.randint(0, 256, (2, 17))
+    opt = MeZO(model.parameters(), lr=1e-4)
+    for _ in range(2):
+        opt.step(lambda: model(ids[:, :-1], ids[:, 1:]))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_non_finite_loss_leaves_the_weights_and_the_state_dict_resumes_the_stream():
+    params, loss = quadratic()
+    before = [p.clone() for p in params]
+    opt = MeZO(params, lr=0.1, weight_decay=0.1)
+    opt.step(lambda: torch.tensor(math.nan))
+    assert all(torch.allclose(p, b, rtol=0, atol=1e-6) for p, b in zip(params, before, strict=True))
+    twin_params = [p.clone() for p in params]
+    twin = MeZO(twin_params, lr=0.1, weight_decay=0.1)
+    twin.load_state_dict(opt.state_dict())
+    opt.step(loss)
+    twin.step(lambda: 0.5 * (A * torch.cat([p.reshape(-1) for p in twin_params]) ** 2).sum())
+    assert all(torch.equal(a, b) for a, b in zip(params, twin_params, strict=True))
+
+
+@pytest.mark.parametrize("kw,needle", [({"mu": 0}, "mu=0"), ({"lr": -1}, "lr=-1")])
+def test_bad_hyperparameters_are_refused(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        MeZO([torch.zeros(2)], **kw)
