@@ -72,8 +72,11 @@ def bytes_per_step(optimizer: SubspaceAdamW) -> dict[str, int]:
     ``lowrank`` (a step between refreshes with ``lowrank=True``: float32 ``Qᵀ g`` of
     r x max(m, n) for each low-rank matrix, the full gradient for the rest), and
     ``refresh_extra``: what a refresh step adds in the paper's order (the gradients at ``W_t``
-    of the perturbed low-rank matrices, which choose their new bases)."""
+    of the perturbed low-rank matrices, which choose their new bases). A forward-only
+    optimizer (MeZO) all-reduces no gradient: zeros."""
     full = lowrank = extra = 0
+    if not isinstance(optimizer, SubspaceAdamW):
+        return {"full": 0, "lowrank": 0, "refresh_extra": 0}
     for group in optimizer.param_groups:
         for p in group["params"]:
             size = p.numel() * p.element_size()

@@ -23,7 +23,7 @@ from trainer.config import (
     Config,
 )
 from trainer.distributed import Ranks, pick_device
-from trainer.optimizers import OPTIMIZERS, build_optimizer, is_fused
+from trainer.optimizers import FORWARD_ONLY, OPTIMIZERS, build_optimizer, is_fused
 
 
 def check_config(cfg: Config) -> None:
@@ -53,6 +53,11 @@ def check_config(cfg: Config) -> None:
         backends = tuple(torch._dynamo.list_backends(exclude_tags=()))
         one_of("trainer.compile_backend", cfg.trainer.compile_backend, backends)
     check_writable(Path(cfg.trainer.run_dir))
+    if cfg.optim.name in FORWARD_ONLY and (is_fused(cfg) or cfg.dist.fsdp):
+        raise ValueError(
+            f"optim.name={cfg.optim.name!r} runs forward passes only: it has no gradients for "
+            "trainer.fused=true to consume, and moves whole weights (not dist.fsdp=true shards)"
+        )
     if is_fused(cfg) and cfg.trainer.grad_clip > 0 and cfg.trainer.grad_clip_mode == "global":
         raise ValueError(
             "trainer.grad_clip_mode='global' cannot work with trainer.fused=true: each gradient "

@@ -10,6 +10,7 @@ from lorenza import (
     GaLoreAdamW,
     Lorenza,
     LorenzaPlus,
+    MeZO,
     SAMAdamW,
     lowrank_param_groups,
     module_blocks,
@@ -27,7 +28,9 @@ OPTIMIZERS = {
     "lorenza_plus": (LorenzaPlus, True, 32),
     "adazo_sam": (AdaZoSAM, False, 32),
     "sam": (SAMAdamW, False, 32),
+    "mezo": (MeZO, False, 32),
 }
+FORWARD_ONLY = {"mezo"}  # no backward at all: train_step's forward-only path
 
 
 def is_fused(cfg: Config) -> bool:
@@ -46,6 +49,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     The model's transformer blocks are the optimizer's blocks (one draw of zeroth-order
     directions each)."""
     cls, lowrank, bits = OPTIMIZERS[cfg.name]
+    if cfg.name in FORWARD_ONLY:
+        return cls(model.parameters(), lr=cfg.lr, mu=cfg.mu, weight_decay=cfg.weight_decay)
     params = lowrank_param_groups(model, cfg.rank) if lowrank else model.parameters()
     if cfg.perturbation is not None and cfg.perturbation not in ZO_DIRECTIONS.get(cfg.name, ()):
         allowed = ", ".join(ZO_DIRECTIONS) or "none"

@@ -142,6 +142,12 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
         # an extra backward of the optimizer's (SAM's ascent, a refresh): its loss stays put
         return total if update else mean_tensor_over_ranks(total)
 
+    if not hasattr(optimizer, "perturb"):  # forward-only (MeZO): its own two forwards
+        loss = optimizer.step(probe)
+        mean, parts.stop, parts.nonfinite = read_step_stats(
+            loss, parts.stop_requested, ~torch.isfinite(loss)
+        )
+        return mean
     optimizer.perturb(closure)  # moves W to W + ε for SAM-type optimizers, else nothing
     total = closure()
     if hooks is not None:
