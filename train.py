@@ -300,7 +300,10 @@ def all_finite(*states: dict) -> bool:
                 visit(v)
 
     visit(states)
-    return not flags or bool(to_host(torch.stack([f.cpu() for f in flags]).all().reshape(1))[0])
+    if not flags:
+        return True
+    device = flags[0].device  # one stack on the device, one read (not a copy per tensor)
+    return bool(to_host(torch.stack([f.to(device) for f in flags]).all().reshape(1))[0])
 
 
 def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import math
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bench.repro import rows_of
 from bench.results import markdown_table, write_section
 from bench.step_time import machine
 
@@ -130,11 +130,6 @@ def command(name: str, seed: int, out: Path, scale: Scale, data: list[str]) -> l
         "trainer.resume=auto",
         f"trainer.run_dir={out / f'{name}-seed{seed}'}",
     ]
-
-
-def rows_of(folder: Path) -> list[dict]:
-    path = folder / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def summary(folder: Path, steps: int) -> dict | None:
