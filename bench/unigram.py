@@ -24,7 +24,7 @@ def unigram_perplexity(data_cfg: DataConfig) -> float:
     Laplace-smoothed unigram model of the training targets."""
     data_cfg.validate()
     tokenizer = load_tokenizer(data_cfg.tokenizer, data_cfg.vocab_size, data_cfg.path)
-    docs = map(tokenizer.encode, read_documents(shard_files(data_cfg.path, "train")))
+    docs = ((tokenizer.encode(d), 0) for d in read_documents(shard_files(data_cfg.path, "train")))
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.float64)
     for _, target in pack(docs, data_cfg.seq_len, tokenizer.eos_id):
         counts += torch.bincount(target, minlength=tokenizer.vocab_size)

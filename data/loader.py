@@ -11,12 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from data.hub import HubShards, check_hub, hub_documents
-from data.packing import IGNORE, pack, to_batch
+from data.jsonl import JsonlRecords, record_kind
+from data.packing import IGNORE, encode_document, pack, to_batch
 from data.shards import LocalShards, check_shards, read_documents, repo_path, shard_files
 from data.stream import Batch, ResumableLoader, Source
 from data.tokenizer import Tokenizer
 
-SOURCES = ("local", "hub")
+SOURCES = ("local", "hub", "jsonl")
 
 
 @dataclass
@@ -27,10 +28,15 @@ class DataConfig:
     """Label of the data set, for logs (the config file's name)."""
     source: str = "local"
     """`local`: the shards under `path`; `hub`: allenai/c4 (en) streamed from the Hugging
-    Face Hub (`path` unused)."""
+    Face Hub (`path` unused); `jsonl`: the fine-tuning file `path` (data/jsonl.py)."""
     path: str = "data/sample"
-    """Folder of `c4-{train,validation}.*.json.gz` shards; relative paths are taken from
-    the repository root, not the working directory (Hydra may change it)."""
+    """Folder of `c4-{train,validation}.*.json.gz` shards, or (`jsonl`) the training file;
+    relative paths are taken from the repository root, not the working directory (Hydra may
+    change it)."""
+    validation: str | None = None
+    """`jsonl`: the validation file; None holds out `val_fraction` of `path`'s lines."""
+    val_fraction: float = 0.05
+    """`jsonl` without a validation file: the share of lines held out for validation."""
     tokenizer: str = "sample"
     """`sample` (BPE trained on this data's training split), `t5`, or a `.model` path."""
     vocab_size: int = 8000
@@ -58,6 +64,9 @@ class DataConfig:
         if self.source == "hub":
             check_hub()
             return
+        if self.source == "jsonl":
+            self._validate_jsonl()
+            return
         if not repo_path(self.path).is_dir():
             raise ValueError(
                 f"data.path={self.path!r} does not exist ({repo_path(self.path)}); "
@@ -67,10 +76,45 @@ class DataConfig:
         for split in ("train", "validation"):
             check_shards(shard_files(self.path, split))
 
+    def _validate_jsonl(self) -> None:
+        files = {"data.path": self.path, "data.validation": self.validation}
+        for key, name in files.items():
+            if name is not None and not repo_path(name).is_file():
+                raise ValueError(f"{key}={name!r} is not a file ({repo_path(name)})")
+        if self.validation is None and not 0 < self.val_fraction < 1:
+            raise ValueError(
+                f"data.val_fraction={self.val_fraction} must be in (0, 1) when "
+                f"data.validation is not set"
+            )
+        if self.tokenizer == "sample":
+            raise ValueError(
+                "data.tokenizer='sample' trains on C4-format shards, not jsonl: name a "
+                "sentencepiece .model file, or start from model.init_from (its tokenizer)"
+            )
+        kinds = {key: record_kind(repo_path(name)) for key, name in files.items() if name}
+        if len(set(kinds.values())) > 1:
+            raise ValueError(f"the jsonl files hold different kinds of records: {kinds}")
+
+    def jsonl_split(self, split: str, reader: int = 0, num_readers: int = 1) -> JsonlRecords:
+        """`split` (train or validation) of the jsonl data, for one reader."""
+        kind = record_kind(repo_path(self.path))
+        if split == "validation" and self.validation is not None:
+            return JsonlRecords(repo_path(self.validation), kind)
+        keep = "all" if self.validation is not None else split
+        file = repo_path(self.path)
+        return JsonlRecords(file, kind, keep, self.val_fraction, reader, num_readers)
+
+    def packs(self) -> bool:
+        """Whether texts are packed: prompt/completion records never are."""
+        pairs = self.source == "jsonl" and record_kind(repo_path(self.path)) == "pairs"
+        return self.packing and not pairs
+
 
 def _train_source(data_cfg: DataConfig, reader: int, num_readers: int) -> Source:
     if data_cfg.source == "hub":
         return HubShards(reader, num_readers)
+    if data_cfg.source == "jsonl":
+        return data_cfg.jsonl_split("train", reader, num_readers)
     return LocalShards(shard_files(data_cfg.path, "train"), reader, num_readers)
 
 
@@ -87,7 +131,7 @@ def build_train_loader(
         functools.partial(_train_source, data_cfg),
         tokenizer,
         data_cfg.seq_len,
-        data_cfg.packing,
+        data_cfg.packs(),
         batch_size,
         seed,
         rank,
@@ -114,11 +158,13 @@ def validation_batches(
     target tokens (not counting padding); the last batch may be smaller."""
     if data_cfg.source == "hub":
         docs = hub_documents("validation")
+    elif data_cfg.source == "jsonl":
+        docs = data_cfg.jsonl_split("validation").documents()
     else:
         docs = read_documents(shard_files(data_cfg.path, "validation"))
     examples, available = [], 0
-    ids = map(tokenizer.encode, docs)
-    for example in pack(ids, data_cfg.seq_len, tokenizer.eos_id, data_cfg.packing):
+    encoded = (encode_document(tokenizer.encode, doc) for doc in docs)
+    for example in pack(encoded, data_cfg.seq_len, tokenizer.eos_id, data_cfg.packs()):
         examples.append(example)
         available += sum(t != IGNORE for t in example[1])
         if available >= num_tokens:
@@ -126,5 +172,5 @@ def validation_batches(
             return [to_batch(examples[i : i + batch_size]) for i in starts]
     raise ValueError(
         f"data.val_tokens={num_tokens} but the validation split of data.path={data_cfg.path!r} "
-        f"holds only {available} tokens at seq_len {data_cfg.seq_len}"
+        f"holds only {available} target tokens at seq_len {data_cfg.seq_len}"
     )

@@ -10,14 +10,30 @@ one example, as their HF T5 tokenizer call makes it (`max_length=seq_len, trunca
 padding="max_length"`): its first `seq_len - 1` tokens, EOS, then padding. Padded targets are
 IGNORE, which the loss skips; padded inputs are EOS, which no real position can see since
 attention is causal and padding comes last.
+
+Prompt/completion records (data=jsonl) are always one example each, trained on the completion
+only: the prompt's targets are IGNORE too. When a record is longer than `seq_len`, the prompt
+loses its first tokens (the completion, and the prompt's end next to it, are kept), then the
+completion its last.
 """
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 IGNORE = -100  # target of padding; models/llama.py's loss ignores it
 Example = tuple[list[int], list[int]]  # input and target, seq_len tokens each
+Document = str | tuple[str, str]  # a text, or a (prompt, completion) pair
+Encoded = tuple[list[int], int]  # token ids, and how many of the first are prompt
+
+
+def encode_document(encode: Callable[[str], list[int]], doc: Document) -> Encoded:
+    """A document's token ids and its prompt length (0 for a text). Prompt and completion
+    are encoded apart, so that the boundary is exact."""
+    if isinstance(doc, str):
+        return encode(doc), 0
+    prompt = encode(doc[0])
+    return prompt + encode(doc[1]), len(prompt)
 
 
 class Packer:
@@ -32,9 +48,16 @@ class Packer:
     ) -> None:
         self.seq_len, self.eos_id, self.packing = seq_len, eos_id, packing
         self.tokens = list(tokens)
+        self.prompt: int | None = None  # a pending pair's prompt tokens (not trained on)
 
-    def add(self, ids: list[int]) -> None:
-        """Take the next document's token ids (only when `pop` returned None)."""
+    def add(self, ids: list[int], prompt: int = 0) -> None:
+        """Take the next document's token ids, the first `prompt` of them a prompt (only
+        when `pop` returned None)."""
+        if prompt:  # a pair: one example of its own, whatever `packing` says
+            keep = max(self.seq_len - 1 - (len(ids) - prompt), 0)  # prompt tokens that fit
+            kept = ids[max(prompt - keep, 0) :]
+            self.tokens, self.prompt = [*kept[: self.seq_len - 1], self.eos_id], min(prompt, keep)
+            return
         if self.packing:
             self.tokens += ids
             self.tokens.append(self.eos_id)
@@ -44,7 +67,7 @@ class Packer:
     def pop(self) -> Example | None:
         """The next example, or None if another document is needed first."""
         n = self.seq_len
-        if self.packing:
+        if self.packing and self.prompt is None:
             if len(self.tokens) <= n:
                 return None
             block = self.tokens[: n + 1]
@@ -54,16 +77,20 @@ class Packer:
             return None
         tokens, self.tokens = self.tokens, []
         pad = n - len(tokens)
-        return tokens + [self.eos_id] * pad, tokens[1:] + [IGNORE] * (pad + 1)
+        masked = max((self.prompt or 0) - 1, 0)  # targets that are prompt tokens
+        self.prompt = None
+        targets = [IGNORE] * masked + tokens[1 + masked :] + [IGNORE] * (pad + 1)
+        return tokens + [self.eos_id] * pad, targets
 
 
 def pack(
-    docs_token_ids: Iterable[list[int]], seq_len: int, eos_id: int, packing: bool = True
+    docs: Iterable[Encoded], seq_len: int, eos_id: int, packing: bool = True
 ) -> Iterator[Example]:
-    """The examples of a finite stream of documents (a final partial block is dropped)."""
+    """The examples of a finite stream of encoded documents (a final partial block is
+    dropped)."""
     packer = Packer(seq_len, eos_id, packing)
-    for ids in docs_token_ids:
-        packer.add(ids)
+    for ids, prompt in docs:
+        packer.add(ids, prompt)
         while example := packer.pop():
             yield example
 

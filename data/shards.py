@@ -123,7 +123,7 @@ class LocalShards:
         shard, offset, line = cursor["shard"], cursor["offset"], cursor["line"]
         for index in range(shard, len(files)):
             try:
-                with gzip.open(files[index], "rb") as f:
+                with open_lines(files[index]) as f:
                     f.seek(offset)
                     while chunk := _read_lines(f, size):
                         block = [(files[index], line + i, raw) for i, raw in enumerate(chunk, 1)]
@@ -138,30 +138,45 @@ class LocalShards:
                 ) from None
             offset = line = 0
 
-    def text(self, item: Line) -> str | None:
-        """The document's text, or None (and a warning, once per shard) if the line is bad."""
+    def documents(self) -> Iterator:
+        """Every document, in file order (bad lines skipped): a fixed split's view."""
+        for block, _ in self.blocks(None, 0, None, 1024):
+            yield from (doc for doc in map(self.text, block) if doc is not None)
+
+    expects = "a JSON object with a string 'text'"  # what a good line is, for the warning
+
+    def document(self, record: object) -> str | None:
+        """A parsed line's document, or None if it is not one (C4: the `text` string)."""
+        text = record.get("text") if isinstance(record, dict) else None
+        return text if isinstance(text, str) else None
+
+    def text(self, item: Line):
+        """The line's document, or None (and a warning, once per shard) if the line is bad."""
         file, line, raw = item
         try:
-            text = json.loads(raw)["text"]
-        except (ValueError, KeyError, TypeError):
-            text = None
-        if isinstance(text, str):
-            return text
+            doc = self.document(json.loads(raw))
+        except ValueError:  # bad JSON or bad UTF-8
+            doc = None
+        if doc is not None:
+            return doc
         if file not in self._warned:
             self._warned.add(file)
             warnings.warn(
-                f"{file}:{line} is not a JSON object with a string 'text'; skipped (later bad "
-                f"lines of this shard are skipped and counted without a warning)",
+                f"{file}:{line} is not {self.expects}; skipped (later bad lines of this file "
+                f"are skipped and counted without a warning)",
                 stacklevel=2,
             )
         return None
 
 
+def open_lines(file: Path):
+    """A binary line reader of a shard: gzip for `.gz`, plain otherwise (jsonl files)."""
+    return gzip.open(file, "rb") if file.suffix == ".gz" else open(file, "rb")  # noqa: SIM115
+
+
 def read_documents(files: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
     """The `text` of every document in the given shards, in file order (bad lines skipped)."""
-    shards = LocalShards([Path(f) for f in files])
-    for block, _ in shards.blocks(None, 0, None, 1024):
-        yield from (text for text in map(shards.text, block) if text is not None)
+    return LocalShards([Path(f) for f in files]).documents()
 
 
 def write_shard(file: Path, records: Iterable[dict[str, str]]) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.packing import Packer, to_batch
+from data.packing import Packer, encode_document, to_batch
 from data.tokenizer import Tokenizer
 
 SHUFFLE_BLOCK = 1024  # documents shuffled together; C4 shards hold ~356k documents each
@@ -44,7 +44,7 @@ class Source(Protocol):
         self, seed: int | None, epoch: int, cursor: Any, size: int
     ) -> Iterator[tuple[list[Any], Any]]: ...
 
-    def text(self, item: Any) -> str | None: ...
+    def text(self, item: Any) -> Any: ...  # a Document (data/packing.py), or None if bad
 
 
 @dataclasses.dataclass
@@ -82,7 +82,7 @@ class Reader:
         self.state = dataclasses.replace(state, tokens=[])
         self.packer = Packer(seq_len, tokenizer.eos_id, packing, state.tokens)
 
-    def documents(self) -> Iterator[str]:
+    def documents(self) -> Iterator:
         """This reader's documents forever, advancing `state` past each one it yields."""
         s = self.state
         index, count = self.source.share
@@ -115,7 +115,7 @@ class Reader:
                 if (example := self.packer.pop()) is not None:
                     examples.append(example)
                 else:
-                    self.packer.add(self.tokenizer.encode(next(docs)))
+                    self.packer.add(*encode_document(self.tokenizer.encode, next(docs)))
             state = dataclasses.replace(self.state, tokens=list(self.packer.tokens))
             yield *to_batch(examples), dataclasses.asdict(state)
 

@@ -20,12 +20,12 @@ from collections.abc import Callable
 
 import torch
 
-from lorenza.projector import seeded_generator
-
-_MEZO = 7  # the random stream's tag, apart from SSRF's and LORENZA's
+from lorenza.forward_only import ForwardOnlyOptimizer, check
 
 
-class MeZO(torch.optim.Optimizer):
+class MeZO(ForwardOnlyOptimizer):
+    tag = 7
+
     def __init__(
         self,
         params,
@@ -34,30 +34,18 @@ class MeZO(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
     ):
-        for name, value, ok, allowed in (
+        check(
             ("lr", lr, lr >= 0, ">= 0"),
             ("mu", mu, mu > 0, "> 0"),
             ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
-        ):
-            if not ok:
-                raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
-        self.mu, self.seed, self.step_count = mu, seed, 0
-
-    def _params(self) -> list[tuple[int, torch.Tensor, dict]]:
-        out, i = [], 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                out.append((i, p, group))
-                i += 1
-        return out
+        )
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, seed)
+        self.mu = mu
 
     def _move(self, scale: float | torch.Tensor) -> None:
         """``W += scale · z`` for every parameter, ``z`` regenerated from the step's seed."""
         for i, p, _ in self._params():
-            gen = seeded_generator(p.device, self.seed, _MEZO, self.step_count, i)
-            z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-            p.add_(z * scale)
+            p.add_(self._noise(i, p) * scale)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -78,18 +66,6 @@ class MeZO(torch.optim.Optimizer):
             if group["weight_decay"]:
                 keep = torch.tensor(1 - group["lr"] * group["weight_decay"], dtype=p.dtype)
                 p.mul_(torch.where(ok, keep.to(p.device), 1.0))
-            gen = seeded_generator(p.device, self.seed, _MEZO, self.step_count, i)
-            z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-            p.add_(z * (-group["lr"] * c))
+            p.add_(self._noise(i, p) * (-group["lr"] * c))
         self.step_count += 1
         return f_plus
-
-    def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["step_count"] = self.step_count
-        return out
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        self.step_count = state_dict.pop("step_count")
-        super().load_state_dict(state_dict)

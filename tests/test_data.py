@@ -82,7 +82,7 @@ def test_missing_source_exits_with_one_clear_line(tmp_path):
 def test_pack_is_the_contiguous_eos_joined_stream():
     docs = [[5] * n for n in (3, 10, 1, 7, 20)]
     stream = [t for doc in docs for t in [*doc, 0]]
-    pairs = list(pack(docs, seq_len=4, eos_id=0))
+    pairs = list(pack([(d, 0) for d in docs], seq_len=4, eos_id=0))
     assert len(pairs) == (len(stream) - 1) // 4
     for k, (inputs, targets) in enumerate(pairs):
         assert inputs == stream[4 * k : 4 * k + 4]
@@ -92,7 +92,7 @@ def test_pack_is_the_contiguous_eos_joined_stream():
 
 
 def test_galore_mode_truncates_and_pads_each_document():
-    pairs = list(pack([[7] * 3, [8] * 10], seq_len=6, eos_id=0, packing=False))
+    pairs = list(pack([([7] * 3, 0), ([8] * 10, 0)], seq_len=6, eos_id=0, packing=False))
     assert pairs == [
         ([7, 7, 7, 0, 0, 0], [7, 7, 0, IGNORE, IGNORE, IGNORE]),
         ([8, 8, 8, 8, 8, 0], [8, 8, 8, 8, 0, IGNORE]),

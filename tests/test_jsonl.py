@@ -1,0 +1,166 @@
+"""Fine-tuning data (data=jsonl): text or prompt/completion records, completion-only loss,
+held-out validation, bad lines."""
+
+import itertools
+import json
+
+import pytest
+
+from data import DataConfig, build_train_loader, load_tokenizer, validation_batches
+from data.jsonl import held_out
+from data.packing import IGNORE, Packer
+from data.shards import REPO_ROOT
+
+MODEL = str(REPO_ROOT / "data" / "sample" / "tokenizer" / "sp_bpe_8000.model")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(MODEL, 8000, "")
+
+
+def write(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def pairs(n):
+    return [
+        {"prompt": f"Question {i}: what is {i} plus one?", "completion": f" {i + 1}."}
+        for i in range(n)
+    ]
+
+
+def test_a_pair_is_one_example_trained_on_its_completion_only():
+    packer = Packer(seq_len=8, eos_id=0, packing=True)
+    packer.add([11, 12, 13, 21, 22], prompt=3)
+    x, y = packer.pop()
+    assert x == [11, 12, 13, 21, 22, 0, 0, 0]
+    assert y == [IGNORE, IGNORE, 21, 22, 0, IGNORE, IGNORE, IGNORE]  # completion, then EOS
+    assert packer.pop() is None
+
+
+def test_a_long_pair_loses_the_prompts_start_then_the_completions_end():
+    packer = Packer(seq_len=6, eos_id=0)
+    packer.add([1, 2, 3, 4, 5, 21, 22], prompt=5)  # 7 tokens + EOS > 6
+    x, y = packer.pop()
+    assert x == [3, 4, 5, 21, 22, 0] and y == [IGNORE, IGNORE, 21, 22, 0, IGNORE]
+    packer.add([1, 2, *range(21, 30)], prompt=2)  # the completion alone is too long
+    x, y = packer.pop()
+    assert x == [21, 22, 23, 24, 25, 0] and y == [22, 23, 24, 25, 0, IGNORE]
+
+
+def test_pairs_from_the_loader_train_on_completion_tokens_only(tmp_path, tokenizer):
+    cfg = DataConfig(
+        source="jsonl",
+        path=str(write(tmp_path / "t.jsonl", pairs(40))),
+        tokenizer=MODEL,
+        seq_len=32,
+        val_fraction=0.25,
+        num_workers=0,
+    )
+    cfg.validate()
+    loader = build_train_loader(cfg, tokenizer, batch_size=4, seed=0)
+    for x, y in itertools.islice(loader, 5):
+        for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+            trained = [t for t in row_y if t != IGNORE]
+            assert tokenizer.decode(trained[:-1]).strip().rstrip(".").isdigit()
+            assert trained[-1] == tokenizer.eos_id
+            assert tokenizer.decode(row_x).startswith("Question")  # one record per row
+    val = validation_batches(cfg, tokenizer, batch_size=4, num_tokens=10)
+    assert all((y != IGNORE).sum() < (x != tokenizer.eos_id).sum() for x, y in val)
+
+
+def test_held_out_lines_are_validation_only_and_the_same_every_time(tmp_path, tokenizer):
+    cfg = DataConfig(
+        source="jsonl",
+        path=str(write(tmp_path / "t.jsonl", pairs(400))),
+        tokenizer=MODEL,
+        val_fraction=0.1,
+        num_workers=0,
+    )
+    val = [d[0] for d in cfg.jsonl_split("validation").documents()]
+    train = [d[0] for d in cfg.jsonl_split("train").documents()]
+    assert not set(val) & set(train) and len(val) + len(train) == 400
+    assert 20 <= len(val) <= 60  # 10% of 400, by a hash
+    assert val == [
+        f"Question {i - 1}: what is {i - 1} plus one?" for i in range(1, 401) if held_out(i, 0.1)
+    ]
+    cfg.validation = str(write(tmp_path / "v.jsonl", pairs(3)))
+    assert len(list(cfg.jsonl_split("validation").documents())) == 3
+    assert len(list(cfg.jsonl_split("train").documents())) == 400
+
+
+def test_text_records_are_packed_like_c4(tmp_path, tokenizer):
+    docs = [{"text": f"Document number {i} has some words in it."} for i in range(30)]
+    cfg = DataConfig(
+        source="jsonl",
+        path=str(write(tmp_path / "t.jsonl", docs)),
+        tokenizer=MODEL,
+        seq_len=16,
+        val_fraction=0.2,
+        num_workers=0,
+    )
+    x, y = next(iter(build_train_loader(cfg, tokenizer, batch_size=2, seed=0)))
+    assert (y != IGNORE).all() and (x[:, 1:] == y[:, :-1]).all()
+
+
+def test_bad_lines_are_skipped_warned_once_and_counted(tmp_path, tokenizer):
+    records = [*pairs(3), "{not json", {"prompt": "no completion"}, *pairs(3)]
+    cfg = DataConfig(
+        source="jsonl",
+        path=str(write(tmp_path / "t.jsonl", records)),
+        validation=str(write(tmp_path / "v.jsonl", pairs(2))),
+        tokenizer=MODEL,
+        seq_len=32,
+        num_workers=0,
+    )
+    loader = build_train_loader(cfg, tokenizer, batch_size=6, seed=0)
+    with pytest.warns(
+        UserWarning, match=r"t\.jsonl:4 is not a JSON object with string 'prompt'"
+    ) as w:
+        list(itertools.islice(loader, 2))  # an epoch and then some
+    assert len(w) == 1 and 2 <= loader.skipped_lines <= 4
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"path": "missing.jsonl"}, "data.path='missing.jsonl' is not a file"),
+        ({"val_fraction": 1.5}, r"data.val_fraction=1.5 must be in \(0, 1\)"),
+        ({"tokenizer": "sample"}, "data.tokenizer='sample' trains on C4-format shards"),
+        ({"validation": "TEXT"}, "different kinds of records"),
+        ({"path": "EMPTY"}, "none of its first 100 lines"),
+    ],
+)
+def test_bad_jsonl_settings_are_refused_in_one_line(tmp_path, change, needle):
+    files = {
+        "PAIRS": write(tmp_path / "p.jsonl", pairs(3)),
+        "TEXT": write(tmp_path / "t.jsonl", [{"text": "x"}]),
+        "EMPTY": write(tmp_path / "e.jsonl", ["[]"]),
+    }
+    kw = {"source": "jsonl", "path": str(files["PAIRS"]), "tokenizer": MODEL, **change}
+    kw = {k: str(files[v]) if v in files else v for k, v in kw.items()}
+    with pytest.raises(ValueError, match=needle):
+        DataConfig(**kw).validate()
+
+
+def test_train_py_fine_tunes_on_pairs(tmp_path, config):
+    import train
+
+    file = write(tmp_path / "t.jsonl", pairs(200))
+    cfg = config(
+        "data=jsonl",
+        f"data.path={file}",
+        f"data.tokenizer={MODEL}",
+        "data.vocab_size=8000",
+        "data.val_fraction=0.2",
+        "data.val_tokens=64",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        "trainer.save_model=false",
+    )
+    train.fit(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert [s for s, _ in val] == [0, 3] and val[1][1] < val[0][1]
