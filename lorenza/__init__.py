@@ -14,6 +14,7 @@ be used in any training loop::
 """
 
 from lorenza.groups import lowrank_param_groups, module_blocks
+from lorenza.loren import LOREN
 from lorenza.mezo import MeZO
 from lorenza.optimizer import SubspaceAdamW
 from lorenza.schedule import cosine_lr, rho_for_lr
@@ -25,6 +26,7 @@ __all__ = [
     "GaLoreAdamW",
     "Lorenza",
     "LorenzaPlus",
+    "LOREN",
     "MeZO",
     "SAMAdamW",
     "SubspaceAdamW",

@@ -26,6 +26,7 @@ _CONFIG_KEYS = (
     "rms_norm_eps",
     "rope_theta",
     "initializer_range",
+    "tie_word_embeddings",
 )
 
 
@@ -42,7 +43,6 @@ def hf_config(
         model_type="llama",
         hidden_act="silu",
         num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
-        tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,
         torch_dtype=str(dtype).removeprefix("torch."),
@@ -83,7 +83,6 @@ _FIXED = {
     "attention_bias": False,
     "mlp_bias": False,
     "rope_scaling": None,
-    "tie_word_embeddings": False,
 }
 
 
@@ -160,5 +159,6 @@ def load_hf(folder: str | os.PathLike, name: str = "hf") -> Llama:
         model = Llama(cfg)
     state = {k.removeprefix("model."): v for k, v in hf_weights(folder).items()}
     model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
     model.reset_rotary(model.lm_head.weight.device)
     return model

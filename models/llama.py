@@ -1,5 +1,5 @@
 """The LLaMA decoder used for every experiment: RMSNorm, rotary embeddings, SwiGLU MLP,
-causal SDPA attention and untied input/output embeddings.
+causal SDPA attention, and untied input/output embeddings unless ``tie_word_embeddings``.
 
 ``model(ids)`` returns the logits; ``model(ids, targets)`` returns the cross-entropy without
 ever holding float32 logits for the whole batch: the output layer and the loss run over
@@ -59,6 +59,9 @@ class ModelConfig:
     """Base of the rotary frequencies."""
     initializer_range: float = 0.02
     """Standard deviation of the normal init of every linear and embedding weight."""
+    tie_word_embeddings: bool = False
+    """``lm_head`` uses the input embedding's matrix (one parameter, as in LLaMA 3.2 1B/3B
+    and TinyLlama-style small models); GaLore's models are untied."""
     init_from: str | None = None
     """A Hugging Face ``LlamaForCausalLM`` folder to start from (fine-tuning): its
     ``config.json`` sets every shape key above, its weights replace the random init and its
@@ -211,7 +214,19 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
+        self.tie_weights()
         self.reset_rotary(self.lm_head.weight.device)
+        # A tied model's state dict holds the shared matrix once, as Hugging Face's files do
+        # (safetensors refuses two names for one tensor): ``lm_head.weight`` is left out on
+        # save and taken from ``embed_tokens.weight`` on load.
+        self.register_state_dict_post_hook(_drop_tied_head)
+        self.register_load_state_dict_pre_hook(_fill_tied_head)
+
+    def tie_weights(self) -> None:
+        """Make ``lm_head.weight`` the embedding's parameter when tied (again after a load
+        with ``assign=True``, which gives each name its own parameter)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def reset_rotary(self, device: torch.device) -> None:
         """The rotary tables for every position, computed once rather than in every forward,
@@ -292,8 +307,11 @@ class Llama(nn.Module):
         self._chunk_loss = torch.compile(self._chunk_loss, backend=backend)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters (a tied matrix once); ``exclude_embeddings``: without the input
+        embedding's lookup table, which a tied model still multiplies by as ``lm_head``."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+        lookup = exclude_embeddings and not self.cfg.tie_word_embeddings
+        return n - self.embed_tokens.weight.numel() if lookup else n
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, ``6 N + 12 L d T`` (PaLM appendix B; N without the input
@@ -315,3 +333,14 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
         ignore_index=-100,
         reduction=reduction,
     )
+
+
+def _drop_tied_head(module: Llama, state: dict, prefix: str, _metadata) -> None:
+    if module.cfg.tie_word_embeddings:
+        state.pop(prefix + "lm_head.weight", None)
+
+
+def _fill_tied_head(module: Llama, state: dict, prefix: str, *_args) -> None:
+    head, embed = prefix + "lm_head.weight", prefix + "embed_tokens.weight"
+    if module.cfg.tie_word_embeddings and head not in state and embed in state:
+        state[head] = state[embed]

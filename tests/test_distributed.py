@@ -42,16 +42,18 @@ LOWRANK = ("galore", "lorenza")
 FSDP_OR_NOT = (("false", "false"), ("true", "false"), ("false", "true"))
 
 
-def case_overrides(name: str, fused: str, fsdp: str) -> list[str]:
+def case_overrides(name: str, fused: str, fsdp: str, tied: str = "false") -> list[str]:
     """FSDP runs without clipping: a global norm summed from shards in float32 differs from
     the single-process one by ~1e-5 relative (measured), and Adam's second moments with it."""
     clip = ["trainer.grad_clip=0"] if fsdp == "true" else []
-    return [f"optim={name}", f"trainer.fused={fused}", *clip]
+    return [f"optim={name}", f"trainer.fused={fused}", f"model.tie_word_embeddings={tied}", *clip]
 
 
-# (optimizer, trainer.fused, dist.fsdp): DDP unfused, own hooks fused, FSDP2 (unfused)
+# (optimizer, trainer.fused, dist.fsdp): DDP unfused, own hooks fused, FSDP2 (unfused); then
+# tied embeddings (one matrix in FSDP2's root unit) under the fused hooks and FSDP2
 CASES = [(o, f, s) for o in ("adamw", "galore", "lorenza") for f, s in FSDP_OR_NOT]
-COMPILED = [i for i, case in enumerate(CASES) if case[0] == "lorenza"]
+CASES += [("lorenza", "true", "false", "true"), ("lorenza", "false", "true", "true")]
+COMPILED = [i for i, case in enumerate(CASES) if case[0] == "lorenza" and len(case) == 3]
 
 
 def torchrun(*args, nproc=2, timeout=600):
@@ -109,11 +111,13 @@ def two_process_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "case", range(len(CASES)), ids=[f"{o}-fused={f}-fsdp={s}" for o, f, s in CASES]
+    "case",
+    range(len(CASES)),
+    ids=["{}-fused={}-fsdp={}{}".format(*c, "-tied" * (len(c) > 3)) for c in CASES],
 )
 def test_two_processes_equal_one_with_the_same_global_batch(case, two_process_runs, config):
-    name, fused, fsdp = CASES[case]
-    cfg = config(*RUN, *ONE_PROC, *case_overrides(name, fused, fsdp))
+    name, fused, fsdp, *tied = CASES[case]
+    cfg = config(*RUN, *ONE_PROC, *case_overrides(name, fused, fsdp, *tied))
     fit(cfg)
     w1, _, rows1 = final(Path(cfg.trainer.run_dir))
     w2, state2, rows2 = final(two_process_runs / str(case))

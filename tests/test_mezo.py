@@ -89,9 +89,13 @@ def test_bad_hyperparameters_are_refused(kw, needle):
         MeZO([torch.zeros(2)], **kw)
 
 
-def test_optim_mezo_trains_from_train_py_without_gradients_and_resumes_exactly(config, monkeypatch):
-    """``optim=mezo``: no ``.grad`` ever appears, and a run stopped after 2 steps and resumed
-    gives the uninterrupted run's losses exactly (the seed stream is in the checkpoint)."""
+@pytest.mark.parametrize("name,extra", [("mezo", []), ("loren", ["optim.q=3"])])
+def test_forward_only_optimizers_train_from_train_py_without_gradients_and_resume_exactly(
+    config, monkeypatch, name, extra
+):
+    """``optim=mezo`` and ``optim=loren``: no ``.grad`` ever appears, and a run stopped after
+    2 steps and resumed gives the uninterrupted run's losses exactly (the seed stream is in
+    the checkpoint)."""
     import json
     from pathlib import Path
 
@@ -106,7 +110,8 @@ def test_optim_mezo_trains_from_train_py_without_gradients_and_resumes_exactly(c
         return loss
 
     monkeypatch.setattr(train, "train_step", checked)
-    args = ["optim=mezo", "optim.lr=1e-4", "trainer.eval_every=100", "trainer.save_model=false"]
+    args = [f"optim={name}", "optim.lr=1e-4", "trainer.eval_every=100", "trainer.save_model=false"]
+    args += extra
     full = config(*args, "trainer.max_steps=4")
     train.fit(full)
     first = config(*args, "trainer.max_steps=2")
@@ -125,8 +130,16 @@ def test_optim_mezo_trains_from_train_py_without_gradients_and_resumes_exactly(c
     assert all(math.isfinite(x) for x in losses(full.trainer.run_dir))
 
 
-def test_mezo_with_fused_updates_is_refused(config):
+@pytest.mark.parametrize("name", ["mezo", "loren"])
+def test_forward_only_with_fused_updates_is_refused(config, name):
     import train
 
-    with pytest.raises(ValueError, match="optim.name='mezo' runs forward passes only"):
-        train.check_config(config("optim=mezo", "trainer.fused=true"))
+    with pytest.raises(ValueError, match=f"optim.name='{name}' runs forward passes only"):
+        train.check_config(config(f"optim={name}", "trainer.fused=true"))
+
+
+def test_loren_with_one_query_is_refused_before_any_work(config):
+    import train
+
+    with pytest.raises(ValueError, match="q=1 is invalid: must be >= 2"):
+        train.check_config(config("optim=loren", "optim.q=1"))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from models import Llama, ModelConfig, load_hf, save_hf
 from models.hf import to_hf_state_dict
@@ -41,11 +42,11 @@ def hf_twin(model: Llama) -> "transformers.LlamaForCausalLM":
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps,
         rope_theta=c.rope_theta,
-        tie_word_embeddings=False,
+        tie_word_embeddings=c.tie_word_embeddings,
         attn_implementation="eager",
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    hf.load_state_dict(to_hf_state_dict(model), strict=True)
+    hf.load_state_dict(to_hf_state_dict(model), strict=not c.tie_word_embeddings)
     return hf
 
 
@@ -75,6 +76,15 @@ SMALL = [
         num_hidden_layers=2,
         vocab_size=517,
         rope_theta=500000.0,
+    ),
+    dict(  # tied input and output embeddings, as LLaMA 3.2 1B
+        hidden_size=64,
+        intermediate_size=172,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=300,
+        tie_word_embeddings=True,
     ),
 ]
 
@@ -143,12 +153,35 @@ def test_a_sharded_bf16_gqa_checkpoint_imports_with_hugging_face_logits(tmp_path
         assert (ours(ids) - hf.eval()(ids).logits).abs().max().item() <= 1e-5
 
 
+def test_a_tied_hugging_face_folder_imports_as_one_matrix_and_exports_back(tmp_path):
+    """transformers saves a tied model without ``lm_head.weight``; ours loads it with the head
+    and the embedding one parameter, and its own export is the same kind of folder."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_attention_heads=4,
+        num_key_value_heads=2, num_hidden_layers=2, tie_word_embeddings=True,
+        attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(4)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_hf(tmp_path / "hf").eval()
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+    assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, 300, (2, 19))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-5
+    save_hf(ours, tmp_path / "back")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "back" / "model.safetensors"))
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, hf(ids).logits)
+
+
 @pytest.mark.parametrize(
     "field,value",
     [
         ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
         ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4}),
-        ("tie_word_embeddings", True),
         ("architectures", ["MistralForCausalLM"]),
         ("head_dim", 32),
         ("hidden_act", "gelu"),

@@ -38,10 +38,21 @@ def stop_at(run_dir: Path, step: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "optim,fused", [("adamw", False), ("adamw", True), ("lorenza", False), ("lorenza", True)]
+    "optim,fused,tied",
+    [
+        ("adamw", False, False),
+        ("adamw", True, False),
+        ("lorenza", False, False),
+        ("lorenza", True, False),
+        ("lorenza", False, True),
+        ("lorenza", True, True),
+    ],
 )
-def test_resume_auto_reproduces_the_uninterrupted_losses(config, tmp_path, optim, fused):
+def test_resume_auto_reproduces_the_uninterrupted_losses(config, tmp_path, optim, fused, tied):
+    """Also with tied embeddings: one matrix as embedding and head, whose two uses sum into
+    one gradient that is updated once (fused hooks fire once per parameter), stored once."""
     args = [
+        f"model.tie_word_embeddings={tied}",
         f"optim={optim}",
         "optim.rank=16",
         "optim.update_gap=3",
@@ -62,6 +73,8 @@ def test_resume_auto_reproduces_the_uninterrupted_losses(config, tmp_path, optim
     resumed.trainer.run_dir = str(stopped)
     train.fit(resumed)
     assert losses(stopped) == losses(full.trainer.run_dir)  # bit-identical floats, steps 1-8
+    saved = load_file(str(stopped / "checkpoints" / "step_00000008" / "model.safetensors"))
+    assert ("lm_head.weight" in saved) != tied and "embed_tokens.weight" in saved
 
 
 def run_cli(tmp_path, *overrides, program=("train.py",), **kw):

@@ -71,6 +71,13 @@ class OptimConfig:
     """On refresh steps choose ``Q_t`` at ``W_t`` (one extra forward/backward every
     ``update_gap`` steps), then perturb inside it: the paper's order. ``false``: perturb in
     the previous basis and refresh from the gradient at ``W + ε``."""
+    damping: float = 0.1
+    """LOREN's λ: damping of its rank-one curvature model ``I + aaᵀ/λ``."""
+    lr_cov: float = 2e-3
+    """LOREN's learning rate for its curvature vectors ``a``."""
+    per_query: bool = True
+    """LOREN: a momentum-SGD step per query, K a step (the authors' form); false: one step
+    with the K estimates summed."""
     zo_buffer_mib: float = 64.0
     """A step keeps its zeroth-order random numbers between passes up to this many MiB (one
     generator call per block per step); blocks beyond it are drawn again in each pass."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lorenza import (
+    LOREN,
     AdamW,
     AdaZoSAM,
     GaLoreAdamW,
@@ -29,8 +30,9 @@ OPTIMIZERS = {
     "adazo_sam": (AdaZoSAM, False, 32),
     "sam": (SAMAdamW, False, 32),
     "mezo": (MeZO, False, 32),
+    "loren": (LOREN, False, 32),
 }
-FORWARD_ONLY = {"mezo"}  # no backward at all: train_step's forward-only path
+FORWARD_ONLY = {"mezo", "loren"}  # no backward at all: train_step's forward-only path
 
 
 def is_fused(cfg: Config) -> bool:
@@ -49,8 +51,20 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     The model's transformer blocks are the optimizer's blocks (one draw of zeroth-order
     directions each)."""
     cls, lowrank, bits = OPTIMIZERS[cfg.name]
-    if cfg.name in FORWARD_ONLY:
+    if cfg.name == "mezo":
         return cls(model.parameters(), lr=cfg.lr, mu=cfg.mu, weight_decay=cfg.weight_decay)
+    if cfg.name == "loren":
+        return cls(
+            model.parameters(),
+            lr=cfg.lr,
+            mu=cfg.mu,
+            damping=cfg.damping,
+            lr_cov=cfg.lr_cov,
+            beta1=cfg.beta1,
+            q=cfg.q,
+            weight_decay=cfg.weight_decay,
+            per_query=cfg.per_query,
+        )
     params = lowrank_param_groups(model, cfg.rank) if lowrank else model.parameters()
     if cfg.perturbation is not None and cfg.perturbation not in ZO_DIRECTIONS.get(cfg.name, ()):
         allowed = ", ".join(ZO_DIRECTIONS) or "none"
