@@ -119,7 +119,8 @@ class LOREN(ForwardOnlyOptimizer):
         beta = 1 / (r * (r + math.sqrt(self.damping)))
         u = rows(self._noise(i, p, k))
         t = u @ a
-        return u - (beta * t)[:, None] * a, t * (1 - beta * s)
+        eps_a = t * (1 - beta * s)
+        return u.addmm_((beta * t)[:, None], a[None, :], alpha=-1), eps_a  # in place, no outer product
 
     def _move(self, k: int, scale: float) -> None:
         for i, p, _ in self._params():
@@ -147,11 +148,13 @@ class LOREN(ForwardOnlyOptimizer):
             total = None if self.per_query else torch.zeros_like(rows(p))
             for k in range(K):
                 shaped, eps_a = self._shaped(i, p, k)
-                a_grad -= (weight[k] / (mu * lam)) * (shaped.T @ eps_a)
+                a_grad -= (weight[k] / (mu * lam)) * (eps_a @ shaped)
+                g = shaped.mul_(weight[k])  # ĝ_k, in place; zero when the step is skipped
                 if self.per_query:
-                    self._sgd(p, group, (shaped * weight[k]).view_as(p), ok)
+                    self._sgd(p, group, g.view_as(p), ok)
                 else:
-                    total += shaped * weight[k]
+                    total += g
+                del shaped, g  # before the next draw: one direction alive at a time
             if not self.per_query:
                 self._sgd(p, group, total.view_as(p), ok)
             lr_cov = ok.to(a.dtype) * group["lr_cov"]
@@ -160,11 +163,12 @@ class LOREN(ForwardOnlyOptimizer):
         return f.mean()
 
     def _sgd(self, p: torch.Tensor, group: dict, g: torch.Tensor, ok: torch.Tensor) -> None:
-        """Heavy-ball for matrices, plain for vectors, decoupled decay; nothing moves unless
-        ``ok``."""
-        lr = ok.to(p.dtype) * group["lr"]
+        """Heavy-ball for matrices, plain for vectors, decoupled decay, in place (no
+        parameter-sized temporary); nothing moves unless ``ok`` (``g`` is then zero)."""
+        on = ok.to(p.dtype)
         momentum = self.state[p].get("momentum")
         if momentum is not None:
-            momentum.copy_(torch.where(ok, momentum * group["beta1"] + g, momentum))
+            momentum.mul_(on * (group["beta1"] - 1) + 1).add_(g)
             g = momentum
-        p.mul_(1 - lr * group["weight_decay"]).sub_(lr * g)
+        lr = on * group["lr"]
+        p.mul_(1 - lr * group["weight_decay"]).addcmul_(g, lr, value=-1)

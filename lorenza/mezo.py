@@ -42,10 +42,11 @@ class MeZO(ForwardOnlyOptimizer):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, seed)
         self.mu = mu
 
-    def _move(self, scale: float | torch.Tensor) -> None:
-        """``W += scale · z`` for every parameter, ``z`` regenerated from the step's seed."""
+    def _move(self, scale: float) -> None:
+        """``W += scale · z`` for every parameter, ``z`` regenerated from the step's seed
+        (one parameter-sized temporary at a time, as in every update below)."""
         for i, p, _ in self._params():
-            p.add_(self._noise(i, p) * scale)
+            p.add_(self._noise(i, p), alpha=scale)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -66,6 +67,6 @@ class MeZO(ForwardOnlyOptimizer):
             if group["weight_decay"]:
                 keep = torch.tensor(1 - group["lr"] * group["weight_decay"], dtype=p.dtype)
                 p.mul_(torch.where(ok, keep.to(p.device), 1.0))
-            p.add_(self._noise(i, p) * (-group["lr"] * c))
+            p.add_(self._noise(i, p).mul_(-group["lr"] * c))
         self.step_count += 1
         return f_plus

@@ -1,14 +1,15 @@
 """MeZO: the two-point estimate of the directional derivative along regenerated Gaussian
-directions, forward passes only."""
+directions, forward passes only; and what every forward-only optimizer (MeZO, LOREN) must do
+in train.py and in memory."""
 
 import math
 
 import pytest
 import torch
 
-from lorenza import MeZO
+from lorenza import LOREN, MeZO
 from lorenza.projector import seeded_generator
-from models import Llama
+from models import Llama, ModelConfig
 from tests.conftest import SMALL
 
 A = torch.tensor([4.0, 1.0, 0.5, 2.0, 3.0, 0.1])
@@ -143,3 +144,34 @@ def test_loren_with_one_query_is_refused_before_any_work(config):
 
     with pytest.raises(ValueError, match="q=1 is invalid: must be >= 2"):
         train.check_config(config("optim=loren", "optim.q=1"))
+
+
+@pytest.mark.parametrize("name", ["mezo", "loren"])
+@pytest.mark.parametrize("batch,seq", [(4, 64), (1, 8)])
+def test_a_forward_only_step_peaks_like_an_inference_forward(name, batch, seq):
+    """Exact bytes from the profiler's memory timeline (bench/zo_memory.py): beyond weights
+    and states, a step's peak is the inference forward's, or one direction the size of the
+    largest matrix when that is more (small batches); no activation is kept for a backward."""
+    from bench.zo_memory import peak_bytes
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="m", vocab_size=1000, hidden_size=64, intermediate_size=172,
+                      num_attention_heads=4, num_hidden_layers=2)  # fmt: skip
+    model = Llama(cfg)
+    ids = torch.randint(0, 1000, (batch, seq + 1))
+
+    def loss():
+        return model(ids[:, :-1], ids[:, 1:])
+
+    def inference():
+        with torch.no_grad():
+            loss()
+
+    opt = (MeZO if name == "mezo" else LOREN)(
+        model.parameters(), lr=1e-6, **({"q": 2} if name == "loren" else {})
+    )
+    forward = peak_bytes(inference)
+    step = peak_bytes(lambda: opt.step(loss))
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    vectors = 64 * 1024  # LOREN's per-row and per-column vectors (aᵀu, ...): O(m + n) floats
+    assert step <= 1.03 * max(forward, largest) + vectors, (step, forward, largest)
