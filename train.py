@@ -202,9 +202,14 @@ def fit(
             "tokens": run.tokens,
             "loss": loss,
             "val_loss": val_loss,
-            "val_ppl": math.exp(val_loss),
+            "val_ppl": perplexity(val_loss),
             "skipped": run.skipped,
         }
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, infinite past float range (a diverged run is logged, not crashed)."""
+    return math.exp(loss) if loss < 709 else math.inf
 
 
 @dataclass
@@ -244,7 +249,7 @@ class Run:
         val_loss = evaluate(
             self.model, self.val_set, self.parts.autocast, self.device, reduce=not self.sharded
         )
-        self.record(step=step, tokens=self.tokens, val_loss=val_loss, val_ppl=math.exp(val_loss))
+        self.record(step=step, tokens=self.tokens, val_loss=val_loss, val_ppl=perplexity(val_loss))
         t = self.cfg.trainer
         if t.sharpness_every and (step % t.sharpness_every == 0 or step == t.max_steps):
             sharp = measure(
@@ -320,7 +325,7 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
     sharded = cfg.dist.fsdp and ranks.enabled
     if sharded:
         shard_model(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.seed)
     fused = is_fused(cfg)
     per_param_clip = t.grad_clip > 0 and (fused or t.grad_clip_mode == "per_param")
     reducer = (

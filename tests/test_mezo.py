@@ -175,3 +175,17 @@ def test_a_forward_only_step_peaks_like_an_inference_forward(name, batch, seq):
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     vectors = 64 * 1024  # LOREN's per-row and per-column vectors (aᵀu, ...): O(m + n) floats
     assert step <= 1.03 * max(forward, largest) + vectors, (step, forward, largest)
+
+
+@pytest.mark.parametrize("name", ["mezo", "loren", "lorenza"])
+def test_the_runs_seed_seeds_the_optimizers_random_streams(config, monkeypatch, name):
+    """Seeds of a multi-seed comparison must differ in their zeroth-order directions too,
+    not only in model init and data order."""
+    import train
+
+    cfg = config(f"optim={name}", "seed=7", "trainer.max_steps=1", "trainer.save_model=false")
+    seen = []
+    real = train.build_optimizer
+    monkeypatch.setattr(train, "build_optimizer", lambda *a: seen.append(real(*a)) or seen[-1])
+    train.fit(cfg)
+    assert seen[0].seed == 7

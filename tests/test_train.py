@@ -274,3 +274,20 @@ def test_a_training_step_reads_the_device_once(config, optim, fused, clip):
     with HostReads() as reads:
         loss = train_step(cfg, parts, micro, per_param_clip=clip == "per_param")
     assert math.isfinite(loss) and reads.count == 1
+
+
+def test_a_diverged_validation_loss_is_logged_with_infinite_perplexity(config, monkeypatch):
+    """exp(800) overflows a float: the run logs ``inf`` instead of crashing at evaluation."""
+    import json
+    from pathlib import Path
+
+    import train
+
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: 800.0)
+    cfg = config("trainer.max_steps=1", "trainer.save_model=false")
+    train.fit(cfg)
+    rows = [
+        json.loads(x)
+        for x in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["val_ppl"] for r in rows if "val_ppl" in r] == [float("inf")] * 2

@@ -102,7 +102,7 @@ def check_config(cfg: Config) -> None:
         raise ValueError("trainer.device='cuda' but CUDA is not available")
     with torch.device("meta"):  # the optimizer checks its own arguments against real shapes
         try:
-            build_optimizer(Llama(cfg.model), cfg.optim)
+            build_optimizer(Llama(cfg.model), cfg.optim, cfg.seed)
         except ValueError as err:
             raise ValueError(f"optim.{err}") from None
 

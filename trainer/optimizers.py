@@ -45,14 +45,19 @@ ZO_DIRECTIONS = {"lorenza": ("zo", "rank_r"), "lorenza8bit": ("zo", "rank_r")}
 ZO_DIRECTIONS["lorenza_plus"] = ZO_DIRECTIONS["lorenza"]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, seed: int = 0
+) -> torch.optim.Optimizer:
     """The ``lorenza`` optimizer named by ``cfg.name``; low-rank variants manage the attention
     and MLP matrices in rank ``cfg.rank`` and everything else in full rank (GaLore's split).
     The model's transformer blocks are the optimizer's blocks (one draw of zeroth-order
-    directions each)."""
+    directions each). ``seed`` (the run's) seeds the optimizer's random streams: sketches and
+    zeroth-order directions."""
     cls, lowrank, bits = OPTIMIZERS[cfg.name]
     if cfg.name == "mezo":
-        return cls(model.parameters(), lr=cfg.lr, mu=cfg.mu, weight_decay=cfg.weight_decay)
+        return cls(
+            model.parameters(), lr=cfg.lr, mu=cfg.mu, weight_decay=cfg.weight_decay, seed=seed
+        )
     if cfg.name == "loren":
         return cls(
             model.parameters(),
@@ -64,6 +69,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
             q=cfg.q,
             weight_decay=cfg.weight_decay,
             per_query=cfg.per_query,
+            seed=seed,
         )
     params = lowrank_param_groups(model, cfg.rank) if lowrank else model.parameters()
     if cfg.perturbation is not None and cfg.perturbation not in ZO_DIRECTIONS.get(cfg.name, ()):
@@ -86,6 +92,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         blocks=module_blocks(model),
         zo_buffer_mib=cfg.zo_buffer_mib,
         refresh_before_ascent=cfg.refresh_before_ascent,
+        seed=seed,
         **({"perturbation": cfg.perturbation} if cfg.perturbation else {}),
     )
     if lowrank:
