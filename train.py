@@ -35,7 +35,7 @@ from data import (
 from lorenza import SubspaceAdamW, module_blocks
 from lorenza.fused import FusedUpdates
 from lorenza.reduce import GradReducer, bytes_per_step
-from lorenza.schedule import cosine_lr
+from lorenza.schedule import lr_at
 from models import Llama, save_hf
 from models.llama import RUNTIME_KEYS
 from trainer.checkpoint import load_checkpoint, read_state, resume_path, save_checkpoint
@@ -75,6 +75,7 @@ from trainer.preemption import (
     StopRequests,
     TrainingStopped,
 )
+from trainer.profiling import StepProfiler
 from trainer.run_dir import RunLock, check_fresh
 from trainer.settings import compare_settings, flat_config
 from trainer.sharding import (
@@ -433,8 +434,11 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
         disable=not (t.progress and run.ranks.is_main),
         desc=f"{cfg.model.name}/{cfg.optim.name}",
     )
+    profiler = StepProfiler(t.profile_steps, run.run_dir, run.device, run.ranks)
     for step in bar:
-        lr = cosine_lr(step, cfg.optim.lr, warmup, t.max_steps, cfg.optim.min_lr_ratio)
+        profiler.before(step + 1)
+        o = cfg.optim
+        lr = lr_at(o.schedule, step, o.lr, warmup, t.max_steps, o.min_lr_ratio, o.decay_fraction)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         micro = [
@@ -447,6 +451,7 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
             on_nonfinite(run, step, loss)
         run.step, run.tokens = step + 1, run.tokens + tokens_per_step
         done = run.step
+        profiler.after(done)
         meter.tokens += tokens_per_step
         if done % t.log_every == 0 or done == t.max_steps:
             meter.log(loss, lr, bar)

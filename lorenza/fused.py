@@ -132,8 +132,10 @@ class FusedUpdates:
         while len(self._ready) > keep:
             self._update(self._ready.popleft())
 
+    @torch.profiler.record_function("fused_update")
     def _update(self, k: int) -> None:
-        """Wait for the unit's reductions, clip, update, free its gradients."""
+        """Wait for the unit's reductions, clip, update, free its gradients (one
+        ``fused_update`` range per unit in a profiler trace)."""
         params, self._arrived[k] = self._arrived[k], []
         lows = {}
         if self.reducer is not None:

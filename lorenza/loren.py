@@ -120,7 +120,9 @@ class LOREN(ForwardOnlyOptimizer):
         u = rows(self._noise(i, p, k))
         t = u @ a
         eps_a = t * (1 - beta * s)
-        return u.addmm_((beta * t)[:, None], a[None, :], alpha=-1), eps_a  # in place, no outer product
+        return u.addmm_(
+            (beta * t)[:, None], a[None, :], alpha=-1
+        ), eps_a  # in place, no outer product
 
     def _move(self, k: int, scale: float) -> None:
         for i, p, _ in self._params():

@@ -28,6 +28,45 @@ def cosine_lr(
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def lr_at(
+    schedule: str,
+    step: int,
+    max_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+) -> float:
+    """The learning rate of update ``step`` (from 0) under ``schedule``, after the same linear
+    warm-up for all three:
+
+    - ``cosine``: ``cosine_lr`` (GaLore's and the paper's);
+    - ``wsd``: warm-up, stable at ``max_lr``, then a linear decay over the last
+      ``decay_fraction`` of ``total_steps`` to ``min_lr_ratio * max_lr`` at ``total_steps``
+      (Hägele et al. 2024 find a 20% cool-down matches cosine; a run can be extended from any
+      checkpoint of the stable phase by decaying later);
+    - ``constant``: ``max_lr`` (MeZO and LOREN's setting).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if schedule == "cosine":
+        return cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio)
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return max_lr
+    start = max(warmup_steps, total_steps - round(decay_fraction * total_steps))
+    if step < start:
+        return max_lr
+    min_lr = min_lr_ratio * max_lr
+    if step >= total_steps:
+        return min_lr
+    return max_lr - (max_lr - min_lr) * (step - start) / (total_steps - start)
+
+
 def rho_for_lr(lr: float, max_lr: float, min_lr: float, rho_max: float, rho_min: float) -> float:
     """GSAM's radius tied to the learning rate:
     ``rho_t = rho_min + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min)``, clamped to

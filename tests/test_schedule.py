@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lorenza.schedule import cosine_lr, rho_for_lr
+from lorenza.schedule import cosine_lr, lr_at, rho_for_lr
 
 
 def test_warmup_is_linear_and_never_zero():
@@ -31,3 +31,45 @@ def test_rho_follows_lr_between_its_bounds():
     assert rho_for_lr(0.55, 1.0, 0.1, 0.01, 0.0) == pytest.approx(0.005)
     assert rho_for_lr(0.01, 1.0, 0.1, 0.01, 1e-6) == pytest.approx(1e-6)  # warm-up: clamped
     assert rho_for_lr(0.3, 0.3, 0.3, 0.02, 0.0) == 0.02  # constant schedule
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_over_its_fraction():
+    lr = [lr_at("wsd", s, 1.0, 10, 100, min_lr_ratio=0.1, decay_fraction=0.2) for s in range(102)]
+    assert lr[:10] == [cosine_lr(s, 1.0, 10, 100) for s in range(10)]  # the same warm-up
+    assert lr[10:80] == [1.0] * 70  # stable until the last 20% of the steps
+    assert lr[80] == 1.0 and lr[90] == pytest.approx(0.55) and lr[99] == pytest.approx(0.145)
+    assert lr[100] == lr[101] == pytest.approx(0.1)  # the floor at total_steps, and after
+    assert all(a >= b for a, b in zip(lr[80:], lr[81:], strict=False))
+
+
+def test_wsd_decay_never_starts_inside_the_warm_up():
+    lr = [lr_at("wsd", s, 1.0, 30, 40, decay_fraction=0.5) for s in range(40)]
+    assert lr[29] == 1.0 and lr[30] == 1.0 and lr[35] == pytest.approx(1 - 0.9 * 5 / 10)
+
+
+def test_constant_and_cosine_and_a_bad_name():
+    assert [lr_at("constant", s, 2.0, 4, 10) for s in (0, 3, 4, 9, 50)] == [0.5, 2.0, 2.0, 2.0, 2.0]
+    assert all(lr_at("cosine", s, 1.0, 5, 50) == cosine_lr(s, 1.0, 5, 50) for s in range(60))
+    with pytest.raises(ValueError, match="schedule='linear' is not one of cosine, wsd, constant"):
+        lr_at("linear", 0, 1.0, 1, 10)
+
+
+def test_train_py_uses_the_schedule_and_refuses_a_bad_one(config):
+    import json
+    from pathlib import Path
+
+    import train
+
+    cfg = config("optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.warmup_ratio=0",
+                 "trainer.max_steps=4", "trainer.save_model=false")  # fmt: skip
+    train.fit(cfg)
+    rows = [
+        json.loads(x)
+        for x in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    lr = cfg.optim.lr
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([lr, lr, lr, lr * 0.55])
+    with pytest.raises(ValueError, match=r"optim.decay_fraction=0.0 must be in \(0, 1\]"):
+        train.check_config(config("optim.schedule=wsd", "optim.decay_fraction=0"))
+    with pytest.raises(ValueError, match="optim.schedule='step'"):
+        train.check_config(config("optim.schedule=step"))

@@ -291,3 +291,22 @@ def test_a_diverged_validation_loss_is_logged_with_infinite_perplexity(config, m
         for x in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["val_ppl"] for r in rows if "val_ppl" in r] == [float("inf")] * 2
+
+
+def test_profile_steps_write_a_trace_with_the_steps_parts(config):
+    """A Chrome/Perfetto trace of steps 2-3 of a fused LORENZA run: two steps' worth of the
+    marked ranges, the fused hooks' updates inside the backward, and nothing else profiled."""
+    import json
+    from pathlib import Path
+
+    import train
+
+    cfg = config("optim=lorenza", "trainer.fused=true", "trainer.max_steps=4",
+                 "trainer.profile_steps=[2,3]", "trainer.save_model=false")  # fmt: skip
+    train.fit(cfg)
+    trace = json.loads((Path(cfg.trainer.run_dir) / "trace_steps_2-3.json").read_text())
+    names = [e.get("name") for e in trace["traceEvents"]]
+    assert names.count("zo_forward") == 4 and names.count("backward") == 2
+    assert names.count("fused_update") == 2 * (cfg.model.num_hidden_layers + 3)
+    with pytest.raises(ValueError, match=r"trainer.profile_steps=\[3, 9\] must be \[a, b\]"):
+        train.check_config(config("trainer.max_steps=4", "trainer.profile_steps=[3,9]"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lorenza import LorenzaPlus
+from lorenza.schedule import SCHEDULES
 from models import Llama
 from trainer.config import (
     CLIP_MODES,
@@ -41,6 +42,17 @@ def check_config(cfg: Config) -> None:
     cfg.model.validate()
     cfg.data.validate()
     one_of("optim.name", cfg.optim.name, tuple(OPTIMIZERS))
+    one_of("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    steps = cfg.trainer.profile_steps
+    if steps is not None and not (
+        len(steps) == 2 and 1 <= steps[0] <= steps[1] <= cfg.trainer.max_steps
+    ):
+        raise ValueError(
+            f"trainer.profile_steps={list(steps)} must be [a, b] with "
+            f"1 <= a <= b <= trainer.max_steps ({cfg.trainer.max_steps})"
+        )
+    if not 0 < cfg.optim.decay_fraction <= 1:
+        raise ValueError(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
     one_of("trainer.precision", cfg.trainer.precision, PRECISIONS)
     one_of("trainer.device", cfg.trainer.device, DEVICES)
     one_of("trainer.wandb_mode", cfg.trainer.wandb_mode, WANDB_MODES)

@@ -34,6 +34,11 @@ class OptimConfig:
     """Fraction of ``trainer.max_steps`` spent in linear warm-up (GaLore: 10%)."""
     min_lr_ratio: float = 0.1
     """The cosine decays to ``lr * min_lr_ratio`` at ``trainer.max_steps`` (GaLore: 0.1)."""
+    schedule: str = "cosine"
+    """``cosine``, ``wsd`` (warm-up, stable, linear decay over the last ``decay_fraction``) or
+    ``constant``, each after the warm-up (``lorenza.schedule.lr_at``)."""
+    decay_fraction: float = 0.2
+    """``wsd``: the share of ``trainer.max_steps`` spent decaying."""
     bits: int = 32
     """Optimizer states in 32-bit, or 8-bit through bitsandbytes' blockwise kernels."""
     rank: int = 128
@@ -134,6 +139,9 @@ class TrainerConfig:
     """Restore the data position on resume. ``false`` starts the stream afresh (model,
     optimizer and step are restored): needed to resume on another number of processes, whose
     readers split the data differently."""
+    profile_steps: list[int] | None = None
+    """``[a, b]``: write a ``torch.profiler`` trace of optimizer steps a to b (1-based,
+    inclusive) to the run folder (``trainer/profiling.py``); null: none."""
     sharpness_every: int = 0
     """Measure sharpness (``trainer/sharpness.py``: ``sharp_random``, ``sharp_ascent``,
     ``hessian_top_eig``) on a fixed validation batch at the evaluation steps that are

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from lorenza.fused import FusedUpdates, clip_per_param_
 from lorenza.sharded import full
@@ -98,7 +99,7 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
         total = None
         for x, y in micro[:k]:
             rows = max(1, math.ceil(cfg.optim.zo_batch_fraction * len(x)))
-            with parts.autocast:
+            with parts.autocast, record_function("zo_forward"):
                 loss = forward(x[:rows], y[:rows]).detach()
             total = loss if total is None else total + loss
         return mean_tensor_over_ranks(total / min(k, len(micro)))
@@ -129,14 +130,15 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
             if isinstance(model, FSDPModule):
                 model.set_requires_gradient_sync(last)
             with sync:
-                with parts.autocast:
+                with parts.autocast, record_function("forward"):
                     loss = forward(x, y) / t.grad_accum
                 total = loss.detach() if total is None else total + loss.detach()
                 if last and update and hooks is not None and fused_read(total):
                     return total
                 if hooks is not None:
                     hooks.armed = last
-                loss.backward()
+                with record_function("backward"):  # fused: the units' updates happen inside
+                    loss.backward()
                 if ddp is not None and last:
                     parts.comm.synced_backward()
         # an extra backward of the optimizer's (SAM's ascent, a refresh): its loss stays put
@@ -148,7 +150,8 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
             loss, parts.stop_requested, ~torch.isfinite(loss)
         )
         return mean
-    optimizer.perturb(closure)  # moves W to W + ε for SAM-type optimizers, else nothing
+    with record_function("perturb"):  # W → W + ε for SAM-type optimizers, else nothing
+        optimizer.perturb(closure)
     total = closure()
     if hooks is not None:
         if parts.nonfinite or (parts.zeroed and t.on_nonfinite == "stop"):
