@@ -63,30 +63,24 @@ def main() -> None:
     _, v, _ = problem()
     settings = [
         ("MeZO", f"lr={lr:g}", 2, lambda w, s, lr=lr: MeZO([w], lr=lr, mu=MU, seed=s))
-        for lr in (2e-4, 3e-4, 4e-4, 5e-4)
+        for lr in (2e-4, 3e-4, 4e-4, 4.5e-4, 5e-4)
     ]
-    for per_query in (True, False):
-        for lr in (1e-4, 2e-4, 3e-4):
-            for q in (4, 10):
-                name = f"LOREN per_query={per_query}"
-                label = f"lr={lr:g} q={q} lr_cov=1e-4"
-                settings.append(
-                    (
-                        name,
-                        label,
-                        q,
-                        lambda w, s, lr=lr, q=q, pq=per_query: LOREN(
-                            [w],
-                            lr=lr,
-                            mu=MU,
-                            q=q,
-                            lr_cov=1e-4,
-                            weight_decay=0.0,
-                            per_query=pq,
-                            seed=s,
-                        ),
-                    )
-                )
+    # the authors' damping 0.1 over lr, q and both update forms; then larger damping and
+    # lr_cov (found by hand to help: the 1/λ in a's gradient is its noise's scale)
+    grid = [
+        (pq, lr, q, 0.1, 1e-4) for pq in (True, False) for lr in (1e-4, 2e-4, 3e-4) for q in (4, 10)
+    ]
+    grid += [(True, 2e-4, 10, lam, lr_cov) for lam in (1.0, 3.0) for lr_cov in (3e-4, 1e-3)]
+    for per_query, lr, q, lam, lr_cov in grid:
+        settings.append((
+            f"LOREN per_query={per_query}",
+            f"lr={lr:g} q={q} λ={lam:g} lr_cov={lr_cov:g}",
+            q,
+            lambda w, s, lr=lr, q=q, pq=per_query, lam=lam, lr_cov=lr_cov: LOREN(
+                [w], lr=lr, mu=MU, q=q, damping=lam, lr_cov=lr_cov, weight_decay=0.0,
+                per_query=pq, seed=s,
+            ),
+        ))  # fmt: skip
     rows, best = [], {}
     for name, label, per_step, make in settings:
         runs = [forwards_to_target(make, s, per_step, args.budget) for s in range(args.seeds)]

@@ -120,9 +120,8 @@ class LOREN(ForwardOnlyOptimizer):
         u = rows(self._noise(i, p, k))
         t = u @ a
         eps_a = t * (1 - beta * s)
-        return u.addmm_(
-            (beta * t)[:, None], a[None, :], alpha=-1
-        ), eps_a  # in place, no outer product
+        shaped = u.addmm_((beta * t)[:, None], a[None, :], alpha=-1)  # in place: no outer product
+        return shaped, eps_a
 
     def _move(self, k: int, scale: float) -> None:
         for i, p, _ in self._params():
