@@ -50,10 +50,12 @@ def case_overrides(name: str, fused: str, fsdp: str, tied: str = "false") -> lis
 
 
 # (optimizer, trainer.fused, dist.fsdp): DDP unfused, own hooks fused, FSDP2 (unfused); then
-# tied embeddings (one matrix in FSDP2's root unit) under the fused hooks and FSDP2
+# tied embeddings (one matrix in FSDP2's root unit) under the fused hooks and FSDP2; then the
+# forward-only optimizers (the same directions on every rank, losses averaged, no gradient)
 CASES = [(o, f, s) for o in ("adamw", "galore", "lorenza") for f, s in FSDP_OR_NOT]
 CASES += [("lorenza", "true", "false", "true"), ("lorenza", "false", "true", "true")]
-COMPILED = [i for i, case in enumerate(CASES) if case[0] == "lorenza" and len(case) == 3]
+CASES += [("mezo", "false", "false"), ("loren", "false", "false")]
+COMPILED = [i for i, c in enumerate(CASES) if c[0] == "lorenza" and len(c) == 3]
 
 
 def torchrun(*args, nproc=2, timeout=600):
