@@ -27,9 +27,24 @@ class ForwardOnlyOptimizer(torch.optim.Optimizer):
 
     tag = 0  # the random stream's tag, one per subclass, apart from SSRF's and LORENZA's
 
-    def __init__(self, params, defaults: dict, seed: int):
-        super().__init__(params, defaults)
-        self.seed, self.step_count = seed, 0
+    def __init__(
+        self, params, lr: float, mu: float, weight_decay: float, seed: int, *rules, **defaults
+    ):
+        """Checks ``lr``, ``mu``, ``weight_decay`` and the subclass's own ``rules`` (see
+        ``check``) before anything is built; ``defaults`` are the subclass's group options."""
+        check(
+            ("lr", lr, lr >= 0, ">= 0"),
+            ("mu", mu, mu > 0, "> 0"),
+            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+            *rules,
+        )
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **defaults})
+        self.mu, self.seed, self.step_count = mu, seed, 0
+
+    @staticmethod
+    def _require(closure) -> None:
+        if closure is None:
+            raise RuntimeError("a forward-only optimizer needs the loss: call step(closure)")
 
     def _params(self) -> list[tuple[int, torch.Tensor, dict]]:
         out, i = [], 0

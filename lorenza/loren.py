@@ -64,7 +64,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorenza.forward_only import ForwardOnlyOptimizer, check
+from lorenza.forward_only import ForwardOnlyOptimizer
 from lorenza.projector import seeded_generator
 
 
@@ -89,18 +89,15 @@ class LOREN(ForwardOnlyOptimizer):
         per_query: bool = True,
         seed: int = 0,
     ):
-        check(
-            ("lr", lr, lr >= 0, ">= 0"),
-            ("mu", mu, mu > 0, "> 0"),
+        super().__init__(
+            params, lr, mu, weight_decay, seed,
             ("damping", damping, damping > 0, "> 0 (λ, the curvature model's damping)"),
             ("lr_cov", lr_cov, lr_cov >= 0, ">= 0"),
             ("beta1", beta1, 0 <= beta1 < 1, "in [0, 1)"),
             ("q", q, q >= 2, ">= 2 (the leave-one-out baseline)"),
-            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
-        )
-        defaults = {"lr": lr, "weight_decay": weight_decay, "beta1": beta1, "lr_cov": lr_cov}
-        super().__init__(params, defaults, seed)
-        self.mu, self.damping, self.K, self.per_query = mu, damping, q, per_query
+            beta1=beta1, lr_cov=lr_cov,
+        )  # fmt: skip
+        self.damping, self.K, self.per_query = damping, q, per_query
         for i, p, _ in self._params():
             # drawn on the CPU (step -1 of the stream): the same a on every device and rank
             gen = seeded_generator("cpu", seed, self.tag, -1, i)
@@ -131,8 +128,7 @@ class LOREN(ForwardOnlyOptimizer):
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One LOREN step: K forwards at ``W + μũ_k``, the update, no backward. Returns the
         mean of the K losses (the baseline) as a device tensor."""
-        if closure is None:
-            raise RuntimeError("LOREN needs the loss: call step(closure)")
+        self._require(closure)
         mu, K, lam = self.mu, self.K, self.damping
         losses = []
         for k in range(K):

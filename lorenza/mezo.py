@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorenza.forward_only import ForwardOnlyOptimizer, check
+from lorenza.forward_only import ForwardOnlyOptimizer
 
 
 class MeZO(ForwardOnlyOptimizer):
@@ -34,13 +34,7 @@ class MeZO(ForwardOnlyOptimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
     ):
-        check(
-            ("lr", lr, lr >= 0, ">= 0"),
-            ("mu", mu, mu > 0, "> 0"),
-            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
-        )
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, seed)
-        self.mu = mu
+        super().__init__(params, lr, mu, weight_decay, seed)
 
     def _move(self, scale: float) -> None:
         """``W += scale · z`` for every parameter, ``z`` regenerated from the step's seed
@@ -52,8 +46,7 @@ class MeZO(ForwardOnlyOptimizer):
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One MeZO step: two forwards, the update, no backward. Returns ``f₊`` (the loss at
         ``W + μz``, MeZO's reported loss) as a device tensor."""
-        if closure is None:
-            raise RuntimeError("MeZO needs the loss: call step(closure)")
+        self._require(closure)
         mu = self.mu
         self._move(mu)
         f_plus = closure().detach()

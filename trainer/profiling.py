@@ -20,7 +20,7 @@ class StepProfiler:
         self.steps = steps
         self.device = device
         name = f"trace_rank{ranks.rank}" if ranks.world > 1 else "trace"
-        self.path = run_dir / (f"{name}_steps_{steps[0]}-{steps[1]}.json" if steps else "")
+        self.path = run_dir / f"{name}_steps_{steps[0]}-{steps[1]}.json" if steps else None
         self._prof: profile | None = None
 
     def before(self, step: int) -> None:
