@@ -14,7 +14,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q '$(TORCH)' -e '.[dev]'
+	$(PY) -m pip install -q '$(TORCH)' -e '.[dev,eval]'
 	touch $(STAMP)
 
 demo: install  ## train llama_tiny on the bundled sample corpus (CPU, a few minutes; replaces runs/demo)
@@ -44,6 +44,7 @@ bench: install  ## CPU benchmarks (~1 h); tables go to bench/RESULTS.md; GPU: be
 	$(PY) -m bench.dp_overlap
 	$(PY) -m bench.sharpness_cost
 	$(PY) -m bench.ascent_effect
+	$(PY) -m bench.plan_memory
 
 ablation: install  ## is LORENZA flatter and better? 5 seeds of every method and ablation (CPU, ~1 h)
 	$(PY) -m bench.ablation

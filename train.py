@@ -68,6 +68,7 @@ from trainer.metrics import (
     update_run_info,
 )
 from trainer.optimizers import build_optimizer, is_fused
+from trainer.plan import memory_plan
 from trainer.preemption import (
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
@@ -584,6 +585,20 @@ def load_tokenizer_in_turn(cfg: Config, ranks: Ranks) -> Tokenizer:
     return tokenizer or load()
 
 
+def plan(cfg: Config) -> None:
+    """``trainer.plan=true``: check the config, print its predicted peak memory per GPU and
+    whether it fits (exit 0 either way: it is a forecast, not a failure), train nothing."""
+    try:
+        adopt_init_from(cfg)
+        check_config(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    cfg.model.vocab_size = cfg.data.vocab_size
+    result = memory_plan(cfg)
+    print(f"memory plan: {cfg.model.name}, {cfg.optim.name}, {result.world} process(es)")
+    print(result.table())
+
+
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(dict_cfg) -> None:
     with StopRequests() as stops:  # from the start: a stop during set-up waits for step 1
@@ -594,6 +609,9 @@ def run(cfg: Config, stops: StopRequests) -> None:
     """The command line's run: join the job, refuse bad input in one line, train, and exit
     with the code a launcher needs (0, 75 preempted, 65 non-finite, 1 bad input or a crash).
     A crash prints its traceback and exits at once (DataLoader workers included)."""
+    if cfg.trainer.plan:
+        plan(cfg)
+        return
     ranks = init_distributed(pick_device(cfg.trainer.device, Ranks()).type == "cuda")
     # ${now:...} in the run folder's name is read from each rank's clock: take rank 0's.
     cfg.trainer.run_dir = broadcast_from_main(cfg.trainer.run_dir)

@@ -36,14 +36,13 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
 
 from bench.results import markdown_table, write_section
 from lorenza import AdamW, GaLoreAdamW, Lorenza, LorenzaPlus, lowrank_param_groups
-from lorenza.adam import BLOCKSIZE, MIN_8BIT_SIZE
+from lorenza.adam import moment_bytes
 from models import Llama, ModelConfig
 from tests.conftest import model_config
 
@@ -108,13 +107,6 @@ def shapes(cfg: ModelConfig, rank: int) -> Shapes:
     return Shapes(tuple(managed), tuple(others))
 
 
-def quantized_bytes(numel: int) -> float:
-    """One 8-bit moment: bitsandbytes' blockwise uint8 + float32 absmax, or float32 if small."""
-    if numel < MIN_8BIT_SIZE:
-        return 4.0 * numel
-    return numel + 4.0 * math.ceil(numel / BLOCKSIZE)
-
-
 def state_elements(s: Shapes, method: str, rank: int, conv: Convention = Convention()) -> int:
     """Elements of optimizer state (32-bit methods)."""
     moments = 2 * rank * sum(max(m, n) for m, n in s.matrices)
@@ -146,7 +138,7 @@ def state_bytes_8bit(
     else:
         moments = list(s.others) + [rank * max(m, n) for m, n in s.matrices]
         basis = rank * sum(min(m, n) for m, n in s.matrices) if conv.basis else 0
-    return basis_bytes * basis + sum(2 * quantized_bytes(k) for k in moments)
+    return basis_bytes * basis + sum(moment_bytes(k, 8) for k in moments)
 
 
 def estimate(s: Shapes, method: str, rank: int, conv: Convention = Convention()) -> float:

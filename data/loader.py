@@ -51,9 +51,10 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes reading and tokenizing per rank; 0 reads in-process."""
 
-    def validate(self) -> None:
+    def validate(self, reach: bool = True) -> None:
         """Fail before training with an error naming the bad key and its value, the bad
-        shard file, or (for the Hub, within seconds) what to use offline."""
+        shard file, or (for the Hub, within seconds) what to use offline. ``reach=False``:
+        the keys only, not whether the data can be read (a memory plan needs its shapes)."""
         for key in ("vocab_size", "seq_len", "val_tokens"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be positive")
@@ -61,6 +62,8 @@ class DataConfig:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.source not in SOURCES:
             raise ValueError(f"data.source={self.source!r} is not one of {', '.join(SOURCES)}")
+        if not reach:
+            return
         if self.source == "hub":
             check_hub()
             return

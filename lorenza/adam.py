@@ -39,6 +39,14 @@ def quantized(state: dict) -> bool:
     return state["exp_avg"].dtype == torch.uint8
 
 
+def moment_bytes(numel: int, bits: int) -> int:
+    """Bytes of the two moments ``init_moments`` allocates for ``numel`` values: float32, or
+    uint8 plus a float32 absmax per block (8-bit; tensors too small for it stay float32)."""
+    if bits == 8 and numel >= MIN_8BIT_SIZE:
+        return 2 * (numel + 4 * math.ceil(numel / BLOCKSIZE))
+    return 2 * 4 * numel
+
+
 def init_moments(state: dict, like: torch.Tensor, bits: int) -> None:
     """Zero first and second moments shaped like ``like`` (float32, or uint8 blockwise)."""
     if bits == 8 and like.numel() >= MIN_8BIT_SIZE:

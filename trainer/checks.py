@@ -40,7 +40,7 @@ def check_config(cfg: Config) -> None:
 
     check_finite(cfg)
     cfg.model.validate()
-    cfg.data.validate()
+    cfg.data.validate(reach=not cfg.trainer.plan)
     one_of("optim.name", cfg.optim.name, tuple(OPTIMIZERS))
     one_of("optim.schedule", cfg.optim.schedule, SCHEDULES)
     steps = cfg.trainer.profile_steps
@@ -64,7 +64,11 @@ def check_config(cfg: Config) -> None:
 
         backends = tuple(torch._dynamo.list_backends(exclude_tags=()))
         one_of("trainer.compile_backend", cfg.trainer.compile_backend, backends)
-    check_writable(Path(cfg.trainer.run_dir))
+    if not cfg.trainer.plan:  # a plan writes nothing
+        check_writable(Path(cfg.trainer.run_dir))
+    for key in ("plan_gpu_gib", "plan_world", "plan_headroom"):
+        if getattr(cfg.trainer, key) < 0:
+            raise ValueError(f"trainer.{key}={getattr(cfg.trainer, key)} must be >= 0")
     if cfg.optim.name in FORWARD_ONLY and (is_fused(cfg) or cfg.dist.fsdp):
         raise ValueError(
             f"optim.name={cfg.optim.name!r} runs forward passes only: it has no gradients for "

@@ -142,6 +142,17 @@ class TrainerConfig:
     profile_steps: list[int] | None = None
     """``[a, b]``: write a ``torch.profiler`` trace of optimizer steps a to b (1-based,
     inclusive) to the run folder (``trainer/profiling.py``); null: none."""
+    plan: bool = False
+    """Print the predicted peak memory per GPU of this config (``trainer/plan.py``: meta
+    model, nothing large built) and whether it fits ``plan_gpu_gib``, then exit without
+    training."""
+    plan_gpu_gib: float = 0.0
+    """The GPU memory the plan is checked against, in GiB; 0: the visible GPU's, else 80."""
+    plan_world: int = 0
+    """Processes to plan for (data parallel or FSDP2 shards); 0: torchrun's ``WORLD_SIZE``,
+    else 1."""
+    plan_headroom: float = 0.1
+    """Share added to the predicted allocations for the caching allocator's fragmentation."""
     sharpness_every: int = 0
     """Measure sharpness (``trainer/sharpness.py``: ``sharp_random``, ``sharp_ascent``,
     ``hessian_top_eig``) on a fixed validation batch at the evaluation steps that are

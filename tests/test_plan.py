@@ -1,0 +1,141 @@
+"""The memory planner (trainer/plan.py) against what really runs: optimizer states to the byte,
+activations and whole steps against the profiler's exact peaks (bench/plan_memory.py)."""
+
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from bench.plan_memory import activation_peak, step_peak
+from bench.zo_memory import peak_bytes
+from data import load_tokenizer
+from models import Llama
+from tests.conftest import ROOT, model_config
+from trainer.optimizers import OPTIMIZERS
+from trainer.plan import activation_bytes, forward_bytes, memory_plan, state_bytes
+from trainer.step import train_step
+
+VARIANTS = [[f"optim={name}", "optim.rank=32"] for name in OPTIMIZERS] + [
+    ["optim=lorenza", "optim.rank=32", "optim.perturbation=rank_r"],
+    ["optim=galore", "optim.rank=128"],  # r = the hidden size: square matrices' full rank
+    ["optim=adamw", "model.tie_word_embeddings=true"],
+    ["optim=galore8bit", "optim.rank=32", "model.num_key_value_heads=2"],
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: " ".join(o))
+def test_state_bytes_equal_the_optimizers_state_after_real_steps(config, overrides):
+    import train
+
+    cfg = config(*overrides)
+    cfg.model.vocab_size = cfg.data.vocab_size
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.path)
+    run = train.build_run(cfg, tokenizer)
+    batches = iter(run.loader)
+    for _ in range(2):
+        for group in run.optimizer.param_groups:
+            group["lr"] = 1e-4
+        train_step(cfg, run.parts, [next(batches)], run.per_param_clip)
+    states = [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    measured = sum(t.numel() * t.element_size() for t in states)
+    assert state_bytes(run.optimizer) == measured
+    predicted = next(r for r in memory_plan(cfg).rows if r.what == "optimizer states").bytes
+    assert predicted == measured
+
+
+CASES = [  # (precision, checkpointing, loss_chunk, batch): loss-bound and layer-bound peaks
+    ("fp32", "none", 4096, 2),
+    ("fp32", "none", 64, 8),
+    ("fp32", "block", 64, 16),
+    ("bf16", "none", 64, 4),
+    ("bf16", "block", 64, 16),
+    ("bf16", "block", 4096, 2),
+]
+
+
+@pytest.mark.parametrize("precision,ckpt,chunk,batch", CASES)
+@pytest.mark.parametrize("kv", [None, 2], ids=["mha", "gqa"])
+def test_activation_term_within_10_percent_of_the_measured_peak(precision, ckpt, chunk, batch, kv):
+    cfg = model_config(
+        "llama_tiny",
+        vocab_size=8000,
+        activation_checkpointing=ckpt,
+        loss_chunk=chunk,
+        num_key_value_heads=kv,
+    )
+    measured = activation_peak(cfg, batch, 128, precision)
+    saved, working = activation_bytes(cfg, batch, 128, precision, ckpt)
+    assert abs((saved + working) / measured - 1) < 0.10
+
+
+@pytest.mark.parametrize("precision,chunk,batch", [("fp32", 4096, 4), ("bf16", 64, 16)])
+def test_forward_only_term_within_10_percent(precision, chunk, batch):
+    cfg = model_config("llama_tiny", vocab_size=8000, loss_chunk=chunk)
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (batch, 129))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def forward() -> None:
+        with torch.no_grad(), autocast:
+            model(ids[:, :-1], ids[:, 1:])
+
+    measured = peak_bytes(forward)
+    assert abs(forward_bytes(cfg, batch, 128, precision) / measured - 1) < 0.10
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optim=adamw"],
+        ["optim=lorenza", "optim.rank=32"],
+        ["optim=sam"],
+        ["optim=mezo"],
+        ["optim=adamw", "trainer.grad_accum=2"],
+        ["optim=lorenza", "optim.rank=32", "trainer.grad_accum=2"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_a_whole_trainer_step_is_planned_within_10_percent(overrides):
+    measured, planned, _, _ = step_peak([*overrides, "trainer.batch_size=4", "data.seq_len=128"])
+    assert abs(planned / measured - 1) < 0.10
+
+
+def test_plan_prints_a_table_and_exits_0_without_a_run_folder(tmp_path):
+    def plan(*overrides):
+        return subprocess.run(
+            [sys.executable, "train.py", "trainer.plan=true", f"trainer.run_dir={tmp_path}/r",
+             *overrides],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    proc = plan("model=llama_7b", "optim=lorenza8bit", "trainer.plan_gpu_gib=24")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "memory plan: llama_7b, lorenza8bit, 1 process(es)"
+    for what in ("weights", "gradients", "optimizer states", "activations saved for backward",
+                 "backward working set", "allocator headroom"):  # fmt: skip
+        assert any(x.startswith(what) for x in lines), what
+    assert "does NOT fit in 24 GiB" in proc.stdout  # 7B's float32 weights alone are 25 GiB
+    assert "model.activation_checkpointing=block" in proc.stdout
+    assert not (tmp_path / "r").exists()
+    fits = plan("trainer.plan_world=4", "dist.fsdp=true", "trainer.plan_gpu_gib=1")
+    assert "fp32 shard (1/4)" in fits.stdout and " fits in 1 GiB" in fits.stdout, fits.stderr
+    bad = plan("trainer.plan_headroom=-1")
+    assert (
+        bad.returncode == 1
+        and bad.stderr.strip() == "error: trainer.plan_headroom=-1.0 must be >= 0"
+    )
+
+
+def test_fsdp_divides_weights_gradients_and_full_rank_states(config):
+    cfg = config("model=llama_60m", "optim=adamw", "dist.fsdp=true")
+    cfg.model.vocab_size = cfg.data.vocab_size
+    one = {r.what: r.bytes for r in memory_plan(cfg).rows}
+    cfg.trainer.plan_world = 4
+    four = {r.what: r.bytes for r in memory_plan(cfg).rows}
+    assert four["optimizer states"] == one["optimizer states"] / 4
+    assert four["weights"] < one["weights"] and four["gradients"] < one["gradients"]
+    assert four["activations saved for backward"] == one["activations saved for backward"]

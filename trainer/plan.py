@@ -1,0 +1,391 @@
+"""The memory planner: the peak memory one GPU will need for a config, predicted before
+anything is built (``python train.py ... trainer.plan=true``).
+
+The model is built on the meta device (shapes only) and the optimizer on it (which checks
+its settings and lays out its zeroth-order directions, without allocating). Every term is
+then counted from shapes, as the code that runs allocates it:
+
+- weights: float32 masters (bf16 runs autocast; the weights stay float32) and buffers;
+  FSDP2 keeps a 1/world shard plus the gathered units it is running (the root -- embeddings,
+  final norm, head -- and two decoder layers: the current one and the prefetched next);
+- gradients, as ``trainer.fused`` keeps them: all of them unfused (plus DDP's buckets, a
+  second copy), the largest unit's at a time when fused (a block, or a parameter), FSDP2's
+  shard plus one unsharded unit while it is reduce-scattered; all of them, whatever the
+  mode, while ``trainer.grad_accum`` micro-batches are summed;
+- optimizer states in their bits (``state_bytes``: tested equal, byte for byte, to what the
+  optimizers allocate);
+- the step's extras: SAM's kept perturbation ε, the zeroth-order random numbers a step keeps
+  (``optim.zo_buffer_mib`` plus one block), the update's temporaries;
+- activations (``activation_bytes``): the tensors autograd saves for the backward, counted op
+  by op for ``models/llama.py`` (listed in its docstring), with and without
+  ``activation_checkpointing=block``, plus the backward's working set -- the loss chunk's
+  float32 logits and their gradients, or a recomputed layer;
+- allocator headroom: ``trainer.plan_headroom`` of the rest, for the caching allocator's
+  fragmentation, and the CUDA context.
+
+The peak of a step is the larger of its two moments: the start of the backward (every
+activation, the loss working set, no gradient yet, or the accumulated ones) and, unfused, the
+update (every gradient, the update's temporaries, activations freed). ``bench/plan_memory.py``
+checks the activation and state terms, and whole steps, against measured peaks on the CPU.
+The activations are eager PyTorch's: ``torch.compile`` (on by default on CUDA) chooses what
+to save itself, usually less.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lorenza import LOREN, module_blocks
+from lorenza.adam import moment_bytes
+from lorenza.forward_only import ForwardOnlyOptimizer
+from lorenza.loren import rows
+from models import Llama, ModelConfig
+from trainer.config import Config
+from trainer.optimizers import build_optimizer, is_fused
+
+GIB = 2**30
+CUDA_CONTEXT = 0.5 * GIB
+"""GPU memory the CUDA context and kernels take outside PyTorch's allocator (a typical figure
+for CUDA 12 with lazy module loading; not counted by ``max_memory_allocated``)."""
+DEFAULT_GPU_GIB = 80.0
+
+
+def activation_bytes(
+    c: ModelConfig, batch: int, seq: int, precision: str, checkpointing: str
+) -> tuple[float, float]:
+    """``(saved, working)``: bytes autograd keeps from the forward of one micro-batch, and the
+    most a step adds to them at once. Per token, per decoder layer (d hidden, f intermediate,
+    h heads):
+
+    float32 -- the layer input and RMSNorm's normalized value and output (3 d, twice), the
+    rotated q and k and v (3 d: grouped-query k and v are saved repeated), attention's output
+    (d) and log-sum-exp (h), RMSNorm's 1/rms (2), the MLP's gate, silu, up and product (4 f):
+    ``4 (10 d + 4 f + h + 2)``.
+
+    bf16 autocast -- the residual stream and RMSNorms stay float32 (4 d each: input, norm,
+    twice), every projection saves its own bf16 copy of its input (q, k, v, gate, up: 5 x 2 d),
+    attention saves q, k, v, out in bf16 (4 x 2 d), the MLP's four f tensors in bf16:
+    ``34 d + 8 f + 4 h + 8``; and autocast's bf16 copies of the layers' weights are saved too.
+
+    Outside the layers: the final RMSNorm (3 float32 d) and the token ids and targets. With
+    checkpointing a layer keeps only its float32 input, and the backward recomputes one layer
+    at a time.
+
+    The working set is the largest of these moments (``k = min(loss_chunk, tokens)``, V the
+    vocabulary):
+
+    - the loss chunk's backward: its float32 logits recomputed, their log-softmax and its
+      gradient (3 k V floats; bf16: beside the head's bf16 copy); over several chunks, the
+      head's gradient being summed as well (float32: the sum so far, the new part and their
+      sum, 3 V d floats; bf16: two bf16 V x d beside the copy);
+    - under bf16, the end of the forward: the loss chunk (bf16 and float32 logits,
+      log-softmax, the head's copy) beside autocast's cached copies of every layer's weights,
+      which checkpointed layers do not save;
+    - with checkpointing, a recomputed layer and its gradients (2 f in the activations' dtype
+      and d float32 per token) beside the kept inputs.
+    """
+    n, d, f, h, v = (
+        batch * seq,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.vocab_size,
+    )
+    bf16 = precision == "bf16"
+    per_layer = (34 * d + 8 * f + 4 * h + 8) if bf16 else 4 * (10 * d + 4 * f + h + 2)
+    copies = weight_copies(c) if bf16 else 0  # autocast's bf16 cast of one layer's weights
+    outside = n * (12 * d + 4 + 16)  # final norm, its 1/rms, int64 inputs and targets
+    k = min(c.loss_chunk or n, n)
+    if math.ceil(n / k) == 1:
+        moments = [12 * k * v + (2 * v * d if bf16 else 0)]
+    elif bf16:
+        moments = [12 * k * v + 4 * v * d, 3 * k * v + 6 * v * d]
+    else:
+        moments = [4 * max(3 * k * v + v * d, 2 * k * v + 2 * v * d, 3 * v * d)]
+    layers = c.num_hidden_layers
+    if checkpointing != "block":
+        return layers * (n * per_layer + copies) + outside, max(moments)
+    inputs = layers * n * 4 * d
+    saved = inputs + outside
+    if bf16:
+        moments.append(layers * copies + loss_forward(k, v, d, bf16))
+    # a recomputed layer (its input is the kept one) and its gradients, once the final norm's
+    # tensors are gone: the MLP's two in the activations' dtype, the residual's in float32
+    grads = n * ((2 if bf16 else 4) * 2 * f + 4 * d)
+    moments.append(inputs + n * (per_layer - 4 * d) + copies + grads - saved)
+    return saved, max(moments)
+
+
+def weight_copies(c: ModelConfig) -> int:
+    """Bytes of autocast's bf16 copies of one decoder layer's weight matrices."""
+    return 2 * sum(p.numel() for p in _meta(c).layers[0].parameters() if p.ndim == 2)
+
+
+def loss_forward(k: int, v: int, d: int, bf16: bool) -> int:
+    """A loss chunk's forward: float32 logits and log-softmax (bf16: also the bf16 logits and
+    the head's bf16 copy)."""
+    return 10 * k * v + 2 * v * d if bf16 else 8 * k * v
+
+
+def forward_bytes(c: ModelConfig, batch: int, seq: int, precision: str) -> float:
+    """Most bytes a forward without grad (inference, a zeroth-order probe) holds at once: a
+    layer's widest moment (the float32 residual, its norm and the MLP's output: 3 d; gate, up
+    and silu: 3 f in the activations' dtype), or a loss chunk's forward (``loss_forward``)
+    beside the final norm's output; under bf16, autocast's cached copies of the layers'
+    weights too."""
+    n, d, f, v = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
+    bf16 = precision == "bf16"
+    copies = c.num_hidden_layers * weight_copies(c) if bf16 else 0
+    k = min(c.loss_chunk or n, n)
+    loss = n * 4 * d + loss_forward(k, v, d, bf16)
+    return copies + max(loss, n * (3 * (2 if bf16 else 4) * f + 12 * d))
+
+
+def lowrank_shape(p: torch.Tensor, rank: int) -> tuple[int, int]:
+    """``(r, max(m, n))``: the projected gradient's size (the optimizer refuses r > min(m, n))."""
+    return rank, max(p.shape)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
+    """Bytes of ``optimizer``'s state once it has stepped, from its parameters' shapes:
+    Adam's moments (full size, or r x max(m, n) for a low-rank matrix, in the group's bits),
+    the basis ``Q`` (min(m, n) x r, float32), Lorenza+'s residual norm, the rank_r cobasis;
+    LOREN's curvature vector and momentum; MeZO nothing. ``world``: FSDP2 shards the
+    full-rank states over the ranks (low-rank states are kept whole on each)."""
+    total = 0.0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(optimizer, LOREN):
+                total += 4 * rows(p).shape[1] + (4 * p.numel() if p.ndim >= 2 else 0)
+                continue
+            if isinstance(optimizer, ForwardOnlyOptimizer):  # MeZO
+                continue
+            if group["rank"] is None:
+                total += moment_bytes(p.numel(), group["bits"]) / world
+                continue
+            r, wide = lowrank_shape(p, group["rank"])
+            total += moment_bytes(r * wide, group["bits"]) + 4 * r * min(p.shape)
+            total += 4 if group.get("residual") else 0
+            total += 4 * r * wide if getattr(optimizer, "perturbation", None) == "rank_r" else 0
+    return total
+
+
+@dataclass(frozen=True)
+class Row:
+    what: str
+    bytes: float
+    how: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    rows: list[Row]
+    allocated: float
+    """The most bytes the step allocates at once (the peak without the headroom)."""
+    peak: float
+    gpu_gib: float
+    world: int
+    alternative: str
+    """The activation line of the other checkpointing choice, for comparison."""
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.gpu_gib * GIB
+
+    def table(self) -> str:
+        lines = [f"{'':<44}{'GiB':>9}  how"]
+        lines += [f"{r.what:<44}{r.bytes / GIB:>9.3f}  {r.how}" for r in self.rows]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(
+            f"{'predicted peak per GPU':<44}{self.peak / GIB:>9.3f}  {verdict} in "
+            f"{self.gpu_gib:g} GiB ({100 * self.peak / (self.gpu_gib * GIB):.0f}%)"
+        )
+        lines.append(self.alternative)
+        return "\n".join(lines)
+
+
+def _meta(c: ModelConfig) -> Llama:
+    with torch.device("meta"):
+        return Llama(c)
+
+
+def plan_world(cfg: Config) -> int:
+    """Processes to plan for: ``trainer.plan_world``, else torchrun's ``WORLD_SIZE``, else 1."""
+    return cfg.trainer.plan_world or int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def plan_gpu_gib(cfg: Config) -> float:
+    """``trainer.plan_gpu_gib``, else the visible GPU's memory, else 80 GiB."""
+    if cfg.trainer.plan_gpu_gib:
+        return cfg.trainer.plan_gpu_gib
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return DEFAULT_GPU_GIB
+
+
+def memory_plan(cfg: Config) -> Plan:
+    """The predicted peak memory per GPU of ``cfg`` (already checked), as table rows."""
+    t = cfg.trainer
+    world = plan_world(cfg)
+    shards = world if cfg.dist.fsdp and world > 1 else 1
+    model = _meta(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim, cfg.seed)
+    forward_only = isinstance(optimizer, ForwardOnlyOptimizer)
+    fused = is_fused(cfg) and not forward_only
+    units = module_blocks(model)
+    bits = "/".join(sorted({str(g.get("bits", 32)) for g in optimizer.param_groups}))
+    sharded = f", full-rank ones sharded 1/{shards}" if shards > 1 else ""
+    rows = [
+        weights_row(model, shards),
+        gradients_row(cfg, model, units, forward_only, fused, world, shards),
+        Row("optimizer states", state_bytes(optimizer, shards),
+            f"{type(optimizer).__name__}, {bits}-bit{sharded}"),
+        Row("step extras", *held_extras(optimizer)),
+        Row("update temporaries",
+            update_temporaries(optimizer, list(model.parameters()), units, fused, shards),
+            "one unit's" if fused else "every parameter's"),
+    ]  # fmt: skip
+    activations, alternative = activation_rows(cfg, forward_only)
+    rows += activations
+    size = {r.what: r.bytes for r in rows}
+    held = size["weights"] + size["optimizer states"] + size["step extras"]
+    moment = sum(r.bytes for r in activations)
+    grads, temps = size["gradients"], size["update temporaries"]
+    if fused or forward_only:
+        allocated = held + grads + temps + moment
+    elif t.grad_accum > 1:  # a later micro-batch's backward beside the accumulated gradients
+        allocated = held + grads + max(moment, temps)
+    else:  # the start of the backward, or the update with every gradient
+        allocated = held + max(moment, grads + temps)
+    context = 0.0 if t.device == "cpu" else CUDA_CONTEXT
+    headroom = t.plan_headroom * allocated + context
+    how = f"{100 * t.plan_headroom:g}% + {context / GIB:g} GiB"
+    rows.append(Row("allocator headroom + CUDA context", headroom, how))
+    return Plan(rows, allocated, allocated + headroom, plan_gpu_gib(cfg), world, alternative)
+
+
+def weights_row(model: Llama, shards: int) -> Row:
+    """float32 weights and buffers; FSDP2: a shard, plus the root and two layers gathered."""
+    total = 4 * sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    if shards == 1:
+        return Row("weights", total + buffers, "fp32 masters + rotary tables")
+    layer = 4 * sum(p.numel() for p in model.layers[0].parameters())
+    root = total - len(model.layers) * layer
+    gathered = root + 2 * layer
+    how = f"fp32 shard (1/{shards}) + gathered root and 2 layers"
+    return Row("weights", total / shards + gathered + buffers, how)
+
+
+def gradients_row(
+    cfg: Config,
+    model: Llama,
+    units: list[list[torch.Tensor]],
+    forward_only: bool,
+    fused: bool,
+    world: int,
+    shards: int,
+) -> Row:
+    """Gradients as the run keeps them (float32, as the weights)."""
+    params = list(model.parameters())
+    total = 4 * sum(p.numel() for p in params)
+    if forward_only:
+        return Row("gradients", 0.0, "none: forward passes only")
+    if cfg.trainer.grad_accum > 1:  # summed over micro-batches, every one alive until the last
+        return Row("gradients", total, f"fp32, all: accumulated over {cfg.trainer.grad_accum}")
+    if shards > 1:  # FSDP2 reduce-scatters a whole unit (the root, or a layer) at once
+        layer = 4 * sum(p.numel() for p in model.layers[0].parameters())
+        root = total - len(model.layers) * layer
+        return Row("gradients", total / shards + max(root, layer),
+                   "fp32 shard + one FSDP unit reduce-scattered")  # fmt: skip
+    if fused:
+        granularity = cfg.trainer.fused_granularity
+        sizes = (
+            [sum(p.numel() for p in u) for u in units]
+            if granularity == "block"
+            else [p.numel() for p in params]
+        )
+        live = 1 + (cfg.dist.in_flight if world > 1 else 0)
+        return Row(
+            "gradients", 4 * live * max(sizes), f"fused: {live} x the largest {granularity}'s"
+        )
+    ddp = world > 1
+    return Row(
+        "gradients", total * (2 if ddp else 1), "fp32, all" + (" + DDP buckets" if ddp else "")
+    )
+
+
+def activation_rows(cfg: Config, forward_only: bool) -> tuple[list[Row], str]:
+    """The activation rows of the configured micro-batch, and a line with the other
+    checkpointing choice's total."""
+    c, t = cfg.model, cfg.trainer
+    batch, seq, precision = t.batch_size, cfg.data.seq_len, t.precision
+    shape = f"micro-batch {batch} x {seq}, {precision}"
+    if forward_only:
+        act = forward_bytes(c, batch, seq, precision)
+        note = "(forward-only steps keep no activations: checkpointing changes nothing)"
+        return [Row("activations", act, f"forward only, {shape}")], note
+    ckpt = c.activation_checkpointing
+    saved, working = activation_bytes(c, batch, seq, precision, ckpt)
+    other = "none" if ckpt == "block" else "block"
+    alternative = sum(activation_bytes(c, batch, seq, precision, other))
+    note = (
+        f"(with model.activation_checkpointing={other}: activations {alternative / GIB:.3f} "
+        f"GiB instead of {(saved + working) / GIB:.3f})"
+    )
+    rows = [
+        Row("activations saved for backward", saved, f"{shape}, checkpointing {ckpt}"),
+        Row("backward working set", working, "loss chunk / recomputed layer"),
+    ]
+    return rows, note
+
+
+def held_extras(optimizer: torch.optim.Optimizer) -> tuple[float, str]:
+    """Bytes a step holds from its perturbation to its update: SAM's ε, or the zeroth-order
+    random numbers ``Directions`` keeps (greedily, in block order, within
+    ``optim.zo_buffer_mib``, plus the one block it has just drawn), or a forward-only
+    optimizer's noise for one parameter."""
+    if isinstance(optimizer, ForwardOnlyOptimizer):  # regenerated parameter by parameter
+        return 4 * max(p.numel() for g in optimizer.param_groups for p in g["params"]), "noise"
+    if getattr(optimizer, "perturbation", None) == "sam":
+        return 4 * sum(p.numel() for p in optimizer._perturbed), "SAM's ε"
+    blocks = getattr(optimizer, "_zo_blocks", [])
+    if not blocks:
+        return 0.0, "none"
+    sizes = [4 * sum(math.prod(s.shape) for s in b) for b in blocks] * optimizer.q
+    kept, budget = 0, optimizer.zo_buffer_mib * 2**20
+    for size in sizes:
+        kept += size if kept + size <= budget else 0
+    return kept + (max(sizes) if kept < sum(sizes) else 0), "zeroth-order random numbers"
+
+
+def update_temporaries(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    units: list[list[torch.Tensor]],
+    fused: bool,
+    world: int,
+) -> float:
+    """What the update allocates while it runs: Adam's ``sqrt(v) + eps`` for a full-rank
+    tensor (on its shard under FSDP2; none for 8-bit, updated in place), the projected
+    gradient, its denominator and direction for a low-rank one (and, under FSDP2, its whole
+    gathered gradient); everything at once unfused, the largest unit's when fused."""
+    if isinstance(optimizer, ForwardOnlyOptimizer):
+        return 0.0
+
+    def temporaries(ps: list[torch.Tensor]) -> float:
+        total = 0.0
+        for p in ps:
+            group = optimizer.group_of(p)
+            if group["rank"] is None:
+                total += 0 if group["bits"] == 8 else 4 * p.numel() / world
+            else:
+                r, wide = lowrank_shape(p, group["rank"])
+                total += 3 * 4 * r * wide + (4 * p.numel() if world > 1 else 0)
+        return total
+
+    return max(temporaries(u) for u in units) if fused else temporaries(params)
