@@ -80,8 +80,10 @@ from trainer.profiling import StepProfiler
 from trainer.run_dir import RunLock, check_fresh
 from trainer.settings import compare_settings, flat_config
 from trainer.sharding import (
+    fsdp_units,
     full_model_state,
     full_optimizer_state,
+    fuse_updates,
     load_model_state,
     load_optimizer_state,
     shard_model,
@@ -331,19 +333,23 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
     fused = is_fused(cfg)
     per_param_clip = t.grad_clip > 0 and (fused or t.grad_clip_mode == "per_param")
     reducer = (
-        GradReducer(optimizer, cfg.dist.lowrank_allreduce) if fused and ranks.enabled else None
+        GradReducer(optimizer, cfg.dist.lowrank_allreduce)
+        if fused and ranks.enabled and not sharded
+        else None
     )
-    hooks = (
-        FusedUpdates(
+    hooks = None
+    if fused and sharded:  # FSDP2 reduces each unit; its update follows (trainer/sharding.py)
+        clip = t.grad_clip if per_param_clip else 0.0
+        hooks = FusedUpdates(optimizer, clip, blocks=fsdp_units(model), register=False)
+        fuse_updates(model, hooks, per_param=t.fused_granularity == "param")
+    elif fused:
+        hooks = FusedUpdates(
             optimizer,
             t.grad_clip if per_param_clip else 0.0,
             reducer,
             cfg.dist.in_flight,
             blocks=module_blocks(model) if t.fused_granularity == "block" else None,
         )
-        if fused
-        else None
-    )
     ddp = (
         DistributedDataParallel(model, broadcast_buffers=False)
         if ranks.enabled and not (fused or sharded)

@@ -22,6 +22,7 @@ from torch.profiler._memory_profiler import Action, MemoryProfile
 from bench.results import markdown_table, write_section
 from bench.step_time import machine
 from lorenza import LOREN, AdamW, MeZO
+from lorenza.sharded import local
 from models import Llama, ModelConfig
 
 
@@ -42,7 +43,7 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
     tensors = list(model.parameters())
     if optimizer is not None:
         tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(local(t).numel() * t.element_size() for t in tensors)  # a shard: this rank's
 
 
 def measure(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, int]]:

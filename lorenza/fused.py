@@ -50,6 +50,8 @@ import torch
 
 from lorenza.optimizer import SubspaceAdamW
 from lorenza.reduce import GradReducer
+from lorenza.sharded import local
+from lorenza.sharded import norms as norms_of
 
 GRANULARITIES = ("block", "param")
 
@@ -58,22 +60,23 @@ def clip_per_param_(
     grads: list[torch.Tensor], max_norm: float, norms: torch.Tensor | None = None
 ) -> None:
     """Scale each gradient in place so that its own L2 norm is at most ``max_norm`` (a few
-    multi-tensor ops for the whole list); ``norms``: the gradients' norms, if known."""
+    multi-tensor ops for the whole list; a sharded gradient by its whole norm); ``norms``:
+    the gradients' norms, if known."""
     if not grads:
         return
-    norms = torch.stack(torch._foreach_norm(grads)) if norms is None else norms
+    norms = norms_of(grads) if norms is None else norms
     scales = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, list(scales.unbind()))
+    torch._foreach_mul_([local(g) for g in grads], list(scales.unbind()))
 
 
 def zero_if_nonfinite_(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace ``grads`` by zeros, in place and decided on the device, if any element of any
     of them is NaN or inf. Returns ``(norms, ok)``: the per-gradient norms (of the zeros, if
     replaced) and whether they were all finite."""
-    norms = torch.stack(torch._foreach_norm(grads))
+    norms = norms_of(grads)
     ok = torch.isfinite(norms.sum())
     for g in grads:
-        g.masked_fill_(~ok, 0.0)
+        local(g).masked_fill_(~ok, 0.0)
     return torch.where(ok, norms, 0.0), ok
 
 
@@ -89,6 +92,7 @@ class FusedUpdates:
         reducer: GradReducer | None = None,
         in_flight: int = 1,
         blocks: list[list[torch.Tensor]] | None = None,
+        register: bool = True,
     ):
         self.optimizer = optimizer
         self.max_norm = max_norm
@@ -109,7 +113,9 @@ class FusedUpdates:
         self._unit_of = unit_of
         self._arrived: list[list[torch.Tensor]] = [[] for _ in self.units]
         self._ready: deque[int] = deque()
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        self._handles = (
+            [p.register_post_accumulate_grad_hook(self._hook) for p in params] if register else []
+        )
 
     def _hook(self, p: torch.Tensor) -> None:
         if not self.armed or self.optimizer.phase == "ascent":
@@ -127,6 +133,22 @@ class FusedUpdates:
         if len(self._arrived[k]) == len(self.units[k]):
             self._ready.append(k)
             self._drain(self.in_flight if self.reducer is not None else 0)
+
+    def reduced(self, params: list[torch.Tensor], per_param: bool = False) -> None:
+        """A unit's gradients are complete and already reduced -- FSDP2 has reduce-scattered
+        them, each ``.grad`` this rank's shard (``trainer.sharding.fuse_updates`` calls this
+        after every unit's post-backward): do what the hooks do once a unit is in, at once
+        (``per_param``: one parameter at a time, the ``param`` granularity)."""
+        if not self.armed or self.optimizer.phase == "ascent":
+            return
+        params = [p for p in params if p.grad is not None]
+        if self.optimizer.phase == "refresh":
+            self.optimizer.refresh_early(params)
+            return
+        for part in [[p] for p in params] if per_param else [params] if params else []:
+            k = self._unit_of[part[0]]
+            self._arrived[k] = part
+            self._update(k)
 
     def _drain(self, keep: int) -> None:
         while len(self._ready) > keep:

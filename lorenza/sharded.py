@@ -13,12 +13,29 @@ directions, which every rank regenerates whole from the same seed.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (an all-gather for a DTensor; every rank must call it)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place ops on it change the DTensor), or
+    ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each whole tensor, stacked; for sharded ones, from the shards' squared
+    norms summed over the ranks (one all-reduce for the list, which every rank must make)."""
+    if not any(isinstance(t, DTensor) for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors))
+    squares = torch.stack(torch._foreach_norm([local(t) for t in tensors])).square()
+    dist.all_reduce(squares, group=tensors[0].device_mesh.get_group())
+    return squares.sqrt()
 
 
 def _local_rows(p: DTensor, whole: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,6 +56,16 @@ CASES = [(o, f, s) for o in ("adamw", "galore", "lorenza") for f, s in FSDP_OR_N
 CASES += [("lorenza", "true", "false", "true"), ("lorenza", "false", "true", "true")]
 CASES += [("mezo", "false", "false"), ("loren", "false", "false")]
 COMPILED = [i for i, c in enumerate(CASES) if c[0] == "lorenza" and len(c) == 3]
+CASES += [(o, "true", "true") for o in ("adamw", "lorenza")]  # fused FSDP2
+FSDP2 = [*SMALL_RUN, *RUN, *TWO_PROCS, "dist.fsdp=true"]
+CLIP = ["trainer.grad_clip_mode=per_param", "trainer.grad_clip=0.05"]  # clips every step
+# Fused FSDP2 with accumulation; and with per-parameter clipping, against unfused FSDP2
+FSDP2_EXTRA = [
+    [*FSDP2, "optim=lorenza_plus", "trainer.fused=true", "trainer.grad_clip=0",
+     "trainer.batch_size=2", "trainer.grad_accum=2"],
+    [*FSDP2, "optim=lorenza", "trainer.fused=true", *CLIP],
+    [*FSDP2, "optim=lorenza", "trainer.fused=false", *CLIP],
+]  # fmt: skip
 
 
 def torchrun(*args, nproc=2, timeout=600):
@@ -106,7 +116,7 @@ def two_process_runs(tmp_path_factory):
         [*SMALL_RUN, *RUN, *TWO_PROCS, *case_overrides(*CASES[case]), f"dist.fsdp={CASES[case][2]}",
          "trainer.compile=true", "trainer.compile_backend=aot_eager"]
         for case in COMPILED
-    ]  # fmt: skip
+    ] + FSDP2_EXTRA  # fmt: skip
     out = torchrun("tests/distributed_fit.py", str(root), json.dumps(runs))
     assert out.returncode == 0, out.stderr[-3000:]
     return root
@@ -174,6 +184,37 @@ def test_lowrank_allreduce_gives_the_full_allreduce_weights(name, two_process_ru
     assert all(s < f for i, (s, f) in enumerate(zip(sent, full_bytes, strict=True)) if i % 3)
 
 
+def test_fused_fsdp2_accumulates_like_one_process(two_process_runs, config):
+    """Micro-batches of 2, 2 per step on each of 2 ranks: the single process's 4 micro-batches
+    of 2 from 2 workers (the same sequences)."""
+    run = len(CASES) + 2 * len(LOWRANK) + len(COMPILED)
+    cfg = config(*RUN, "data.num_workers=2", "trainer.batch_size=2", "trainer.grad_accum=4",
+                 "optim=lorenza_plus", "trainer.fused=true", "trainer.grad_clip=0")  # fmt: skip
+    fit(cfg)
+    w1, _, rows1 = final(Path(cfg.trainer.run_dir))
+    w2, _, rows2 = final(two_process_runs / str(run))
+    assert max_relative_difference(w1, w2) <= 1e-6
+    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (rows1, rows2)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_fused_fsdp2_clips_each_whole_gradient(two_process_runs, config):
+    """Per-parameter norms from the shards' squares summed over the ranks: fused FSDP2 equals
+    unfused FSDP2 (the same norms, clip and update, a unit right after its reduce-scatter or
+    all after the backward) and the single process, whose norms are of the whole gradients
+    (within 1e-5: float32 sums in another order, as for FSDP2's global norm)."""
+    run = len(CASES) + 2 * len(LOWRANK) + len(COMPILED) + 1
+    w_fused, _, rows_fused = final(two_process_runs / str(run))
+    w_unfused, _, rows_unfused = final(two_process_runs / str(run + 1))
+    assert max_relative_difference(w_unfused, w_fused) <= 1e-7
+    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (rows_fused, rows_unfused)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-7)
+    cfg = config(*RUN, *ONE_PROC, "optim=lorenza", "trainer.fused=true", *CLIP)
+    fit(cfg)
+    w_one, _, _ = final(Path(cfg.trainer.run_dir))
+    assert max_relative_difference(w_one, w_fused) <= 1e-5
+
+
 def launch(tmp_path, *overrides):
     """``launch/torchrun.sh --nproc 2`` on a small run."""
     return subprocess.Popen(
@@ -229,7 +270,7 @@ def test_a_signal_to_one_rank_stops_all_with_a_checkpoint_and_resume_continues(t
     assert info["world_size"] == 2 and "6 N + 12 L d T" in info["mfu_formula"]
 
 
-def test_slurm_dry_run_prints_the_commands_for_2_nodes_of_8_gpus(tmp_path):
+def test_slurm_dry_run_prints_the_commands_inside_and_outside_an_allocation(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"  # what `scontrol show hostnames gpu-a[01-02]` prints
@@ -262,9 +303,16 @@ def test_slurm_dry_run_prints_the_commands_for_2_nodes_of_8_gpus(tmp_path):
     ]  # fmt: skip
     assert lines["then"] == ["scontrol", "requeue", "4242"]
 
-    del env["SLURM_NNODES"]
-    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.returncode == 2 and "SLURM_NNODES is not set" in out.stderr
+    outside = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    outside["PATH"] = os.environ["PATH"]  # no scontrol either
+    out = subprocess.run(args, cwd=ROOT, env=outside, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[0] == (
+        "placeholders (not inside a SLURM allocation): SLURM_JOB_ID=JOB_ID SLURM_NNODES=2 "
+        "SLURM_JOB_NODELIST=NODE_LIST head node=HEAD_NODE"
+    )
+    assert "--rdzv_endpoint=HEAD_NODE:29500 --rdzv_id=JOB_ID" in out.stdout
+    out = subprocess.run(args[:2] + args[3:], cwd=ROOT, env=outside, capture_output=True, text=True)
+    assert out.returncode == 2 and "SLURM_JOB_ID is not set" in out.stderr
 
 
 def test_an_fsdp_checkpoint_resumes_in_one_process(two_process_runs, config, tmp_path):

@@ -139,3 +139,6 @@ def test_fsdp_divides_weights_gradients_and_full_rank_states(config):
     assert four["optimizer states"] == one["optimizer states"] / 4
     assert four["weights"] < one["weights"] and four["gradients"] < one["gradients"]
     assert four["activations saved for backward"] == one["activations saved for backward"]
+    cfg.optim.name, cfg.trainer.fused = "lorenza", True  # each unit's gradients freed after it
+    fused = {r.what: r.bytes for r in memory_plan(cfg).rows}
+    assert fused["gradients"] < four["gradients"]

@@ -168,10 +168,10 @@ def check_distributed(cfg: Config) -> None:
             )
     if cfg.dist.fsdp:
         _, _, bits = OPTIMIZERS[cfg.optim.name]
-        if is_fused(cfg) or cfg.dist.lowrank_allreduce:
+        if cfg.dist.lowrank_allreduce:
             raise ValueError(
-                "dist.fsdp=true works with trainer.fused=false and dist.lowrank_allreduce=false: "
-                "FSDP2 reduce-scatters gradients after backward, where no hook can see them"
+                "dist.fsdp=true works with dist.lowrank_allreduce=false: FSDP2 reduce-scatters "
+                "the full gradients"
             )
         if cfg.optim.name == "sam" or 8 in (bits, cfg.optim.bits):
             raise ValueError(

@@ -184,7 +184,8 @@ class DistConfig:
     update by linearity, for min(m, n)/r times less traffic. Fused low-rank optimizers only."""
     fsdp: bool = False
     """Shard weights, gradients and full-rank optimizer states over the ranks (FSDP2
-    ``fully_shard`` per decoder layer), for models that do not fit one device. Unfused only."""
+    ``fully_shard`` per decoder layer), for models that do not fit one device; with
+    ``trainer.fused`` each unit is updated right after its reduce-scatter."""
     in_flight: int = 1
     """Fused mode: units (blocks, or parameters at ``param`` granularity) whose gradient
     all-reduces are left running behind the backward before the oldest is waited for and

@@ -299,9 +299,12 @@ def gradients_row(
         return Row("gradients", total, f"fp32, all: accumulated over {cfg.trainer.grad_accum}")
     if shards > 1:  # FSDP2 reduce-scatters a whole unit (the root, or a layer) at once
         layer = 4 * sum(p.numel() for p in model.layers[0].parameters())
-        root = total - len(model.layers) * layer
-        return Row("gradients", total / shards + max(root, layer),
-                   "fp32 shard + one FSDP unit reduce-scattered")  # fmt: skip
+        unit = max(total - len(model.layers) * layer, layer)
+        if fused:  # each unit updated after its reduce-scatter, its shards freed
+            return Row("gradients", unit + unit / shards, "one FSDP unit unsharded + its shard")
+        return Row(
+            "gradients", total / shards + unit, "fp32 shard + one FSDP unit reduce-scattered"
+        )
     if fused:
         granularity = cfg.trainer.fused_granularity
         sizes = (

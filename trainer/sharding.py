@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lorenza.fused import FusedUpdates
 from models import Llama
 
 
@@ -34,6 +35,36 @@ def shard_model(model: Llama) -> None:
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(model)
+
+
+def fsdp_units(model: Llama) -> list[list[torch.Tensor]]:
+    """The parameters of each FSDP2 unit (every decoder layer, then the root: embeddings,
+    final norm, head), as this rank holds them (sharded): the units fused updates run on."""
+    return [
+        [fp.sharded_param for fp in module._get_fsdp_state()._fsdp_param_group.fsdp_params]
+        for module in [*model.layers, model]
+    ]
+
+
+def fuse_updates(model: Llama, hooks: FusedUpdates, per_param: bool = False) -> None:
+    """Update each FSDP2 unit as soon as its gradients are reduce-scattered, and free them:
+    after every unit's post-backward (each rank then holds its shard of the unit's gradients
+    as ``.grad``, and FSDP2 has freed the unsharded ones) ``hooks.reduced`` runs that unit's
+    update. So no more than the unit being reduced is ever unsharded, and the sharded
+    gradients of one unit at a time are alive instead of the whole model's. Wraps each
+    unit's ``FSDPParamGroup.post_backward``, which FSDP2 looks up at every call (a private
+    API of torch 2.13; ``tests/test_distributed.py`` checks the result against the unfused
+    and single-process runs)."""
+    for module, params in zip([*model.layers, model], fsdp_units(model), strict=True):
+        group = module._get_fsdp_state()._fsdp_param_group
+        original = group.post_backward
+
+        def post_backward(*args, original=original, group=group, params=params) -> None:
+            original(*args)
+            group._wait_for_post_backward()  # the reduce-scatter's output is ready to read
+            hooks.reduced(params, per_param)
+
+        group.post_backward = post_backward
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
