@@ -3,9 +3,9 @@ first-order training step, measured exactly on the CPU.
 
     python -m bench.zo_memory [--batch 8] [--seq 128]
 
-Every allocation and free that PyTorch's profiler records (``profile_memory``; its memory
-timeline, ``torch.profiler._memory_profiler``, a private API) is replayed in order; the peak of
-the bytes alive, plus the weights (and optimizer states) that existed before, is the figure.
+Every allocation and free that PyTorch's profiler records (``profile_memory``) is replayed in
+order; the peak of the bytes alive, plus the weights (and optimizer states) that existed
+before, is the figure.
 Exact and deterministic, unlike the resident-set size, which also counts the allocator's
 caches and the interpreter.
 """
@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action, MemoryProfile
 
 from bench.results import markdown_table, write_section
 from bench.step_time import machine
@@ -27,14 +26,15 @@ from models import Llama, ModelConfig
 
 
 def peak_bytes(fn: Callable[[], object]) -> int:
-    """The most bytes that ``fn`` had allocated at once (beyond what existed before it)."""
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as prof:
+    """The most bytes that ``fn`` had allocated at once (beyond what existed before it): every
+    allocation and free the profiler records during ``fn``, summed in time order (frees of
+    memory allocated before are not recorded, so they cannot hide a peak)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
-    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
-        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
         peak = max(peak, live)
     return peak
 

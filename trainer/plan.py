@@ -25,8 +25,10 @@ then counted from shapes, as the code that runs allocates it:
 
 The peak of a step is the larger of its two moments: the start of the backward (every
 activation, the loss working set, no gradient yet, or the accumulated ones) and, unfused, the
-update (every gradient, the update's temporaries, activations freed). ``bench/plan_memory.py``
-checks the activation and state terms, and whole steps, against measured peaks on the CPU.
+update (every gradient, the update's temporaries, activations freed); fused, a unit's
+gradients and update beside the activations once the loss's working set is freed.
+``bench/plan_memory.py`` checks the activation and state terms, and whole steps, against
+measured peaks on the CPU.
 The activations are eager PyTorch's: ``torch.compile`` (on by default on CUDA) chooses what
 to save itself, usually less.
 """
@@ -255,8 +257,14 @@ def memory_plan(cfg: Config) -> Plan:
     held = size["weights"] + size["optimizer states"] + size["step extras"]
     moment = sum(r.bytes for r in activations)
     grads, temps = size["gradients"], size["update temporaries"]
-    if fused or forward_only:
+    if forward_only:
         allocated = held + grads + temps + moment
+    elif fused:  # a unit's gradients and update come once the loss's working set is gone
+        saved, working = (r.bytes for r in activations)
+        if t.grad_accum > 1:  # ... beside the gradients accumulated so far
+            allocated = held + grads + saved + max(working, temps)
+        else:
+            allocated = held + saved + max(working, grads + temps)
     elif t.grad_accum > 1:  # a later micro-batch's backward beside the accumulated gradients
         allocated = held + grads + max(moment, temps)
     else:  # the start of the backward, or the update with every gradient
