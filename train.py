@@ -337,19 +337,13 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
         if fused and ranks.enabled and not sharded
         else None
     )
-    hooks = None
+    hooks, clip = None, t.grad_clip if per_param_clip else 0.0
     if fused and sharded:  # FSDP2 reduces each unit; its update follows (trainer/sharding.py)
-        clip = t.grad_clip if per_param_clip else 0.0
         hooks = FusedUpdates(optimizer, clip, blocks=fsdp_units(model), register=False)
         fuse_updates(model, hooks, per_param=t.fused_granularity == "param")
     elif fused:
-        hooks = FusedUpdates(
-            optimizer,
-            t.grad_clip if per_param_clip else 0.0,
-            reducer,
-            cfg.dist.in_flight,
-            blocks=module_blocks(model) if t.fused_granularity == "block" else None,
-        )
+        blocks = module_blocks(model) if t.fused_granularity == "block" else None
+        hooks = FusedUpdates(optimizer, clip, reducer, cfg.dist.in_flight, blocks=blocks)
     ddp = (
         DistributedDataParallel(model, broadcast_buffers=False)
         if ranks.enabled and not (fused or sharded)

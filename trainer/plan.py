@@ -46,6 +46,7 @@ from lorenza.adam import moment_bytes
 from lorenza.forward_only import ForwardOnlyOptimizer
 from lorenza.loren import rows
 from models import Llama, ModelConfig
+from models.llama import Block
 from trainer.config import Config
 from trainer.optimizers import build_optimizer, is_fused
 
@@ -124,7 +125,9 @@ def activation_bytes(
 
 def weight_copies(c: ModelConfig) -> int:
     """Bytes of autocast's bf16 copies of one decoder layer's weight matrices."""
-    return 2 * sum(p.numel() for p in _meta(c).layers[0].parameters() if p.ndim == 2)
+    with torch.device("meta"):  # one layer's shapes, not the whole model's
+        layer = Block(c)
+    return 2 * sum(p.numel() for p in layer.parameters() if p.ndim == 2)
 
 
 def loss_forward(k: int, v: int, d: int, bf16: bool) -> int:
@@ -210,11 +213,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _meta(c: ModelConfig) -> Llama:
-    with torch.device("meta"):
-        return Llama(c)
-
-
 def plan_world(cfg: Config) -> int:
     """Processes to plan for: ``trainer.plan_world``, else torchrun's ``WORLD_SIZE``, else 1."""
     return cfg.trainer.plan_world or int(os.environ.get("WORLD_SIZE", "1"))
@@ -234,7 +232,8 @@ def memory_plan(cfg: Config) -> Plan:
     t = cfg.trainer
     world = plan_world(cfg)
     shards = world if cfg.dist.fsdp and world > 1 else 1
-    model = _meta(cfg.model)
+    with torch.device("meta"):  # shapes only
+        model = Llama(cfg.model)
     optimizer = build_optimizer(model, cfg.optim, cfg.seed)
     forward_only = isinstance(optimizer, ForwardOnlyOptimizer)
     fused = is_fused(cfg) and not forward_only
@@ -276,14 +275,20 @@ def memory_plan(cfg: Config) -> Plan:
     return Plan(rows, allocated, allocated + headroom, plan_gpu_gib(cfg), world, alternative)
 
 
+def fsdp_unit_bytes(model: Llama) -> tuple[int, int]:
+    """float32 bytes of FSDP2's units: ``(root, one decoder layer)``, the root being everything
+    outside the layers (embeddings, final norm, head)."""
+    layer = 4 * sum(p.numel() for p in model.layers[0].parameters())
+    return 4 * sum(p.numel() for p in model.parameters()) - len(model.layers) * layer, layer
+
+
 def weights_row(model: Llama, shards: int) -> Row:
     """float32 weights and buffers; FSDP2: a shard, plus the root and two layers gathered."""
     total = 4 * sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     if shards == 1:
         return Row("weights", total + buffers, "fp32 masters + rotary tables")
-    layer = 4 * sum(p.numel() for p in model.layers[0].parameters())
-    root = total - len(model.layers) * layer
+    root, layer = fsdp_unit_bytes(model)
     gathered = root + 2 * layer
     how = f"fp32 shard (1/{shards}) + gathered root and 2 layers"
     return Row("weights", total / shards + gathered + buffers, how)
@@ -306,8 +311,7 @@ def gradients_row(
     if cfg.trainer.grad_accum > 1:  # summed over micro-batches, every one alive until the last
         return Row("gradients", total, f"fp32, all: accumulated over {cfg.trainer.grad_accum}")
     if shards > 1:  # FSDP2 reduce-scatters a whole unit (the root, or a layer) at once
-        layer = 4 * sum(p.numel() for p in model.layers[0].parameters())
-        unit = max(total - len(model.layers) * layer, layer)
+        unit = max(fsdp_unit_bytes(model))
         if fused:  # each unit updated after its reduce-scatter, its shards freed
             return Row("gradients", unit + unit / shards, "one FSDP unit unsharded + its shard")
         return Row(

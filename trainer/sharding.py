@@ -37,13 +37,16 @@ def shard_model(model: Llama) -> None:
     fully_shard(model)
 
 
+def _param_groups(model: Llama) -> list:
+    """FSDP2's parameter group of each unit: every decoder layer, then the root (embeddings,
+    final norm, head)."""
+    return [module._get_fsdp_state()._fsdp_param_group for module in [*model.layers, model]]
+
+
 def fsdp_units(model: Llama) -> list[list[torch.Tensor]]:
-    """The parameters of each FSDP2 unit (every decoder layer, then the root: embeddings,
-    final norm, head), as this rank holds them (sharded): the units fused updates run on."""
-    return [
-        [fp.sharded_param for fp in module._get_fsdp_state()._fsdp_param_group.fsdp_params]
-        for module in [*model.layers, model]
-    ]
+    """The parameters of each FSDP2 unit, as this rank holds them (sharded): the units fused
+    updates run on."""
+    return [[fp.sharded_param for fp in group.fsdp_params] for group in _param_groups(model)]
 
 
 def fuse_updates(model: Llama, hooks: FusedUpdates, per_param: bool = False) -> None:
@@ -55,8 +58,7 @@ def fuse_updates(model: Llama, hooks: FusedUpdates, per_param: bool = False) -> 
     unit's ``FSDPParamGroup.post_backward``, which FSDP2 looks up at every call (a private
     API of torch 2.13; ``tests/test_distributed.py`` checks the result against the unfused
     and single-process runs)."""
-    for module, params in zip([*model.layers, model], fsdp_units(model), strict=True):
-        group = module._get_fsdp_state()._fsdp_param_group
+    for group, params in zip(_param_groups(model), fsdp_units(model), strict=True):
         original = group.post_backward
 
         def post_backward(*args, original=original, group=group, params=params) -> None:
