@@ -30,6 +30,7 @@ from data import (
     TokenizerUnavailable,
     build_train_loader,
     load_tokenizer,
+    regroup,
     validation_batches,
 )
 from lorenza import SubspaceAdamW, module_blocks
@@ -38,7 +39,14 @@ from lorenza.reduce import GradReducer, bytes_per_step
 from lorenza.schedule import lr_at
 from models import Llama, save_hf
 from models.llama import RUNTIME_KEYS
-from trainer.checkpoint import load_checkpoint, read_state, resume_path, save_checkpoint
+from trainer.checkpoint import (
+    all_finite,
+    read_state,
+    read_whole,
+    restore_state,
+    resume_path,
+    save_checkpoint,
+)
 from trainer.checks import check_config
 from trainer.config import Config, to_config
 from trainer.distributed import (
@@ -79,10 +87,15 @@ from trainer.preemption import (
 from trainer.profiling import StepProfiler
 from trainer.run_dir import RunLock, check_fresh
 from trainer.settings import compare_settings, flat_config
+from trainer.sharded_checkpoint import (
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    read_sharded,
+    save_sharded_checkpoint,
+)
 from trainer.sharding import (
     fsdp_units,
     full_model_state,
-    full_optimizer_state,
     fuse_updates,
     load_model_state,
     load_optimizer_state,
@@ -165,14 +178,14 @@ def resume_changes(cfg: Config, checkpoint: Path | None, world: int) -> dict:
             f"({'; '.join(refused)}): use the checkpoint's values, or start a new run"
         )
     if cfg.trainer.resume_data:
-        saved = state["data"][0]
-        if len(state["data"]) != world or saved["num_workers"] != cfg.data.num_workers:
+        try:
+            regroup(state["data"], 0, world, cfg.data.num_workers)
+        except ValueError as err:
             raise ValueError(
-                f"checkpoint {checkpoint} holds the data positions of {len(state['data'])} "
-                f"processes x {saved['num_workers']} data.num_workers, this run has {world} "
-                f"x {cfg.data.num_workers}: resume with as many, or with "
-                f"trainer.resume_data=false to start the data stream afresh"
-            )
+                f"cannot continue the data stream of checkpoint {checkpoint}: {err}; resume "
+                f"with as many readers, or with trainer.resume_data=false to start the data "
+                f"stream afresh"
+            ) from None
     changes.pop("trainer.resume", None)  # resuming is the point
     return changes
 
@@ -277,42 +290,31 @@ class Run:
             "config": flat_config(self.cfg),
             **run_identity(self.cfg),
         }
-        if self.ranks.enabled and not self.sharded:
-            state["replica_digests"] = check_replicas(self.model)
-        model_state = full_model_state(self.model)  # sharded: gathered, on every rank's call
-        optimizer_state = full_optimizer_state(self.optimizer, keep=self.ranks.is_main)
-        if not on_main(lambda: all_finite(model_state, optimizer_state)):
-            raise TrainingStopped(
-                f"the weights or optimizer states are not finite at step {step}: no "
-                f"checkpoint written (the newest one in {self.run_dir} is the last good state)",
-                EXIT_NONFINITE,
+        if self.sharded:  # every rank writes its shards (trainer/sharded_checkpoint.py)
+            finite = all_finite(self.model.state_dict(), self.optimizer.state_dict())
+            if not all(gather_to_all(finite)):  # each rank checks its shards
+                raise self.nonfinite_state(step)
+            save_sharded_checkpoint(
+                self.run_dir, self.model, self.optimizer, state, self.cfg.trainer.keep_last
             )
+            return
+        if self.ranks.enabled:
+            state["replica_digests"] = check_replicas(self.model)
+        model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        if not on_main(lambda: all_finite(model_state, optimizer_state)):
+            raise self.nonfinite_state(step)
         if self.ranks.is_main:
             save_checkpoint(
                 self.run_dir, model_state, optimizer_state, state, self.cfg.trainer.keep_last
             )
         barrier()  # nobody goes on (or exits) before the checkpoint is complete
 
-
-def all_finite(*states: dict) -> bool:
-    """Whether every floating-point tensor in the (nested) state dicts is finite; one read."""
-    flags = []
-
-    def visit(x) -> None:
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
-            flags.append(torch.isfinite(x).all())
-        elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
-        elif isinstance(x, list | tuple):
-            for v in x:
-                visit(v)
-
-    visit(states)
-    if not flags:
-        return True
-    device = flags[0].device  # one stack on the device, one read (not a copy per tensor)
-    return bool(to_host(torch.stack([f.to(device) for f in flags]).all().reshape(1))[0])
+    def nonfinite_state(self, step: int) -> TrainingStopped:
+        return TrainingStopped(
+            f"the weights or optimizer states are not finite at step {step}: no "
+            f"checkpoint written (the newest one in {self.run_dir} is the last good state)",
+            EXIT_NONFINITE,
+        )
 
 
 def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
@@ -332,14 +334,15 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
     optimizer = build_optimizer(model, cfg.optim, cfg.seed)
     fused = is_fused(cfg)
     per_param_clip = t.grad_clip > 0 and (fused or t.grad_clip_mode == "per_param")
-    reducer = (
+    reducer = (  # under FSDP2 only for the low-rank reduction; it reduce-scatters the rest
         GradReducer(optimizer, cfg.dist.lowrank_allreduce)
-        if fused and ranks.enabled and not sharded
+        if fused and ranks.enabled and (cfg.dist.lowrank_allreduce or not sharded)
         else None
     )
     hooks, clip = None, t.grad_clip if per_param_clip else 0.0
     if fused and sharded:  # FSDP2 reduces each unit; its update follows (trainer/sharding.py)
-        hooks = FusedUpdates(optimizer, clip, blocks=fsdp_units(model), register=False)
+        units = fsdp_units(model)
+        hooks = FusedUpdates(optimizer, clip, reducer, blocks=units, register=False)
         fuse_updates(model, hooks, per_param=t.fused_granularity == "param")
     elif fused:
         blocks = module_blocks(model) if t.fused_granularity == "block" else None
@@ -379,14 +382,21 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
 def restore(run: Run, checkpoint: Path) -> None:
     """Model, optimizer, step, tokens and (with ``trainer.resume_data``) the data position
     from ``checkpoint`` (already checked by ``prepare``)."""
-    state, model_state, optimizer_state = load_checkpoint(
-        checkpoint, weights=run.ranks.is_main or not run.sharded
-    )
-    load_model_state(run.model, model_state)
-    load_optimizer_state(run.optimizer, optimizer_state)
+    state = restore_state(checkpoint)
+    if run.sharded and is_sharded_checkpoint(checkpoint):
+        load_sharded_checkpoint(checkpoint, run.model, run.optimizer)
+    else:  # whole states: read by every rank, or by rank 0 alone into a sharded model
+        model_state, optimizer_state = (
+            read_sharded(checkpoint)
+            if is_sharded_checkpoint(checkpoint)
+            else read_whole(checkpoint, weights=run.ranks.is_main or not run.sharded)
+        )
+        load_model_state(run.model, model_state)
+        load_optimizer_state(run.optimizer, optimizer_state)
     run.step, run.tokens, run.skipped = state["step"], state["tokens"], state.get("skipped", 0)
     if run.cfg.trainer.resume_data:
-        run.loader.load_state_dict(state["data"][run.ranks.rank])
+        ranks, workers = run.ranks, run.cfg.data.num_workers  # any layout of as many readers
+        run.loader.load_state_dict(regroup(state["data"], ranks.rank, ranks.world, workers))
 
 
 def open_logs(run: Run, start: Start) -> None:

@@ -7,13 +7,14 @@ See DESIGN.md "Data". The bundled sample corpus (`data/sample/`) is built by
 from data.hub import HubUnavailable
 from data.loader import DataConfig, build_train_loader, train_batches, validation_batches
 from data.shards import read_documents
-from data.stream import ResumableLoader
+from data.stream import ResumableLoader, regroup
 from data.tokenizer import Tokenizer, TokenizerUnavailable, load_tokenizer
 
 __all__ = [
     "DataConfig",
     "HubUnavailable",
     "ResumableLoader",
+    "regroup",
     "Tokenizer",
     "TokenizerUnavailable",
     "build_train_loader",

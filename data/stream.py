@@ -252,3 +252,32 @@ class ResumableLoader:
             )
         self.states = list(state["workers"])
         self.next_worker = state["next_worker"]
+
+
+def regroup(saved: list[dict], rank: int, world_size: int, num_workers: int) -> dict:
+    """This rank's data position, for a run of ``world_size`` processes x ``num_workers``
+    workers, from every rank's saved one (``ResumableLoader.state_dict``). Reader i = rank x
+    workers + worker reads the same documents whichever process runs it, so a run with as
+    many readers in another layout (2 processes reading one stream each, 1 process with 2
+    workers) continues every reader where it stopped -- when the checkpoint's step ended
+    with each rank's last worker (every reader had given as many batches; the next batch is
+    the first worker's). Raises ``ValueError`` saying why otherwise."""
+    first = saved[0]
+    if len(saved) == world_size and first["num_workers"] == num_workers:
+        return saved[rank]
+    readers = [reader for state in saved for reader in state["workers"]]
+    workers = max(num_workers, 1)
+    if len(readers) != world_size * workers:
+        raise ValueError(
+            f"the checkpoint holds the positions of {len(readers)} readers ({len(saved)} "
+            f"processes x {first['num_workers']} data.num_workers), this run has "
+            f"{world_size * workers} ({world_size} x {num_workers})"
+        )
+    if any(state["next_worker"] for state in saved):
+        raise ValueError(
+            "the checkpoint's step did not end with each rank's last data worker (a "
+            "micro-batch count per step that data.num_workers does not divide)"
+        )
+    mine = readers[rank * workers : (rank + 1) * workers]
+    stream = {"seed": first["seed"], "world_size": world_size, "num_workers": num_workers}
+    return {**stream, "rank": rank, "next_worker": 0, "workers": mine}

@@ -141,7 +141,8 @@ class FusedUpdates:
         (``per_param``: one parameter at a time, the ``param`` granularity)."""
         if not self.armed or self.optimizer.phase == "ascent":
             return
-        params = [p for p in params if p.grad is not None]
+        reducer = self.reducer
+        params = [p for p in params if p.grad is not None or reducer and reducer.pending(p)]
         if self.optimizer.phase == "refresh":
             self.optimizer.refresh_early(params)
             return
@@ -161,8 +162,8 @@ class FusedUpdates:
         params, self._arrived[k] = self._arrived[k], []
         lows = {}
         if self.reducer is not None:
-            for p in params:
-                low = self.reducer.wait(p)
+            for p in params:  # under FSDP2 only the projected ones are the reducer's
+                low = self.reducer.wait(p) if self.reducer.pending(p) else None
                 if low is not None:
                     lows[p] = low
         grads = [lows.get(p, p.grad) for p in params if p in lows or p.grad is not None]

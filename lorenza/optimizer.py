@@ -302,9 +302,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
             and state.get("step", 0) % group["update_gap"] != 0
         )
 
-    def project_grad(self, p: torch.Tensor) -> torch.Tensor:
-        """``Qᵀ g`` (or ``g Q``) of ``p``'s current gradient, in float32."""
-        return project(p.grad, self.state[p]["basis"])
+    def project_grad(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+        """``Qᵀ g`` (or ``g Q``) of ``p``'s current gradient (or of ``grad``), in float32."""
+        return project(p.grad if grad is None else grad, self.state[p]["basis"])
 
     def _refresh_due(self, p: torch.Tensor) -> bool:
         group = self.group_of(p)

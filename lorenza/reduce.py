@@ -15,9 +15,14 @@ mean of the ranks' ``Qᵀ g_i`` is ``Qᵀ`` of the mean gradient, so averaging t
 the same update for ``min(m, n) / r`` times less traffic. The full gradient is freed as soon as it
 is projected.
 
-Byte counters: ``bytes_sent`` is the payload all-reduced, ``bytes_full`` what averaging every
-full gradient would have been (a ring all-reduce moves about 2 (N-1)/N times the payload per
-rank in each case).
+Under FSDP2 (``launch_projected``, called by ``trainer/sharding.py`` before each unit's
+reduce-scatter) the same holds for the unsharded gradient each rank has of a sharded matrix:
+its ``Qᵀ g`` is all-reduced instead, and FSDP2 reduce-scatters only the other gradients.
+
+Byte counters: ``bytes_sent`` is the payload all-reduced (under FSDP2, plus the gradients
+reduce-scattered whole), ``bytes_full`` what averaging every full gradient would have been (a
+ring all-reduce moves about 2 (N-1)/N times the payload per rank in each case, a
+reduce-scatter half of that).
 """
 
 from __future__ import annotations
@@ -48,10 +53,29 @@ class GradReducer:
         if self.lowrank and self.optimizer.reduces_projected(p):
             low = self.optimizer.project_grad(p).contiguous()
             p.grad = None
-        payload = grad if low is None else low
+        self._start(p, grad if low is None else low, low)
+
+    def launch_projected(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
+        """FSDP2: ``grad`` is this rank's whole, not yet reduced gradient of the sharded
+        ``p``. When the update reads only ``Qᵀ g``, start averaging that and return True (the
+        caller frees ``grad``, which FSDP2 then does not reduce-scatter); else count ``grad``
+        as FSDP2's to reduce-scatter whole and return False."""
+        size = grad.numel() * grad.element_size()
+        self.bytes_full += size
+        if not (self.lowrank and self.optimizer.reduces_projected(p)):
+            self.bytes_sent += size
+            return False
+        low = self.optimizer.project_grad(p, grad).contiguous()
+        self._start(p, low, low)
+        return True
+
+    def _start(self, p: torch.Tensor, payload: torch.Tensor, low: torch.Tensor | None) -> None:
         payload.div_(self.world)  # sum of (g_i / N): the same operations as accumulating
         self.bytes_sent += payload.numel() * payload.element_size()
         self._pending[p] = (dist.all_reduce(payload, group=self.group, async_op=True), low)
+
+    def pending(self, p: torch.Tensor) -> bool:
+        return p in self._pending
 
     def wait(self, p: torch.Tensor) -> torch.Tensor | None:
         """Wait for ``p``'s reduction: returns the averaged ``Qᵀ g``, or ``None`` when the

@@ -3,7 +3,6 @@ same global batch, replicas agree bit for bit, and the low-rank all-reduce chang
 not the weights."""
 
 import json
-import math
 import os
 import re
 import shlex
@@ -16,18 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from models import load_hf
 from tests.conftest import ROOT, SMALL_RUN
-from tests.test_resume import losses, wait_for_steps
+from tests.test_resume import losses, stop_at, wait_for_steps
 from train import fit
 from trainer.checkpoint import latest_checkpoint
+from trainer.sharded_checkpoint import read_checkpoint
 
 # Rank 16 with a refresh every 3 steps: 6 steps hold refresh and in-between steps.
 RUN = [
     "trainer.max_steps=6",
     "trainer.eval_every=3",
+    "trainer.save_every=3",
     "trainer.save_model=false",
     "optim.rank=16",
     "optim.update_gap=3",
@@ -59,12 +59,15 @@ COMPILED = [i for i, c in enumerate(CASES) if c[0] == "lorenza" and len(c) == 3]
 CASES += [(o, "true", "true") for o in ("adamw", "lorenza")]  # fused FSDP2
 FSDP2 = [*SMALL_RUN, *RUN, *TWO_PROCS, "dist.fsdp=true"]
 CLIP = ["trainer.grad_clip_mode=per_param", "trainer.grad_clip=0.05"]  # clips every step
-# Fused FSDP2 with accumulation; and with per-parameter clipping, against unfused FSDP2
+# Fused FSDP2 with accumulation; with per-parameter clipping, against unfused FSDP2; and with
+# the low-rank reduction
 FSDP2_EXTRA = [
     [*FSDP2, "optim=lorenza_plus", "trainer.fused=true", "trainer.grad_clip=0",
      "trainer.batch_size=2", "trainer.grad_accum=2"],
     [*FSDP2, "optim=lorenza", "trainer.fused=true", *CLIP],
     [*FSDP2, "optim=lorenza", "trainer.fused=false", *CLIP],
+    [*FSDP2, "optim=lorenza", "trainer.fused=true", "trainer.grad_clip=0",
+     "dist.lowrank_allreduce=true"],
 ]  # fmt: skip
 
 
@@ -79,7 +82,7 @@ def torchrun(*args, nproc=2, timeout=600):
 
 def final(run_dir):
     ckpt = latest_checkpoint(run_dir)
-    weights = load_file(str(ckpt / "model.safetensors"))
+    weights, _ = read_checkpoint(ckpt)  # FSDP2 runs: sharded; a single process: gathered
     state = json.loads((ckpt / "trainer_state.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return weights, state, rows
@@ -87,10 +90,10 @@ def final(run_dir):
 
 def optimizer_states(run_dir) -> dict:
     """Every float tensor of the newest checkpoint's optimizer state, by (param, key)."""
-    blob = torch.load(latest_checkpoint(run_dir) / "optimizer.pt", weights_only=True)
+    _, optimizer = read_checkpoint(latest_checkpoint(run_dir))
     return {
         (i, k): v.float()
-        for i, state in blob["optimizer"]["state"].items()
+        for i, state in optimizer["state"].items()
         for k, v in state.items()
         if torch.is_tensor(v) and v.is_floating_point() and v.ndim > 0
     }
@@ -134,7 +137,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(case, two_process_ru
     w1, _, rows1 = final(Path(cfg.trainer.run_dir))
     w2, state2, rows2 = final(two_process_runs / str(case))
     assert max_relative_difference(w1, w2) <= 1e-6
-    if fsdp == "true":  # the gathered checkpoint is the single-process one
+    if fsdp == "true":  # the sharded checkpoint holds the single process's states
         o1 = optimizer_states(Path(cfg.trainer.run_dir))
         o2 = optimizer_states(two_process_runs / str(case))
         assert o1.keys() == o2.keys()
@@ -213,6 +216,23 @@ def test_fused_fsdp2_clips_each_whole_gradient(two_process_runs, config):
     fit(cfg)
     w_one, _, _ = final(Path(cfg.trainer.run_dir))
     assert max_relative_difference(w_one, w_fused) <= 1e-5
+
+
+def test_fsdp2_lowrank_reduction_gives_the_reduce_scatter_weights(two_process_runs):
+    """Fused FSDP2 LORENZA with ``Qᵀ g`` all-reduced in place of reduce-scattering the
+    low-rank matrices' gradients (steps 1, 2, 4, 5 of 6; refresh steps reduce-scatter all):
+    the weights of the run that reduce-scatters every gradient, for fewer bytes."""
+    run = len(CASES) + 2 * len(LOWRANK) + len(COMPILED) + 3
+    w_low, _, rows_low = final(two_process_runs / str(run))
+    w_full, _, _ = final(two_process_runs / str(CASES.index(("lorenza", "true", "true"))))
+    assert max_relative_difference(w_full, w_low) <= 1e-6
+    # bytes reduce-scattered whole plus bytes of Qᵀg all-reduced: the shape formula's
+    shapes = json.loads((two_process_runs / str(run) / "run_info.json").read_text())
+    formula = shapes["allreduce_bytes_per_step"]
+    sent = [r["allreduce_bytes"] for r in rows_low if "loss" in r]
+    assert [r["allreduce_bytes_full"] for r in rows_low if "loss" in r] == [formula["full"]] * 6
+    refresh, between = formula["full"], formula["lowrank"]
+    assert sent == [refresh, between, between] * 2 and between < refresh
 
 
 def launch(tmp_path, *overrides):
@@ -315,24 +335,36 @@ def test_slurm_dry_run_prints_the_commands_inside_and_outside_an_allocation(tmp_
     assert out.returncode == 2 and "SLURM_JOB_ID is not set" in out.stderr
 
 
-def test_an_fsdp_checkpoint_resumes_in_one_process(two_process_runs, config, tmp_path):
-    """Gathered checkpoints do not depend on the number of ranks that wrote them; only the
-    data position does, and the trainer says so."""
+def test_a_sharded_checkpoint_resumes_in_one_process_where_it_left_off(
+    two_process_runs, config, tmp_path
+):
+    """An FSDP2 run's step-3 checkpoint (2 ranks' shards) resumed by one process: the whole
+    states are read back from the shards, and the data stream continues with the same 2
+    readers, as 2 DataLoader workers -- so steps 4-6 are the 2-process run's. With 1 reader
+    the trainer says why the stream cannot continue, before any work."""
     case = CASES.index(("lorenza", "false", "true"))
     run_dir = tmp_path / "resharded"
     shutil.copytree(two_process_runs / str(case), run_dir)
-    args = [*RUN, *case_overrides(*CASES[case]), "trainer.resume=auto", "trainer.max_steps=8"]
+    stop_at(run_dir, 3)
+    ckpt = latest_checkpoint(run_dir)
+    shards = {f"dcp/__{r}_0.distcp" for r in (0, 1)}  # written by each rank, in the manifest
+    assert shards <= set(json.loads((ckpt / "manifest.json").read_text()))
+    args = [*RUN, *case_overrides(*CASES[case]), "trainer.resume=auto"]
     cfg = config(*args)
     cfg.trainer.run_dir = str(run_dir)
-    with pytest.raises(ValueError, match="trainer.resume_data=false"):
+    with pytest.raises(ValueError, match=r"2 readers .*this run has 1 .*resume_data=false"):
         fit(cfg)
-    cfg = config(*args, "trainer.resume_data=false")
+    cfg = config(*args, *ONE_PROC)
     cfg.trainer.run_dir = str(run_dir)
-    result = fit(cfg)
-    assert result["step"] == 8 and math.isfinite(result["val_loss"])
-    assert sorted(losses(run_dir)) == list(range(1, 9))
-    blob = torch.load(latest_checkpoint(run_dir) / "optimizer.pt", weights_only=True)
-    assert blob["optimizer"]["lorenza"]["step_count"] == 8  # the random streams went on
+    fit(cfg)
+    expected = losses(two_process_runs / str(case))
+    assert losses(run_dir) == pytest.approx(expected, rel=1e-6)
+    w1, _, _ = final(run_dir)
+    w2, _, _ = final(two_process_runs / str(case))
+    assert max_relative_difference(w1, w2) <= 1e-6
+    assert max_relative_difference(
+        optimizer_states(run_dir), optimizer_states(two_process_runs / str(case))
+    ) <= 1e-4  # fmt: skip
 
 
 def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
@@ -402,16 +434,30 @@ def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
 
 
-def test_an_fsdp_lorenza_run_resumes_under_fsdp(two_process_runs, tmp_path):
-    """A resumed run's first forward is the zeroth-order one (no step-0 evaluation): FSDP2
-    must not build its unsharded weights as inference tensors there."""
+def test_fsdp2_resumes_its_own_and_a_single_process_checkpoint(two_process_runs, config, tmp_path):
+    """2 ranks resume (a) their own step-3 checkpoint, each rank reading its shards, and (b)
+    a single process's (2 DataLoader workers: the same 2 readers), sharded as it loads: both
+    continue as the uninterrupted 2-process run -- (a) bit for bit. A resumed run's first
+    forward is the zeroth-order one (no step-0 evaluation): FSDP2 must not build its
+    unsharded weights as inference tensors there."""
     case = CASES.index(("lorenza", "false", "true"))
     shutil.copytree(two_process_runs / str(case), tmp_path / "0")
-    resume = ["trainer.resume=auto", "trainer.max_steps=8", "trainer.save_model=true"]
+    single = config(*RUN, *ONE_PROC, *case_overrides(*CASES[case]))
+    fit(single)
+    shutil.copytree(single.trainer.run_dir, tmp_path / "1")
+    for run in ("0", "1"):
+        stop_at(tmp_path / run, 3)
+    resume = ["trainer.resume=auto", "trainer.save_model=true"]
     overrides = [*SMALL_RUN, *RUN, *case_overrides(*CASES[case]), "dist.fsdp=true", *resume]
-    out = torchrun("tests/distributed_fit.py", str(tmp_path), json.dumps([overrides]))
+    out = torchrun("tests/distributed_fit.py", str(tmp_path), json.dumps([overrides] * 2))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(losses(tmp_path / "0")) == list(range(1, 9))
+    expected = losses(two_process_runs / str(case))
+    assert losses(tmp_path / "0") == expected
+    assert losses(tmp_path / "1") == pytest.approx(expected, rel=1e-6)
+    w_uninterrupted, _, _ = final(two_process_runs / str(case))
+    for run, tolerance in (("0", 0), ("1", 1e-6)):
+        weights, _, _ = final(tmp_path / run)
+        assert max_relative_difference(w_uninterrupted, weights) <= tolerance
     # the Hugging Face export of the sharded model holds the gathered final weights
     exported = load_hf(tmp_path / "0" / "model").state_dict()
     weights, _, _ = final(tmp_path / "0")

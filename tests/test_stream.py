@@ -17,6 +17,7 @@ from data import (
     build_train_loader,
     hub,
     load_tokenizer,
+    regroup,
     stream,
     validation_batches,
 )
@@ -119,6 +120,41 @@ def test_two_ranks_of_two_workers_read_each_document_once(numbered, tokenizer):
             by_reader.setdefault(rank * 2 + k % 2, []).extend(docs)
     assert [by_reader[r] for r in range(4)] == [single[r::4] for r in range(4)]
     assert read(1, 2, 2, 10) == read(1, 2, 2, 10)
+
+
+def test_a_position_moves_between_layouts_of_as_many_readers(numbered, tokenizer):
+    """2 ranks reading one stream each stop after 3 batches; 1 rank with 2 workers continues
+    both readers (its batches alternate between them), and back; a step that ended on the
+    first of 2 workers (readers at different counts) is refused, as are other reader counts."""
+    cfg = DataConfig(path=str(numbered), seq_len=16, packing=False)
+
+    def loader(rank: int, world: int, workers: int):
+        return build_train_loader(
+            dataclasses.replace(cfg, num_workers=workers), tokenizer, 2, 0, rank, world
+        )
+
+    def read(it, batches: int) -> list[list[int]]:
+        return [numbers(tokenizer, x) for x, _ in itertools.islice(it, batches)]
+
+    ranks = [loader(r, 2, 0) for r in (0, 1)]
+    whole = [read(iter(r), 6) for r in ranks]  # each rank's first 6 batches
+    ranks = [loader(r, 2, 0) for r in (0, 1)]
+    for r in ranks:
+        read(iter(r), 3)
+    one = loader(0, 1, 2)
+    one.load_state_dict(regroup([r.state_dict() for r in ranks], 0, 1, 2))
+    it = iter(one)
+    assert read(it, 4) == [whole[0][3], whole[1][3], whole[0][4], whole[1][4]]
+    back = [loader(r, 2, 0) for r in (0, 1)]
+    for rank, r in enumerate(back):
+        r.load_state_dict(regroup([one.state_dict()], rank, 2, 0))
+    assert [read(iter(r), 1)[0] for r in back] == [whole[0][5], whole[1][5]]
+    read(it, 1)  # 1 batch more: reader 0 is ahead of reader 1
+    it.close()
+    with pytest.raises(ValueError, match="last data worker"):
+        regroup([one.state_dict()], 0, 2, 0)
+    with pytest.raises(ValueError, match="2 readers .*this run has 3"):
+        regroup([r.state_dict() for r in ranks], 0, 3, 0)
 
 
 @pytest.mark.parametrize(

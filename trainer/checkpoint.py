@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+
+from trainer.distributed import to_host
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -25,46 +28,89 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step_N`` (N = ``state["step"]``) atomically: into a temporary
     folder, flushed, then renamed, so a crash mid-write leaves the previous checkpoint intact;
-    then prune to ``keep_last``. The model and optimizer states are whole (gathered when
-    sharded: ``trainer/sharding.py``); ``state`` is the trainer's; the RNG states are added
-    here."""
+    then prune to ``keep_last``. The model and optimizer states are whole (a sharded run
+    writes ``trainer/sharded_checkpoint.py``'s format instead); ``state`` is the trainer's;
+    the RNG states are added here."""
+    tmp, final = staging(run_dir, state["step"])
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.detach().contiguous() for k, v in model_state.items()},
+        str(tmp / "model.safetensors"),
+    )
+    write_trainer_files(tmp, optimizer_state, state)
+    records = {f.name: file_record(f) for f in flushed(sorted(tmp.iterdir()))}
+    return seal(tmp, final, records, keep_last)
+
+
+def staging(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """The temporary folder a checkpoint of ``step`` is written into, and its final name."""
+    final = run_dir / CHECKPOINTS / f"step_{step:08d}"
+    return final.with_name(f".tmp_{final.name}"), final
+
+
+def write_trainer_files(folder: Path, optimizer_state: dict, state: dict) -> None:
+    """``optimizer.pt`` (the optimizer state and the torch RNGs) and ``trainer_state.json``
+    (the trainer state and the Python and NumPy RNGs): the files both formats have."""
     state = {
         **state,
         "python_rng": json_rng(random.getstate()),
         "numpy_rng": json_rng(np.random.get_state()),
     }
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{state['step']:08d}"
-    tmp = root / f".tmp_{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(
-        {k: v.detach().contiguous() for k, v in model_state.items()},
-        str(tmp / "model.safetensors"),
-    )
     torch.save(
         {
             "optimizer": optimizer_state,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
-        tmp / "optimizer.pt",
+        folder / "optimizer.pt",
     )
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    files = sorted(tmp.iterdir())
+    (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+
+def flushed(files: list[Path]) -> list[Path]:
+    """``files``, each flushed to the disk."""
     for f in files:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    # last: its presence says every file above is complete (read back from the disk)
-    (tmp / MANIFEST).write_text(json.dumps({f.name: file_record(f) for f in files}, indent=2))
-    with open(tmp / MANIFEST, "rb") as fh:
-        os.fsync(fh.fileno())
+    return files
+
+
+def seal(tmp: Path, final: Path, records: dict, keep_last: int) -> Path:
+    """Finish a checkpoint whose files (``records``: name -> size and checksum, every file
+    flushed) are in ``tmp``: the manifest, written last (its presence says every file is
+    complete), then the rename to ``final`` and the pruning to the ``keep_last`` newest."""
+    (tmp / MANIFEST).write_text(json.dumps(dict(sorted(records.items())), indent=2))
+    flushed([tmp / MANIFEST])
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-keep_last]:
+    for old in checkpoints(final.parent.parent)[:-keep_last]:
         shutil.rmtree(old)
     return final
+
+
+def all_finite(*states: dict) -> bool:
+    """Whether every floating-point tensor in the (nested) state dicts is finite, each
+    sharded one on this rank's shard; one read."""
+    flags = []
+
+    def visit(x) -> None:
+        if isinstance(x, DTensor):
+            visit(x.to_local())
+        elif isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+            flags.append(torch.isfinite(x).all())
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                visit(v)
+
+    visit(states)
+    if not flags:
+        return True
+    device = flags[0].device  # one stack on the device, one read (not a copy per tensor)
+    return bool(to_host(torch.stack([f.to(device) for f in flags]).all().reshape(1))[0])
 
 
 def json_rng(state: tuple) -> list:
@@ -127,12 +173,10 @@ def read_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def load_checkpoint(path: Path, weights: bool = True) -> tuple[dict, dict, dict]:
-    """Restore the RNG states; returns the trainer, model (``{}`` unless ``weights``: a sharded
-    model is loaded from rank 0's copy) and optimizer states (memory-mapped). Whether this
-    run may resume it is ``train.resume_changes``'s to say, before any work."""
+def restore_state(path: Path) -> dict:
+    """Restore the RNG states saved in checkpoint ``path``; returns its trainer state. Whether
+    this run may resume it is ``train.resume_changes``'s to say, before any work."""
     state = read_state(path)
-    model_state = load_file(str(path / "model.safetensors")) if weights else {}
     blob = torch.load(path / "optimizer.pt", weights_only=True, mmap=True)
     torch.set_rng_state(blob["torch_rng"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
@@ -141,7 +185,14 @@ def load_checkpoint(path: Path, weights: bool = True) -> tuple[dict, dict, dict]
     if torch.cuda.is_available():  # a run resumed on fewer GPUs restores the ones it has
         for device, rng in enumerate(blob["cuda_rng"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(rng, device)
-    return state, model_state, blob["optimizer"]
+    return state
+
+
+def read_whole(path: Path, weights: bool = True) -> tuple[dict, dict]:
+    """The model (``{}`` unless ``weights``) and optimizer states of a gathered checkpoint
+    (the optimizer's memory-mapped: the ranks of a node share its pages)."""
+    model_state = load_file(str(path / "model.safetensors")) if weights else {}
+    return model_state, torch.load(path / "optimizer.pt", weights_only=True, mmap=True)["optimizer"]
 
 
 def resume_path(resume: str, run_dir: Path) -> Path | None:

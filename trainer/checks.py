@@ -168,11 +168,6 @@ def check_distributed(cfg: Config) -> None:
             )
     if cfg.dist.fsdp:
         _, _, bits = OPTIMIZERS[cfg.optim.name]
-        if cfg.dist.lowrank_allreduce:
-            raise ValueError(
-                "dist.fsdp=true works with dist.lowrank_allreduce=false: FSDP2 reduce-scatters "
-                "the full gradients"
-            )
         if cfg.optim.name == "sam" or 8 in (bits, cfg.optim.bits):
             raise ValueError(
                 f"dist.fsdp=true does not support optim.name={cfg.optim.name!r} "

@@ -181,7 +181,9 @@ class DistConfig:
 
     lowrank_allreduce: bool = False
     """Average ``Qᵀ g`` (r x n) instead of ``g`` (m x n) outside subspace refreshes: the same
-    update by linearity, for min(m, n)/r times less traffic. Fused low-rank optimizers only."""
+    update by linearity, for min(m, n)/r times less traffic. Fused low-rank optimizers only;
+    under FSDP2 the projection of each rank's unsharded gradient is all-reduced in place of
+    its reduce-scatter."""
     fsdp: bool = False
     """Shard weights, gradients and full-rank optimizer states over the ranks (FSDP2
     ``fully_shard`` per decoder layer), for models that do not fit one device; with

@@ -1,18 +1,15 @@
-"""FSDP2 for models that do not fit one device, and checkpoints that do not care how many
-ranks wrote them.
+"""FSDP2 for models that do not fit one device.
 
 ``shard_model`` applies ``fully_shard`` to every decoder layer and then to the whole model
 (torchtitan's wrapping): weights, gradients and the full-rank optimizer states are split by
 rows over the ranks, and each layer's weights are gathered only while it runs
 (``lorenza/sharded.py`` says how the low-rank optimizers update sharded matrices).
 
-Checkpoints are gathered: ``full_model_state`` and ``full_optimizer_state`` return the same
-dictionaries a single process has, so a checkpoint written by N ranks is byte-for-byte the
-format of one written by 1, and ``load_*`` shard it again for whatever the current layout is.
-Gathering puts the whole model and its optimizer state in rank 0's CPU memory (4 bytes per
-weight plus the states; 7B: ~28 GB + states), not on a GPU; the other ranks hold one gathered
-tensor at a time. On load, rank 0 alone reads the weights and broadcasts the shards; the
-optimizer file is memory-mapped, so the ranks of a node share its pages.
+Checkpoints of sharded runs are written shard by shard (``trainer/sharded_checkpoint.py``);
+``load_model_state`` and ``load_optimizer_state`` shard whole states (a checkpoint of a run
+without shards, or a pretrained model) for whatever the current layout is: rank 0 alone
+reads the weights and broadcasts the shards. ``full_model_state`` gathers the weights once,
+for the final Hugging Face export.
 """
 
 from __future__ import annotations
@@ -54,14 +51,23 @@ def fuse_updates(model: Llama, hooks: FusedUpdates, per_param: bool = False) -> 
     after every unit's post-backward (each rank then holds its shard of the unit's gradients
     as ``.grad``, and FSDP2 has freed the unsharded ones) ``hooks.reduced`` runs that unit's
     update. So no more than the unit being reduced is ever unsharded, and the sharded
-    gradients of one unit at a time are alive instead of the whole model's. Wraps each
-    unit's ``FSDPParamGroup.post_backward``, which FSDP2 looks up at every call (a private
-    API of torch 2.13; ``tests/test_distributed.py`` checks the result against the unfused
-    and single-process runs)."""
+    gradients of one unit at a time are alive instead of the whole model's. With a low-rank
+    ``hooks.reducer``, a matrix whose update reads only ``Qᵀ g`` has that all-reduced from its
+    unsharded gradient just before the reduce-scatter, which then leaves it out
+    (``lorenza/reduce.py``). Wraps each unit's ``FSDPParamGroup.post_backward``, which FSDP2
+    looks up at every call (a private API of torch 2.13; ``tests/test_distributed.py``
+    checks the result against the unfused and single-process runs)."""
+    reducer = hooks.reducer
     for group, params in zip(_param_groups(model), fsdp_units(model), strict=True):
         original = group.post_backward
 
         def post_backward(*args, original=original, group=group, params=params) -> None:
+            if reducer is not None and hooks.armed and hooks.optimizer.phase == "update":
+                for fsdp_param, p in zip(group.fsdp_params, params, strict=True):
+                    unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                    grad = None if unsharded is None else unsharded.grad
+                    if grad is not None and reducer.launch_projected(p, grad):
+                        unsharded.grad = None  # FSDP2 reduce-scatters only gradients it finds
             original(*args)
             group._wait_for_post_backward()  # the reduce-scatter's output is ready to read
             hooks.reduced(params, per_param)
@@ -90,23 +96,6 @@ def load_model_state(model: torch.nn.Module, state: dict) -> None:
         return
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict | None:
-    """``optimizer.state_dict()`` with every sharded state tensor gathered whole, on CPU, where
-    ``keep`` (rank 0); ``None`` elsewhere. All ranks must call it: the gathers are
-    collectives, done in the same order; a rank that does not keep drops each at once."""
-    out = optimizer.state_dict()
-    gathered = {}
-    for index, state in out["state"].items():
-        gathered[index] = {}
-        for key, value in state.items():
-            if isinstance(value, DTensor):
-                value = value.full_tensor()
-                value = value.cpu() if keep else None
-            gathered[index][key] = value
-    # state_dict() shares each parameter's state dict with the optimizer: never edit those
-    return {**out, "state": gathered} if keep else None
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
