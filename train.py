@@ -98,7 +98,6 @@ from trainer.sharding import (
     full_model_state,
     fuse_updates,
     load_model_state,
-    load_optimizer_state,
     shard_model,
 )
 from trainer.sharpness import measure
@@ -392,7 +391,7 @@ def restore(run: Run, checkpoint: Path) -> None:
             else read_whole(checkpoint, weights=run.ranks.is_main or not run.sharded)
         )
         load_model_state(run.model, model_state)
-        load_optimizer_state(run.optimizer, optimizer_state)
+        run.optimizer.load_state_dict(optimizer_state)  # it shards what is sharded
     run.step, run.tokens, run.skipped = state["step"], state["tokens"], state.get("skipped", 0)
     if run.cfg.trainer.resume_data:
         ranks, workers = run.ranks, run.cfg.data.num_workers  # any layout of as many readers

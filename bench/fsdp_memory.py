@@ -1,6 +1,6 @@
 """Peak memory per rank under FSDP2, unfused vs fused updates, measured beside the planner.
 
-    python -m bench.fsdp_memory [--model llama_350m] [--batch 1]
+    python -m bench.fsdp_memory [--model llama_350m] [--batch 1] [--rank 128] [--only ...]
 
 Runs 2 gloo processes per setting (``torchrun``); each rank builds the trainer's run (FSDP2
 units per decoder layer), takes two steps so that the states exist, then measures a third
@@ -26,11 +26,14 @@ from tests.conftest import ROOT
 
 MIB = 2**20
 SETTINGS = {
-    "adamw, unfused": ["optim=adamw", "trainer.fused=false"],
-    "adamw, fused per block": ["optim=adamw", "trainer.fused=true"],
-    "lorenza, unfused": ["optim=lorenza", "trainer.fused=false"],
-    "lorenza, fused per block": ["optim=lorenza", "trainer.fused=true"],
+    f"{optim}, {'fused per block' if fused == 'true' else 'unfused'}": [
+        f"optim={optim}",
+        f"trainer.fused={fused}",
+    ]
+    for optim in ("adamw", "lorenza", "adamw8bit", "lorenza8bit")
+    for fused in ("false", "true")
 }
+BASE = "adamw, unfused"
 
 
 def worker(overrides: list[str], out: Path) -> None:
@@ -44,19 +47,34 @@ def worker(overrides: list[str], out: Path) -> None:
     shutdown()
 
 
-def measure(model: str, batch: int, overrides: list[str]) -> list[tuple[float, float]]:
+def common(model: str, batch: int, rank: int) -> list[str]:
+    """The overrides every setting shares."""
+    return [f"model={model}", "dist.fsdp=true", "trainer.grad_clip=0",
+            f"trainer.batch_size={batch}", "data.seq_len=256", f"optim.rank={rank}",
+            "trainer.plan_world=2"]  # fmt: skip
+
+
+def measure(model: str, batch: int, rank: int, overrides: list[str]) -> list[tuple[float, float]]:
     """``(measured, planned)`` bytes of each of 2 ranks."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [f"model={model}", "dist.fsdp=true", "trainer.grad_clip=0",
-                f"trainer.batch_size={batch}", "data.seq_len=256", "optim.rank=128",
-                "trainer.plan_world=2", *overrides]  # fmt: skip
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "bench.fsdp_memory", "--worker", tmp, *args]  # fmt: skip
+               "--nproc_per_node=2", "-m", "bench.fsdp_memory", "--worker", tmp,
+               *common(model, batch, rank), *overrides]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if done.returncode:
             raise RuntimeError(done.stderr[-3000:])
         return [tuple(json.loads(Path(tmp, f"{r}.json").read_text())) for r in range(2)]
+
+
+def planned(model: str, batch: int, rank: int, overrides: list[str]) -> float:
+    """The planner's allocated bytes per rank (without headroom), nothing run."""
+    from tests.conftest import make_config
+    from trainer.plan import memory_plan
+
+    cfg = make_config(Path("/tmp/plan_memory"), *common(model, batch, rank), *overrides)
+    cfg.model.vocab_size = cfg.data.vocab_size
+    return memory_plan(cfg).allocated
 
 
 def main() -> None:
@@ -66,23 +84,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama_350m")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument(
+        "--only", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+        help=f"the settings to measure (those that fit this machine); without {BASE!r}, "
+        "the ratio is to its planned bytes",
+    )  # fmt: skip
     args = parser.parse_args()
-    rows, base = [], None
-    for name, overrides in SETTINGS.items():
-        ranks = measure(args.model, args.batch, overrides)
-        peak = max(m for m, _ in ranks)
-        base = base or peak
-        planned = ranks[0][1]
-        rows.append([name, *(f"{m / MIB:,.0f}" for m, _ in ranks), f"{planned / MIB:,.0f}",
-                     f"{100 * (planned / peak - 1):+.1f}%", f"{peak / base:.2f}"])  # fmt: skip
+    rows, base, shape = [], None, (args.model, args.batch, args.rank)
+    for name in sorted(args.only, key=list(SETTINGS).index):
+        ranks = measure(*shape, SETTINGS[name])
+        peak, plan = max(m for m, _ in ranks), ranks[0][1]
+        if base is None:  # the first row is the baseline, measured or else planned
+            base = peak if name == BASE else planned(*shape, SETTINGS[BASE])
+        rows.append([name, *(f"{m / MIB:,.0f}" for m, _ in ranks), f"{plan / MIB:,.0f}",
+                     f"{100 * (plan / peak - 1):+.1f}%", f"{peak / base:.2f}"])  # fmt: skip
         print(rows[-1], flush=True)
     text = (
-        f"## Peak memory per rank under FSDP2, unfused vs fused ({args.model}, {machine()})\n\n"
-        f"`python -m bench.fsdp_memory --model {args.model} --batch {args.batch}`: 2 gloo "
+        f"## Peak memory per rank under FSDP2, fused or not, 32 or 8 bits ({args.model}, "
+        f"{machine()})\n\n"
+        f"`python -m bench.fsdp_memory {' '.join(sys.argv[1:])}`: 2 gloo "
         f"processes, micro-batch {args.batch} x 256, vocabulary 8000 (sample corpus), fp32, "
-        "32-bit states, rank 128, no clipping; exact bytes (held shards and states + the "
-        "third step's profiler peak) per rank, and the planner's prediction (without "
-        "headroom). 8-bit states under FSDP2 are not supported yet.\n\n"
+        f"rank {args.rank}, no clipping; exact bytes (held shards and states + the third "
+        "step's profiler peak) per rank, and the planner's prediction (without headroom)."
+        + (
+            ""
+            if BASE in args.only
+            else f" {BASE} does not fit this machine twice: the last "
+            "column divides by its planned bytes."
+        )
+        + "\n\n"
         + markdown_table(
             [
                 "setting",

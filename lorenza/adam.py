@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from lorenza.sharded import local
+
 BITS = (8, 32)
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default min_8bit_size: smaller tensors stay 32-bit
 BLOCKSIZE = 256  # bitsandbytes' blockwise quantization block
@@ -48,9 +50,11 @@ def moment_bytes(numel: int, bits: int) -> int:
 
 
 def init_moments(state: dict, like: torch.Tensor, bits: int) -> None:
-    """Zero first and second moments shaped like ``like`` (float32, or uint8 blockwise)."""
+    """Zero first and second moments shaped like ``like`` (float32, or uint8 blockwise).
+    A sharded ``like`` gets sharded moments; 8-bit ones keep the ``absmax`` of its shard's
+    blocks (``lorenza/sharded.py``: the whole tensor's blocks, each on the rank holding it)."""
     if bits == 8 and like.numel() >= MIN_8BIT_SIZE:
-        blocks = math.ceil(like.numel() / BLOCKSIZE)
+        blocks = math.ceil(local(like).numel() / BLOCKSIZE)
         for key in ("exp_avg", "exp_avg_sq"):
             state[key] = torch.zeros_like(like, dtype=torch.uint8)
         for key in ("absmax1", "absmax2"):
@@ -75,7 +79,11 @@ def bnb_adam_update(
     exactly ``bitsandbytes.optim.AdamW8bit``'s update, weight decay included."""
     import bitsandbytes.functional as bnbf
 
-    grad = grad.contiguous()
+    # a sharded parameter: its shard, and the moments of the shard
+    grad, target = local(grad).contiguous(), local(target)
+    state = {key: local(value) for key, value in state.items()}
+    if not grad.numel():
+        return
     if quantized(state):
         q1, q2 = _qmaps(grad.device)
         bnbf.optimizer_update_8bit_blockwise(

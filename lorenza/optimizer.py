@@ -52,9 +52,12 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lorenza.adam import (
     BITS,
+    BLOCKSIZE,
+    MIN_8BIT_SIZE,
     adam_direction,
     adam_directions,
     adam_moments,
@@ -72,7 +75,7 @@ from lorenza.projector import (
     seeded_generator,
 )
 from lorenza.schedule import rho_for_lr
-from lorenza.sharded import add_full_, full
+from lorenza.sharded import add_full_, check_blocks, full, gather_blocks, local_blocks
 from lorenza.zo import Directions, Slot, full_z, layout, slot_shape
 
 PERTURBATIONS = (None, "zo", "rank_r", "sam")
@@ -212,6 +215,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
         for g in self.param_groups:
             if g["bits"] not in BITS:
                 bad("bits", g["bits"], f"one of {BITS}")
+            for p in g["params"] if g["bits"] == 8 and g["rank"] is None else []:
+                if isinstance(p, DTensor) and p.numel() >= MIN_8BIT_SIZE:
+                    check_blocks(tuple(p.shape), p.device_mesh.size(), BLOCKSIZE)
             if not g["lr"] >= 0:
                 bad("lr", g["lr"], ">= 0")
             if g["rank"] is None:
@@ -654,8 +660,20 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 )
 
     def state_dict(self) -> dict:
+        """Torch's, plus the step count and seed. The 8-bit moments of a sharded parameter
+        are in it whole -- the codes a DTensor like the parameter, the per-block ``absmax``
+        gathered (a collective: every rank must call it) -- so any layout can load them."""
         out = super().state_dict()
         out["lorenza"] = {"step_count": self.step_count, "seed": self.seed}
+        states = out["state"]
+        for index, p in enumerate(self.index):
+            state = states.get(index, {})
+            sharded = isinstance(p, DTensor) and self.group_of(p)["rank"] is None
+            if sharded and "absmax1" in state:  # (low-rank states are whole on every rank)
+                states[index] = {  # not in place: torch shares these dicts with self.state
+                    **state,
+                    **{k: gather_blocks(p, state[k], BLOCKSIZE) for k in ("absmax1", "absmax2")},
+                }
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -666,15 +684,32 @@ class SubspaceAdamW(torch.optim.Optimizer):
         self._check_state_keys(state_dict["state"], stepped=extra["step_count"] > 0)
         super().load_state_dict(state_dict)
         self.step_count, self.seed = extra["step_count"], extra["seed"]
-        # torch casts every tensor state to the parameter's dtype; 8-bit moments must stay
-        # uint8 (their values are small integers, so the round trip through float is exact).
-        for state in self.state.values():
+        for p, state in self.state.items():
+            # torch casts every tensor state to the parameter's dtype; 8-bit moments must stay
+            # uint8 (their values are small integers, so the round trip through float is exact)
             if "absmax1" in state:
                 for key in ("exp_avg", "exp_avg_sq"):
                     state[key] = state[key].to(torch.uint8)
             for key in ("basis", "cobasis"):
                 if key in state:
                     state[key] = state[key].float()
+            if isinstance(p, DTensor) and self.group_of(p)["rank"] is None:
+                self._shard_state(p, state)
+
+    @staticmethod
+    def _shard_state(p: DTensor, state: dict) -> None:
+        """The element-wise states of a sharded parameter as it runs with them: moments
+        given whole (saved by a run without shards, or read whole) are sharded like it, by
+        rows; the 8-bit ``absmax``, whole in every state dict, keeps this rank's blocks."""
+        for key, value in state.items():
+            if key in ("absmax1", "absmax2"):
+                state[key] = local_blocks(p, value, BLOCKSIZE)
+            elif (
+                torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape
+            ):
+                state[key] = distribute_tensor(
+                    value.to(p.to_local().device), p.device_mesh, p.placements
+                )
 
 
 _STATE_KEYS = {"step", "exp_avg", "exp_avg_sq"}

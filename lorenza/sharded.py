@@ -12,6 +12,9 @@ directions, which every rank regenerates whole from the same seed.
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
@@ -67,3 +70,51 @@ def addmm_rows_(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float 
     local, rows = _local_rows(p, a)
     if local.numel():
         local.addmm_(rows, b, alpha=alpha)
+
+
+def shard_starts(shape: tuple[int, ...], world: int) -> list[int]:
+    """Where each rank's shard of a tensor of ``shape`` split by rows over ``world`` ranks (as
+    FSDP2 splits dim 0: ``torch.chunk``) starts in the flattened whole; ranks with no rows
+    start at the end."""
+    rows, numel = shape[0], math.prod(shape)
+    chunk = -(-rows // world)
+    return [min(r * chunk, rows) * (numel // max(rows, 1)) for r in range(world)]
+
+
+def _blocks_per_rank(p: DTensor, block: int) -> list[int]:
+    """How many ``block``-value blocks of ``p``'s flattened whole each rank's shard holds."""
+    bounds = [*shard_starts(tuple(p.shape), p.device_mesh.size()), p.numel()]
+    return [-(-(end - start) // block) for start, end in itertools.pairwise(bounds)]
+
+
+def check_blocks(shape: tuple[int, ...], world: int, block: int) -> None:
+    """Blockwise-quantized states (bitsandbytes' 8-bit moments) of a sharded parameter are
+    kept per shard; they are the whole tensor's blocks, bit for bit, when every rank's shard
+    starts on a block boundary. ``ValueError`` naming the shape when one does not."""
+    starts = shard_starts(shape, world)
+    if any(start % block for start in starts if start < math.prod(shape)):  # empty: none
+        raise ValueError(
+            f"8-bit states of a parameter of shape {tuple(shape)} sharded by rows over {world} "
+            f"ranks: every rank's shard must start on a {block}-value block of the "
+            f"quantization, and these start at {starts}; use optim.bits=32 or another number "
+            f"of processes"
+        )
+
+
+def gather_blocks(p: DTensor, mine: torch.Tensor, block: int) -> torch.Tensor:
+    """The whole tensor's per-block values (the 8-bit moments' ``absmax``) from each rank's
+    blocks of ``p``'s shard, in rank order (an all-gather: every rank must call it)."""
+    counts = _blocks_per_rank(p, block)
+    padded = mine.new_zeros(max(max(counts), 1))
+    padded[: mine.numel()] = mine
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded, group=p.device_mesh.get_group())
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+
+
+def local_blocks(p: DTensor, whole: torch.Tensor, block: int) -> torch.Tensor:
+    """This rank's blocks of the whole tensor's per-block values ``whole``."""
+    counts = _blocks_per_rank(p, block)
+    rank = p.device_mesh.get_local_rank()
+    start = sum(counts[:rank])
+    return whole[start : start + counts[rank]].clone()

@@ -57,6 +57,8 @@ CASES += [("lorenza", "true", "false", "true"), ("lorenza", "false", "true", "tr
 CASES += [("mezo", "false", "false"), ("loren", "false", "false")]
 COMPILED = [i for i, c in enumerate(CASES) if c[0] == "lorenza" and len(c) == 3]
 CASES += [(o, "true", "true") for o in ("adamw", "lorenza")]  # fused FSDP2
+# 8-bit states under FSDP2: each rank quantizes its shard (here the whole tensor's blocks)
+CASES += [("adamw8bit", "false", "true"), ("lorenza8bit", "true", "true")]
 FSDP2 = [*SMALL_RUN, *RUN, *TWO_PROCS, "dist.fsdp=true"]
 CLIP = ["trainer.grad_clip_mode=per_param", "trainer.grad_clip=0.05"]  # clips every step
 # Fused FSDP2 with accumulation; with per-parameter clipping, against unfused FSDP2; and with
@@ -89,13 +91,14 @@ def final(run_dir):
 
 
 def optimizer_states(run_dir) -> dict:
-    """Every float tensor of the newest checkpoint's optimizer state, by (param, key)."""
+    """Every tensor state of the newest checkpoint's optimizer (8-bit codes too) as float,
+    by (param, key)."""
     _, optimizer = read_checkpoint(latest_checkpoint(run_dir))
     return {
         (i, k): v.float()
         for i, state in optimizer["state"].items()
         for k, v in state.items()
-        if torch.is_tensor(v) and v.is_floating_point() and v.ndim > 0
+        if torch.is_tensor(v) and v.ndim > 0
     }
 
 
@@ -335,14 +338,16 @@ def test_slurm_dry_run_prints_the_commands_inside_and_outside_an_allocation(tmp_
     assert out.returncode == 2 and "SLURM_JOB_ID is not set" in out.stderr
 
 
+@pytest.mark.parametrize("name", ["lorenza", "adamw8bit"])
 def test_a_sharded_checkpoint_resumes_in_one_process_where_it_left_off(
-    two_process_runs, config, tmp_path
+    name, two_process_runs, config, tmp_path
 ):
-    """An FSDP2 run's step-3 checkpoint (2 ranks' shards) resumed by one process: the whole
-    states are read back from the shards, and the data stream continues with the same 2
-    readers, as 2 DataLoader workers -- so steps 4-6 are the 2-process run's. With 1 reader
-    the trainer says why the stream cannot continue, before any work."""
-    case = CASES.index(("lorenza", "false", "true"))
+    """An FSDP2 run's step-3 checkpoint (2 ranks' shards; 8-bit: the codes by rows, each
+    rank's block scales gathered) resumed by one process: the whole states are read back
+    from the shards, and the data stream continues with the same 2 readers, as 2 DataLoader
+    workers -- so steps 4-6 are the 2-process run's. With 1 reader the trainer says why the
+    stream cannot continue, before any work."""
+    case = CASES.index((name, "false", "true"))
     run_dir = tmp_path / "resharded"
     shutil.copytree(two_process_runs / str(case), run_dir)
     stop_at(run_dir, 3)
@@ -435,29 +440,32 @@ def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
 
 
 def test_fsdp2_resumes_its_own_and_a_single_process_checkpoint(two_process_runs, config, tmp_path):
-    """2 ranks resume (a) their own step-3 checkpoint, each rank reading its shards, and (b)
-    a single process's (2 DataLoader workers: the same 2 readers), sharded as it loads: both
-    continue as the uninterrupted 2-process run -- (a) bit for bit. A resumed run's first
-    forward is the zeroth-order one (no step-0 evaluation): FSDP2 must not build its
-    unsharded weights as inference tensors there."""
-    case = CASES.index(("lorenza", "false", "true"))
-    shutil.copytree(two_process_runs / str(case), tmp_path / "0")
-    single = config(*RUN, *ONE_PROC, *case_overrides(*CASES[case]))
+    """2 ranks resume (a) their own step-3 checkpoint, each rank reading its shards -- also
+    with 8-bit states (lorenza8bit) -- and (b) a single process's (2 DataLoader workers: the
+    same 2 readers), sharded as it loads: both continue as the uninterrupted 2-process run,
+    (a) bit for bit. A resumed run's first forward is the zeroth-order one (no step-0
+    evaluation): FSDP2 must not build its unsharded weights as inference tensors there."""
+    cases = [
+        ("lorenza", "false", "true"),
+        ("lorenza", "false", "true"),
+        ("lorenza8bit", "true", "true"),
+    ]
+    shutil.copytree(two_process_runs / str(CASES.index(cases[0])), tmp_path / "0")
+    single = config(*RUN, *ONE_PROC, *case_overrides(*cases[1]))
     fit(single)
     shutil.copytree(single.trainer.run_dir, tmp_path / "1")
-    for run in ("0", "1"):
+    shutil.copytree(two_process_runs / str(CASES.index(cases[2])), tmp_path / "2")
+    for run in ("0", "1", "2"):
         stop_at(tmp_path / run, 3)
     resume = ["trainer.resume=auto", "trainer.save_model=true"]
-    overrides = [*SMALL_RUN, *RUN, *case_overrides(*CASES[case]), "dist.fsdp=true", *resume]
-    out = torchrun("tests/distributed_fit.py", str(tmp_path), json.dumps([overrides] * 2))
+    runs = [[*SMALL_RUN, *RUN, *case_overrides(*c), "dist.fsdp=true", *resume] for c in cases]
+    out = torchrun("tests/distributed_fit.py", str(tmp_path), json.dumps(runs))
     assert out.returncode == 0, out.stderr[-3000:]
-    expected = losses(two_process_runs / str(case))
-    assert losses(tmp_path / "0") == expected
-    assert losses(tmp_path / "1") == pytest.approx(expected, rel=1e-6)
-    w_uninterrupted, _, _ = final(two_process_runs / str(case))
-    for run, tolerance in (("0", 0), ("1", 1e-6)):
+    for run, case, tolerance in (("0", cases[0], 0), ("1", cases[1], 1e-6), ("2", cases[2], 0)):
+        uninterrupted = two_process_runs / str(CASES.index(case))
+        assert losses(tmp_path / run) == pytest.approx(losses(uninterrupted), rel=tolerance, abs=0)
         weights, _, _ = final(tmp_path / run)
-        assert max_relative_difference(w_uninterrupted, weights) <= tolerance
+        assert max_relative_difference(final(uninterrupted)[0], weights) <= tolerance
     # the Hugging Face export of the sharded model holds the gathered final weights
     exported = load_hf(tmp_path / "0" / "model").state_dict()
     weights, _, _ = final(tmp_path / "0")

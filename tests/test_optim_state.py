@@ -14,6 +14,7 @@ from lorenza import (
     SAMAdamW,
     lowrank_param_groups,
 )
+from lorenza.sharded import check_blocks, shard_starts
 from models import Llama, loss_fn
 from tests.conftest import SMALL, WIDE
 
@@ -168,3 +169,14 @@ def test_sharpness_aware_optimizers_refuse_bf16_weights():
     with pytest.raises(ValueError, match="perturbation='zo' is invalid: must be None with"):
         VARIANTS["lorenza"](model)
     VARIANTS["galore"](model)  # no perturbation: no in-place round trip, allowed
+
+
+def test_8bit_states_need_every_shard_to_start_on_a_block():
+    """FSDP2 splits rows as torch.chunk does; a shard starting inside a 256-value block
+    would quantize other blocks than the whole tensor's."""
+    assert shard_starts((344, 128), 2) == [0, 172 * 128]
+    assert shard_starts((3, 512), 4) == [0, 512, 1024, 1536]  # the last rank holds no rows
+    check_blocks((8000, 128), 2, 256)  # the tiny model's embedding: 4000 x 128 per rank
+    check_blocks((3, 100), 1, 256)  # one shard: nothing to align
+    with pytest.raises(ValueError, match=r"shape \(3, 100\) .* start at \[0, 200\]"):
+        check_blocks((3, 100), 2, 256)

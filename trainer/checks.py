@@ -166,14 +166,11 @@ def check_distributed(cfg: Config) -> None:
                 "dist.lowrank_allreduce=true needs trainer.fused=true: the per-layer hook "
                 "hands the averaged Qᵀg to the update"
             )
-    if cfg.dist.fsdp:
-        _, _, bits = OPTIMIZERS[cfg.optim.name]
-        if cfg.optim.name == "sam" or 8 in (bits, cfg.optim.bits):
-            raise ValueError(
-                f"dist.fsdp=true does not support optim.name={cfg.optim.name!r} "
-                f"(optim.bits={cfg.optim.bits}): use adamw, galore, lorenza, lorenza_plus or "
-                "adazo_sam, with 32-bit states"
-            )
+    if cfg.dist.fsdp and cfg.optim.name == "sam":
+        raise ValueError(
+            "dist.fsdp=true does not support optim.name='sam': use adazo_sam (forward-only "
+            "ascent) or another optimizer"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and cfg.optim.name == "sam" and is_fused(cfg):
         raise ValueError(

@@ -6,10 +6,10 @@ rows over the ranks, and each layer's weights are gathered only while it runs
 (``lorenza/sharded.py`` says how the low-rank optimizers update sharded matrices).
 
 Checkpoints of sharded runs are written shard by shard (``trainer/sharded_checkpoint.py``);
-``load_model_state`` and ``load_optimizer_state`` shard whole states (a checkpoint of a run
-without shards, or a pretrained model) for whatever the current layout is: rank 0 alone
-reads the weights and broadcasts the shards. ``full_model_state`` gathers the weights once,
-for the final Hugging Face export.
+``load_model_state`` shards whole weights (a checkpoint of a run without shards, or a
+pretrained model) for whatever the current layout is: rank 0 alone reads them and
+broadcasts the shards (the optimizer shards its own states as it loads them).
+``full_model_state`` gathers the weights once, for the final Hugging Face export.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from lorenza.fused import FusedUpdates
 from models import Llama
@@ -96,20 +96,3 @@ def load_model_state(model: torch.nn.Module, state: dict) -> None:
         return
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a whole optimizer state, then shard the moments of sharded parameters like them."""
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        if group.get("rank") is not None:  # low-rank states are whole on every rank
-            continue
-        for p in group["params"]:
-            if not isinstance(p, DTensor):
-                continue
-            per_param = optimizer.state[p]
-            for key, value in per_param.items():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    per_param[key] = distribute_tensor(
-                        value.to(p.to_local().device), p.device_mesh, p.placements
-                    )
