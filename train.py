@@ -448,7 +448,8 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
     for step in bar:
         profiler.before(step + 1)
         o = cfg.optim
-        lr = lr_at(o.schedule, step, o.lr, warmup, t.max_steps, o.min_lr_ratio, o.decay_fraction)
+        lr = lr_at(o.schedule, step, o.lr, warmup, t.max_steps, o.min_lr_ratio,
+                   o.decay_fraction, o.warmup_from_zero)  # fmt: skip
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         micro = [

@@ -5,14 +5,13 @@
     python -m bench.repro --size 60m --nproc 8     # through launch/torchrun.sh
     python -m bench.repro --size 60m --dry-run     # print the train.py commands
 
-The protocol is GaLore's (which LORENZA's table reuses): C4 with the T5 tokenizer, sequences
-of 256 tokens, a total batch of 512 sequences, 10k / 20k / 60k steps for 60m / 130m / 350m
-(1.3B / 2.6B / 7.9B tokens), 10% linear warm-up then cosine to 10% of the peak, bf16, rank
-128 / 256 / 256, subspace refresh every 200 steps, scale 0.25, learning rate 0.01 for the
-low-rank optimizers and 0.001 for full-rank AdamW (each ``configs/optim`` default), validation
-perplexity on 10M C4 validation tokens. ``tiny`` scales it to a laptop: llama_tiny on the
-bundled sample corpus, 200 steps of 8 x 256 tokens, rank 32, refresh every 50 steps, bf16
-autocast, 3 seeds.
+The protocol is GaLore's (which LORENZA's table reuses), item by item for 60m / 130m /
+350m: ``GALORE`` lists each item with GaLore's value, where its scripts set it, our
+overrides and why any difference remains (the README's table is ``protocol_table()``), and
+every paper-size command carries those overrides; the sizes differ in rank (128 / 256 /
+256), length (10k / 20k / 60k updates of 512 x 256 tokens) and micro-batch. ``tiny`` is a
+CPU demo of the schedule, not of the items: llama_tiny on the bundled sample corpus, packed,
+200 steps of 8 x 256 tokens, rank 32, refresh every 50 steps, bf16 autocast, 3 seeds.
 
 Each run is ``train.py`` with ``trainer.resume=auto`` in ``results/<size>/<optim>-seed<k>``:
 after a preemption (or Ctrl-C, exit 75) the same command continues every unfinished run
@@ -59,20 +58,85 @@ class Protocol:
     data: list[str]
     seeds: int
     eval_every: int
+    galore: bool  # GaLore's items (GALORE); tiny: a scaled CPU demo of the same schedule
 
 
+@dataclass(frozen=True)
+class Item:
+    """One item of GaLore's protocol (github.com/jiaweizzhao/GaLore: ``torchrun_main.py`` and
+    ``scripts/benchmark_c4/*.sh``, which LORENZA's Table 3 reuses): GaLore's value, where it
+    is set, the train.py overrides every paper-size command carries for it, and why any
+    difference remains."""
+
+    what: str
+    galore: str
+    source: str
+    overrides: tuple[str, ...]
+    difference: str = ""
+
+
+GALORE = (
+    Item("data", "C4 (`allenai/c4`, en) streamed, T5 tokenizer; one document per example, "
+         "`max_length=256, truncation=True, padding=\"max_length\"`, padding not trained on",
+         "`torchrun_main.py`: `preprocess_batched`, `PreprocessedIterableDataset`",
+         ("data.seq_len=256", "data.packing=false"),
+         "document order: ours shuffles blocks of documents with the run's seed "
+         "(`data/stream.py`), GaLore `datasets`' `shuffle(seed=42)` buffer"),
+    Item("gradient clipping", "none", "`torchrun_main.py --grad_clipping` (default 0.0; the "
+         "scripts do not set it)", ("trainer.grad_clip=0",)),
+    Item("warm-up", "linear over 10% of the updates (`--warmup_steps 1000` of 10,000 for "
+         "60m), from 0: update k at (k-1)/warm-up of the peak",
+         "scripts; `peft_pretraining/training_utils.py` (`LambdaLR` stepped after each update)",
+         ("optim.warmup_ratio=0.1", "optim.warmup_from_zero=true")),
+    Item("schedule", "cosine to 10% of the peak at the last update",
+         "`torchrun_main.py --scheduler cosine --min_lr_ratio 0.1`",
+         ("optim.schedule=cosine", "optim.min_lr_ratio=0.1")),
+    Item("weight decay", "0", "scripts `--weight_decay 0`", ("optim.weight_decay=0",)),
+    Item("batch", "512 sequences per update (60m: `--batch_size 256 --total_batch_size 512`)",
+         "scripts", (), "the micro-batch is sized to the GPU (`trainer.batch_size` x "
+         "`trainer.grad_accum` x processes = 512): the same update"),
+    Item("subspace", "rank 128 (60m) / 256 (130m, 350m), refresh every 200 updates, scale "
+         "0.25, SVD", "scripts `--rank --update_proj_gap 200 --galore_scale 0.25`",
+         ("optim.update_gap=200", "optim.scale=0.25")),
+    Item("learning rate", "0.01 (GaLore); 0.001 (full-rank Adam)", "scripts `--lr 0.01`; "
+         "GaLore paper, appendix", (), "each `configs/optim` default: 0.01 for the low-rank "
+         "optimizers, 0.001 for adamw"),
+    Item("full-rank baseline", "`torch.optim.Adam`, ε 1e-8", "`torchrun_main.py --optimizer "
+         "adam`", (), "`optim=adamw optim.eps=1e-8`: AdamW without weight decay is Adam"),
+    Item("Adam ε, low-rank", "1e-6", "`galore_torch/adamw.py` default", ()),
+    Item("length", "10k / 20k / 60k updates (60m / 130m / 350m)",
+         "scripts `--num_training_steps`", (), "GaLore's loop makes one update more (it stops "
+         "when `update_step > num_training_steps`)"),
+    Item("evaluation", "10M non-padding tokens of C4 validation (shuffled, seed 42); the mean "
+         "of the batches' mean losses over batches + 1", "`torchrun_main.py evaluate_model`",
+         ("data.val_tokens=10000000",), "ours: the first validation documents, the mean over "
+         "tokens (GaLore's + 1 lowers its loss by a factor 1/batches)"),
+    Item("seed", "`--seed 0` (initialisation); data order fixed", "`torchrun_main.py --seed`",
+         (), "`seed=k` sets the initialisation and the data order"),
+    Item("numerics", "pure bfloat16 weights and states (`--dtype bfloat16`)",
+         "`torchrun_main.py --dtype`", ("trainer.precision=bf16",),
+         "float32 weights and states under bfloat16 autocast: the sharpness-aware optimizers "
+         "move the weights and back in place, which bfloat16 weights do not survive; a "
+         "pure-bfloat16 mode for the others is not built"),
+)  # fmt: skip
+
+PAPER_DATA = ["data=c4", "data.val_tokens=10000000"]
 PROTOCOLS = {
-    "tiny": Protocol("llama_tiny", 32, 200, 50, 8, 8, ["data=sample"], 3, 50),
-    "60m": Protocol(
-        "llama_60m", 128, 10_000, 200, 512, 128, ["data=c4", "data.val_tokens=10000000"], 1, 1000
-    ),
-    "130m": Protocol(
-        "llama_130m", 256, 20_000, 200, 512, 64, ["data=c4", "data.val_tokens=10000000"], 1, 1000
-    ),
-    "350m": Protocol(
-        "llama_350m", 256, 60_000, 200, 512, 32, ["data=c4", "data.val_tokens=10000000"], 1, 2000
-    ),
+    "tiny": Protocol("llama_tiny", 32, 200, 50, 8, 8, ["data=sample"], 3, 50, False),
+    "60m": Protocol("llama_60m", 128, 10_000, 200, 512, 128, PAPER_DATA, 1, 1000, True),
+    "130m": Protocol("llama_130m", 256, 20_000, 200, 512, 64, PAPER_DATA, 1, 1000, True),
+    "350m": Protocol("llama_350m", 256, 60_000, 200, 512, 32, PAPER_DATA, 1, 2000, True),
 }
+
+
+def protocol_table() -> str:
+    """GALORE as the README's Markdown table."""
+    rows = [
+        [i.what, i.galore, i.source, ", ".join(f"`{o}`" for o in i.overrides) or "—",
+         i.difference or "same"]
+        for i in GALORE
+    ]  # fmt: skip
+    return markdown_table(["item", "GaLore", "where", "our overrides", "difference"], rows)
 
 
 def run_dir(out: Path, size: str, optim: str, seed: int) -> Path:
@@ -90,8 +154,9 @@ def command(p: Protocol, out: Path, size: str, optim: str, seed: int, nproc: int
         if nproc > 1
         else [sys.executable, "train.py"]
     )
-    return [
-        *launcher,
+    galore = [o for item in GALORE for o in item.overrides] if p.galore else []
+    baseline = ["optim.eps=1e-8"] if p.galore and optim == "adamw" else []  # torch's Adam
+    overrides = [
         f"model={p.model}",
         f"optim={optim}",
         *p.data,
@@ -103,6 +168,8 @@ def command(p: Protocol, out: Path, size: str, optim: str, seed: int, nproc: int
         "optim.warmup_ratio=0.1",
         "optim.min_lr_ratio=0.1",
         "trainer.precision=bf16",
+        *galore,
+        *baseline,
         f"trainer.max_steps={p.steps}",
         f"trainer.batch_size={p.micro_batch}",
         f"trainer.grad_accum={p.batch // (p.micro_batch * nproc)}",
@@ -114,6 +181,7 @@ def command(p: Protocol, out: Path, size: str, optim: str, seed: int, nproc: int
         "trainer.resume=auto",
         f"trainer.run_dir={run_dir(out, size, optim, seed)}",
     ]
+    return [*launcher, *dict.fromkeys(overrides)]  # each once, in order
 
 
 def rows_of(folder: Path) -> list[dict]:

@@ -10,18 +10,28 @@ from __future__ import annotations
 import math
 
 
-def cosine_lr(
-    step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1
-) -> float:
-    """Linear warm-up from ``max_lr / warmup_steps`` to ``max_lr`` over ``warmup_steps``, then a
-    cosine decay to ``min_lr_ratio * max_lr`` at ``total_steps``, and flat after it.
+def warmup_lr(step: int, max_lr: float, warmup_steps: int, from_zero: bool = False) -> float:
+    """The linear warm-up: update ``step`` (from 0) gets ``(step + 1) / warmup_steps`` of
+    ``max_lr``, so no update has a zero learning rate; ``from_zero``: ``step / warmup_steps``,
+    GaLore's convention (a Hugging Face ``LambdaLR`` stepped after each update: its first
+    update runs at 0 and only moves the Adam moments)."""
+    return max_lr * (step + (0 if from_zero else 1)) / warmup_steps
 
-    ``step`` counts optimizer updates from 0 (the first update uses ``step=0``), so warm-up never
-    applies a zero learning rate.
-    """
+
+def cosine_lr(
+    step: int,
+    max_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.1,
+    from_zero: bool = False,
+) -> float:
+    """Linear warm-up (``warmup_lr``) to ``max_lr`` over ``warmup_steps``, then a cosine decay
+    to ``min_lr_ratio * max_lr`` at ``total_steps``, and flat after it. ``step`` counts
+    optimizer updates from 0."""
     min_lr = min_lr_ratio * max_lr
     if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
+        return warmup_lr(step, max_lr, warmup_steps, from_zero)
     if step >= total_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -39,9 +49,10 @@ def lr_at(
     total_steps: int,
     min_lr_ratio: float = 0.1,
     decay_fraction: float = 0.2,
+    from_zero: bool = False,
 ) -> float:
     """The learning rate of update ``step`` (from 0) under ``schedule``, after the same linear
-    warm-up for all three:
+    warm-up (``warmup_lr``, with ``from_zero``) for all three:
 
     - ``cosine``: ``cosine_lr`` (GaLore's and the paper's);
     - ``wsd``: warm-up, stable at ``max_lr``, then a linear decay over the last
@@ -53,9 +64,9 @@ def lr_at(
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
     if schedule == "cosine":
-        return cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio)
+        return cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio, from_zero)
     if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
+        return warmup_lr(step, max_lr, warmup_steps, from_zero)
     if schedule == "constant":
         return max_lr
     start = max(warmup_steps, total_steps - round(decay_fraction * total_steps))

@@ -3,6 +3,9 @@
 import subprocess
 import sys
 
+import pytest
+
+from bench.repro import GALORE, OPTIMIZERS, PROTOCOLS, command, protocol_table
 from tests.conftest import ROOT, make_config
 from train import check_config
 
@@ -14,27 +17,40 @@ def repro(*args, **kw):
     )  # fmt: skip
 
 
-def test_the_60m_protocol_is_galores(tmp_path):
-    out = repro("--size", "60m", "--dry-run", "--optims", "lorenza", check=True).stdout
-    args = set(out.split())
-    for expected in [
-        "model=llama_60m", "optim=lorenza", "data=c4", "data.val_tokens=10000000",
-        "data.seq_len=256", "optim.rank=128", "optim.update_gap=200", "optim.scale=0.25",
-        "optim.warmup_ratio=0.1", "optim.min_lr_ratio=0.1", "trainer.precision=bf16",
-        "trainer.max_steps=10000", "trainer.batch_size=128", "trainer.grad_accum=4",
-        "trainer.resume=auto",
-    ]:  # fmt: skip
-        assert expected in args, expected
+@pytest.mark.parametrize("size", ["60m", "130m", "350m"])
+def test_the_paper_protocols_are_galores_item_by_item(tmp_path, size):
+    """Every override of every GaLore item is in every command (a changed default cannot
+    change the protocol silently), the full-rank baseline is torch's Adam, the sizes' own
+    values are GaLore's, and the README's table is the one the items make."""
+    p = PROTOCOLS[size]
+    commands = {o: command(p, tmp_path, size, o, 0, 1) for o in OPTIMIZERS}
+    rank, steps = {"60m": (128, 10_000), "130m": (256, 20_000), "350m": (256, 60_000)}[size]
+    for name, args in commands.items():
+        for item in GALORE:
+            for override in item.overrides:
+                assert override in args, (name, item.what, override)
+        assert {"data=c4", f"optim.rank={rank}", f"trainer.max_steps={steps}"} <= set(args)
+        assert ("optim.eps=1e-8" in args) == (name == "adamw"), name
     # every override is a real key with a valid value: the config passes train.py's checks
     # (on the sample corpus: C4 from the Hub cannot be reached here, and says so)
-    overrides = [a for a in out.split() if "=" in a and a != "data=c4" and "run_dir" not in a]
-    cfg = make_config(tmp_path / "run", *overrides)
+    lorenza = [a for a in commands["lorenza"] if "=" in a and a != "data=c4" and "run_dir" not in a]
+    cfg = make_config(tmp_path / "run", *lorenza)
     check_config(cfg)
-    assert (cfg.trainer.batch_size * cfg.trainer.grad_accum, cfg.optim.lr) == (512, 1e-2)
+    t, o = cfg.trainer, cfg.optim
+    assert (t.batch_size * t.grad_accum, o.lr, t.grad_clip) == (512, 1e-2, 0)
+    assert not cfg.data.packing
+    assert o.warmup_from_zero and o.weight_decay == 0 and o.min_lr_ratio == 0.1
+    assert protocol_table() in (ROOT / "README.md").read_text()
+
+
+def test_the_dry_run_prints_the_commands_and_splits_the_batch_over_processes():
     eight = repro("--size", "350m", "--dry-run", "--nproc", "8", check=True).stdout
-    assert "--nproc 8" in eight and "trainer.grad_accum=2" in eight  # 8 GPUs x 32 x 2 = 512
+    assert len(eight.splitlines()) == len(OPTIMIZERS) and "--nproc 8" in eight
+    assert "trainer.grad_accum=2" in eight  # 8 GPUs x 32 x 2 = 512
     bad = repro("--size", "60m", "--dry-run", "--nproc", "3")
     assert bad.returncode != 0 and "not a multiple" in bad.stderr
+    tiny = command(PROTOCOLS["tiny"], ROOT, "tiny", "lorenza", 0, 1)
+    assert "data.packing=false" not in tiny  # the CPU demo packs the short sample documents
 
 
 def test_a_small_repro_writes_the_table_and_curves_and_skips_finished_runs(tmp_path):

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from lorenza.schedule import cosine_lr, lr_at, rho_for_lr
 
@@ -73,3 +74,25 @@ def test_train_py_uses_the_schedule_and_refuses_a_bad_one(config):
         train.check_config(config("optim.schedule=wsd", "optim.decay_fraction=0"))
     with pytest.raises(ValueError, match="optim.schedule='step'"):
         train.check_config(config("optim.schedule=step"))
+
+
+def test_warmup_from_zero_is_galores_lambda_lr():
+    """GaLore drives a Hugging Face cosine-with-floor LambdaLR, stepped after each update:
+    update k runs at the factor of step k - 1, the first at 0. ``from_zero`` gives those
+    learning rates for every update, warm-up and decay; the default is one step ahead in
+    the warm-up only."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.01)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 10, 100, min_lr_rate=0.1)
+    reference = []
+    for _ in range(100):
+        reference.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ours = [lr_at("cosine", s, 0.01, 10, 100, 0.1, from_zero=True) for s in range(100)]
+    assert ours == pytest.approx(reference, rel=1e-12, abs=1e-15)
+    assert ours[0] == 0.0
+    default = [lr_at("cosine", s, 0.01, 10, 100, 0.1) for s in range(100)]
+    assert default[:9] == pytest.approx(reference[1:10]) and default[10:] == ours[10:]

@@ -60,9 +60,9 @@ def check_config(cfg: Config) -> None:
     one_of("trainer.on_nonfinite", cfg.trainer.on_nonfinite, NONFINITE)
     one_of("trainer.fused_granularity", cfg.trainer.fused_granularity, GRANULARITIES)
     if cfg.trainer.compile is not False:
-        import torch._dynamo
+        from torch import _dynamo  # (``import torch._dynamo`` would make ``torch`` local here)
 
-        backends = tuple(torch._dynamo.list_backends(exclude_tags=()))
+        backends = tuple(_dynamo.list_backends(exclude_tags=()))
         one_of("trainer.compile_backend", cfg.trainer.compile_backend, backends)
     if not cfg.trainer.plan:  # a plan writes nothing
         check_writable(Path(cfg.trainer.run_dir))

@@ -32,6 +32,9 @@ class OptimConfig:
     """Adam epsilon (GaLore's default and placement: ``m / (sqrt(v) + eps)``)."""
     warmup_ratio: float = 0.1
     """Fraction of ``trainer.max_steps`` spent in linear warm-up (GaLore: 10%)."""
+    warmup_from_zero: bool = False
+    """GaLore's warm-up: update k gets (k-1)/warmup of the peak, the first one 0 (a
+    ``LambdaLR`` stepped after each update); default: k/warmup, no update at 0."""
     min_lr_ratio: float = 0.1
     """The cosine decays to ``lr * min_lr_ratio`` at ``trainer.max_steps`` (GaLore: 0.1)."""
     schedule: str = "cosine"
