@@ -46,6 +46,8 @@ bench: install  ## CPU benchmarks (~1 h); tables go to bench/RESULTS.md; GPU: be
 	$(PY) -m bench.ascent_effect
 	$(PY) -m bench.plan_memory
 	$(PY) -m bench.fsdp_memory --model llama_350m
+	$(PY) -m bench.golden --steps 60 --gap 20
+	$(PY) -m bench.golden --steps 60 --gap 20 --lr 0 --floor
 
 ablation: install  ## is LORENZA flatter and better? 5 seeds of every method and ablation (CPU, ~1 h)
 	$(PY) -m bench.ablation

@@ -1,6 +1,6 @@
 """End-to-end loss parity with the stack GaLore trains with (``make repro``'s protocol).
 
-    python -m bench.golden [--steps 60] [--gap 20]
+    python -m bench.golden [--steps 60] [--gap 20] [--lr 3e-3] [--floor]
 
 One initial model (ours, exported to a Hugging Face folder) and one stream of token batches
 (the sample corpus in GaLore's one-document-per-example mode) train twice for each setting:
@@ -14,12 +14,18 @@ scale, grouping or data-order difference shows at once, where per-update parity
 (``tests/test_parity.py``) cannot see it. AdamW's reference is ``GaLoreAdamW`` without a
 low-rank group, i.e. GaLore's AdamW (ε added to ``sqrt(v)`` before the bias correction, as
 ours; ``torch.optim.AdamW`` adds it after).
+
+At a high learning rate GaLore's training is chaotic enough that float32 rounding, turned
+by the SVD of a refresh into a slightly different basis, grows over the steps: ``--floor``
+measures that for the reference itself (its initial weights times 1 + 1e-5 noise), the
+scale below which no difference between two implementations means anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,9 +42,11 @@ SETTINGS = {  # name: (optim, trainer.fused)
 }
 
 
-def overrides(optim: str, fused: str, steps: int, gap: int, warmup: float) -> list[str]:
+def overrides(
+    optim: str, fused: str, steps: int, gap: int, warmup: float, lr: float | None
+) -> list[str]:
     """The run both sides train: the repro protocol's items, at CPU size."""
-    return [
+    return [*([f"optim.lr={lr}"] if lr else []),
         f"optim={optim}", f"trainer.fused={fused}", "data=sample", "data.packing=false",
         "data.num_workers=0", "data.seq_len=64", "trainer.batch_size=4",
         "trainer.grad_accum=2", f"trainer.max_steps={steps}", "trainer.grad_clip=0",
@@ -73,8 +81,9 @@ def ours(folder: Path, run_dir: Path, args: list[str]) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def reference(folder: Path, args: list[str]) -> list[float]:
-    """The step losses of GaLore's loop on the same weights and batches."""
+def reference(folder: Path, args: list[str], jitter: float = 0.0) -> list[float]:
+    """The step losses of GaLore's loop on the same weights (times ``1 + jitter`` noise) and
+    batches."""
     import galore_torch
     import transformers
     from torch import nn
@@ -85,6 +94,10 @@ def reference(folder: Path, args: list[str]) -> list[float]:
     t, o = cfg.trainer, cfg.optim
     model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     model.train()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.mul_(1 + jitter * torch.randn(p.shape, generator=generator))
     lowrank = [
         module.weight
         for name, module in model.named_modules()
@@ -122,18 +135,32 @@ def reference(folder: Path, args: list[str]) -> list[float]:
 
 
 def compare(
-    steps: int, gap: int, warmup: float = 0.1, seed: int = 0, settings: list[str] | None = None
+    steps: int,
+    gap: int,
+    warmup: float = 0.1,
+    seed: int = 0,
+    settings: list[str] | None = None,
+    lr: float | None = None,
+    floor: bool = False,
 ) -> dict[str, tuple[list[float], list[float]]]:
-    """``{setting: (our losses, the reference's)}`` for ``settings`` (default: all)."""
+    """``{setting: (our losses, the reference's)}`` for ``settings`` (default: all; ``lr``:
+    each optimizer's default); with ``floor``, also ``"reference vs itself"``: GaLore's loop
+    from the initial weights times 1 + 1e-5 noise, against it unperturbed."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "initial")
         export_initial(folder, seed)
         results = {}
         for name in settings or SETTINGS:
             optim, fused = SETTINGS[name]
-            args = overrides(optim, fused, steps, gap, warmup)
+            args = overrides(optim, fused, steps, gap, warmup, lr)
             run_dir = Path(tmp, name.replace(", ", "-").replace(" ", "_"))
             results[name] = (ours(folder, run_dir, args), reference(folder, args))
+        if floor:
+            args = overrides("galore", "false", steps, gap, warmup, lr)
+            results["galore: reference vs itself, weights x (1 + 1e-5 noise)"] = (
+                reference(folder, args, jitter=1e-5),
+                reference(folder, args),
+            )
         return results
 
 
@@ -145,9 +172,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--gap", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=3e-3, help="0: each optimizer's default")
+    parser.add_argument("--floor", action="store_true", help="also the reference vs itself")
     args = parser.parse_args()
     rows = []
-    for name, (mine, theirs) in compare(args.steps, args.gap).items():
+    results = compare(args.steps, args.gap, lr=args.lr or None, floor=args.floor)
+    for name, (mine, theirs) in results.items():
         worst = max(range(args.steps), key=lambda s: abs(mine[s] - theirs[s]) / theirs[s])
         rows.append([name, f"{theirs[0]:.4f} → {theirs[-1]:.4f}",
                      f"{largest_difference(mine, theirs):.1e}", str(worst + 1)])  # fmt: skip
@@ -155,9 +185,10 @@ def main() -> None:
     refreshes = len(range(0, args.steps, args.gap))
     text = (
         f"## Loss parity with GaLore's stack ({machine()})\n\n"
-        f"`python -m bench.golden --steps {args.steps} --gap {args.gap}`: llama_tiny, float32, "
+        f"`python -m bench.golden {' '.join(sys.argv[1:])}`: llama_tiny, float32, "
         f"{args.steps} updates of 2 x 4 sequences of 64 tokens (sample corpus, one document "
-        f"per example), rank 16, {refreshes} subspace choices; `train.py` vs "
+        f"per example), lr {args.lr or 'each optimizer default (galore 0.01, adamw 0.001)'}, "
+        f"rank 16, {refreshes} subspace choices; `train.py` vs "
         "`transformers.LlamaForCausalLM` + `galore_torch.GaLoreAdamW` + Hugging Face's cosine "
         "schedule from the same initial weights and batches.\n\n"
         + markdown_table(
@@ -166,7 +197,7 @@ def main() -> None:
         )  # fmt: skip
         + "\n"
     )
-    write_section("golden", text)
+    write_section(f"golden-lr{args.lr:g}", text)
     print(text)
 
 
