@@ -289,17 +289,16 @@ class Run:
             "config": flat_config(self.cfg),
             **run_identity(self.cfg),
         }
+        model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         if self.sharded:  # every rank writes its shards (trainer/sharded_checkpoint.py)
-            finite = all_finite(self.model.state_dict(), self.optimizer.state_dict())
-            if not all(gather_to_all(finite)):  # each rank checks its shards
+            if not all(gather_to_all(all_finite(model_state, optimizer_state))):  # its shards
                 raise self.nonfinite_state(step)
             save_sharded_checkpoint(
-                self.run_dir, self.model, self.optimizer, state, self.cfg.trainer.keep_last
+                self.run_dir, model_state, optimizer_state, state, self.cfg.trainer.keep_last
             )
             return
         if self.ranks.enabled:
             state["replica_digests"] = check_replicas(self.model)
-        model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         if not on_main(lambda: all_finite(model_state, optimizer_state)):
             raise self.nonfinite_state(step)
         if self.ranks.is_main:

@@ -45,18 +45,18 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 
 def save_sharded_checkpoint(
-    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-    keep_last: int,
-) -> Path:  # fmt: skip
-    """Write ``checkpoints/step_N`` of a sharded run (a collective: every rank calls it)."""
+    run_dir: Path, model_state: dict, optimizer_state: dict, state: dict, keep_last: int
+) -> Path:
+    """Write ``checkpoints/step_N`` of a sharded run from its (sharded) ``state_dict``s (a
+    collective: every rank calls it)."""
     ranks = current()
     tmp, final = staging(run_dir, state["step"])
     if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted write of the same step
         tmp.mkdir(parents=True)
     barrier()
-    tensors, skeleton = split_optimizer_state(optimizer.state_dict())
-    dcp.save({"model": model.state_dict(), "optimizer": tensors}, checkpoint_id=tmp / DCP)
+    tensors, skeleton = split_optimizer_state(optimizer_state)
+    dcp.save({"model": model_state, "optimizer": tensors}, checkpoint_id=tmp / DCP)
     # DCP's writer flushed each file; each rank checksums its own, in parallel
     mine = {f"{DCP}/{f.name}": file_record(f) for f in (tmp / DCP).glob(f"__{ranks.rank}_*")}
     records = {k: v for part in gather_to_all(mine) for k, v in part.items()}
