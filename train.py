@@ -323,6 +323,8 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
     ranks = current()
     device = pick_device(t.device, ranks)
     model = Llama(cfg.model).to(device)
+    if t.precision == "bf16_pure":  # GaLore's --dtype bfloat16 (the rotary tables stay float32)
+        model.bfloat16()
     compiled = t.compile if t.compile is not None else device.type == "cuda"
     if compiled:  # before any wrapping: DDP and FSDP2 then wrap compiled layers
         model.compile_layers(t.compile_backend)

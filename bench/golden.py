@@ -1,6 +1,6 @@
 """End-to-end loss parity with the stack GaLore trains with (``make repro``'s protocol).
 
-    python -m bench.golden [--steps 60] [--gap 20] [--lr 3e-3] [--floor]
+    python -m bench.golden [--steps 60] [--gap 20] [--lr 3e-3] [--floor] [--precision bf16_pure]
 
 One initial model (ours, exported to a Hugging Face folder) and one stream of token batches
 (the sample corpus in GaLore's one-document-per-example mode) train twice for each setting:
@@ -9,7 +9,10 @@ minimal loop over ``transformers.LlamaForCausalLM`` and ``galore_torch.GaLoreAda
 GaLore's ``torchrun_main.py`` builds them: the attention and MLP ``nn.Linear`` weights in a
 rank-r group, the rest full rank, Hugging Face's cosine ``LambdaLR`` with a 10% floor stepped
 after each update, no clipping, the loss of each micro-batch divided by the accumulation.
-Float32 on the CPU. The loss of every step is compared: a schedule, warm-up, ε, clipping,
+Float32 on the CPU, or both sides in GaLore's pure bfloat16 (``--precision bf16_pure``: our
+``trainer.precision=bf16_pure``, the reference's model loaded in bfloat16 and its loss taken
+in float32 as Hugging Face's ``ForCausalLMLoss`` takes it). The loss of every step is
+compared: a schedule, warm-up, ε, clipping,
 scale, grouping or data-order difference shows at once, where per-update parity
 (``tests/test_parity.py``) cannot see it. AdamW's reference is ``GaLoreAdamW`` without a
 low-rank group, i.e. GaLore's AdamW (ε added to ``sqrt(v)`` before the bias correction, as
@@ -18,7 +21,8 @@ ours; ``torch.optim.AdamW`` adds it after).
 At a high learning rate GaLore's training is chaotic enough that float32 rounding, turned
 by the SVD of a refresh into a slightly different basis, grows over the steps: ``--floor``
 measures that for the reference itself (its initial weights times 1 + 1e-5 noise), the
-scale below which no difference between two implementations means anything.
+scale below which no difference between two implementations means anything (in bf16 the
+noise is one ulp, 2^-8 relative: 1e-5 would not change a bf16 weight).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from bench.results import markdown_table, write_section
 from bench.step_time import machine
 from tests.conftest import make_config
 
+FLOOR_JITTER = {"fp32": 1e-5, "bf16_pure": 2**-8}  # the floor's noise: ~one ulp of bf16
 SETTINGS = {  # name: (optim, trainer.fused)
     "galore, unfused": ("galore", "false"),
     "galore, fused per block": ("galore", "true"),
@@ -43,7 +48,13 @@ SETTINGS = {  # name: (optim, trainer.fused)
 
 
 def overrides(
-    optim: str, fused: str, steps: int, gap: int, warmup: float, lr: float | None
+    optim: str,
+    fused: str,
+    steps: int,
+    gap: int,
+    warmup: float,
+    lr: float | None,
+    precision: str = "fp32",
 ) -> list[str]:
     """The run both sides train: the repro protocol's items, at CPU size."""
     return [*([f"optim.lr={lr}"] if lr else []),
@@ -52,7 +63,7 @@ def overrides(
         "trainer.grad_accum=2", f"trainer.max_steps={steps}", "trainer.grad_clip=0",
         "optim.warmup_from_zero=true", f"optim.warmup_ratio={warmup}", "optim.min_lr_ratio=0.1",
         "optim.weight_decay=0", "optim.rank=16", f"optim.update_gap={gap}",
-        "optim.scale=0.25", "trainer.precision=fp32", "trainer.device=cpu",
+        "optim.scale=0.25", f"trainer.precision={precision}", "trainer.device=cpu",
         "trainer.eval_every=100000", "trainer.save_model=false", "trainer.log_every=1",
         "trainer.progress=false", "trainer.compile=false",
     ]  # fmt: skip
@@ -92,7 +103,8 @@ def reference(folder: Path, args: list[str], jitter: float = 0.0) -> list[float]
 
     cfg = make_config(folder / "unused", *args, f"model.init_from={folder}")
     t, o = cfg.trainer, cfg.optim
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    dtype = torch.bfloat16 if t.precision == "bf16_pure" else torch.float32
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype)
     model.train()
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
@@ -121,7 +133,7 @@ def reference(folder: Path, args: list[str], jitter: float = 0.0) -> list[float]
         total = 0.0
         for _ in range(t.grad_accum):
             x, y = next(batches)
-            logits = model(input_ids=x).logits
+            logits = model(input_ids=x).logits.float()
             loss = nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100
             )
@@ -142,23 +154,26 @@ def compare(
     settings: list[str] | None = None,
     lr: float | None = None,
     floor: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, tuple[list[float], list[float]]]:
     """``{setting: (our losses, the reference's)}`` for ``settings`` (default: all; ``lr``:
-    each optimizer's default); with ``floor``, also ``"reference vs itself"``: GaLore's loop
-    from the initial weights times 1 + 1e-5 noise, against it unperturbed."""
+    each optimizer's default) in ``precision`` (``fp32`` or ``bf16_pure``); with ``floor``,
+    also ``"reference vs itself"``: GaLore's loop from the initial weights times 1 + noise
+    (``FLOOR_JITTER``), against it unperturbed."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "initial")
         export_initial(folder, seed)
         results = {}
         for name in settings or SETTINGS:
             optim, fused = SETTINGS[name]
-            args = overrides(optim, fused, steps, gap, warmup, lr)
+            args = overrides(optim, fused, steps, gap, warmup, lr, precision)
             run_dir = Path(tmp, name.replace(", ", "-").replace(" ", "_"))
             results[name] = (ours(folder, run_dir, args), reference(folder, args))
         if floor:
-            args = overrides("galore", "false", steps, gap, warmup, lr)
-            results["galore: reference vs itself, weights x (1 + 1e-5 noise)"] = (
-                reference(folder, args, jitter=1e-5),
+            args = overrides("galore", "false", steps, gap, warmup, lr, precision)
+            jitter = FLOOR_JITTER[precision]
+            results[f"galore: reference vs itself, weights x (1 + {jitter:.1g} noise)"] = (
+                reference(folder, args, jitter=jitter),
                 reference(folder, args),
             )
         return results
@@ -174,18 +189,22 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3, help="0: each optimizer's default")
     parser.add_argument("--floor", action="store_true", help="also the reference vs itself")
+    parser.add_argument("--precision", choices=list(FLOOR_JITTER), default="fp32")
     args = parser.parse_args()
     rows = []
-    results = compare(args.steps, args.gap, lr=args.lr or None, floor=args.floor)
+    results = compare(
+        args.steps, args.gap, lr=args.lr or None, floor=args.floor, precision=args.precision
+    )
     for name, (mine, theirs) in results.items():
         worst = max(range(args.steps), key=lambda s: abs(mine[s] - theirs[s]) / theirs[s])
         rows.append([name, f"{theirs[0]:.4f} → {theirs[-1]:.4f}",
                      f"{largest_difference(mine, theirs):.1e}", str(worst + 1)])  # fmt: skip
         print(rows[-1], flush=True)
     refreshes = len(range(0, args.steps, args.gap))
+    numerics = "float32" if args.precision == "fp32" else "pure bfloat16 on both sides"
     text = (
         f"## Loss parity with GaLore's stack ({machine()})\n\n"
-        f"`python -m bench.golden {' '.join(sys.argv[1:])}`: llama_tiny, float32, "
+        f"`python -m bench.golden {' '.join(sys.argv[1:])}`: llama_tiny, {numerics}, "
         f"{args.steps} updates of 2 x 4 sequences of 64 tokens (sample corpus, one document "
         f"per example), lr {args.lr or 'each optimizer default (galore 0.01, adamw 0.001)'}, "
         f"rank 16, {refreshes} subspace choices; `train.py` vs "
@@ -197,7 +216,8 @@ def main() -> None:
         )  # fmt: skip
         + "\n"
     )
-    write_section(f"golden-lr{args.lr:g}", text)
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    write_section(f"golden-lr{args.lr:g}{suffix}", text)
     print(text)
 
 

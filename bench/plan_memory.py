@@ -40,9 +40,10 @@ MIB = 2**20
 
 
 def activation_peak(cfg: ModelConfig, batch: int, seq: int, precision: str) -> int:
-    """Peak bytes of one micro-batch's forward and backward, gradients dropped as they come."""
+    """Peak bytes of one micro-batch's forward and backward, gradients dropped as they come
+    (``precision``: ``fp32``, ``bf16`` autocast, or ``bf16_pure``, the model cast)."""
     torch.manual_seed(0)
-    model = Llama(cfg)
+    model = Llama(cfg).to(torch.bfloat16 if precision == "bf16_pure" else torch.float32)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
@@ -106,7 +107,7 @@ def activation_table(models: list[str], chunks: list[int], batches: list[int], s
     """Rows of measured vs planned activation peaks, and the largest relative difference."""
     rows, worst = [], 0.0
     for name, precision, ckpt, chunk, batch in itertools.product(
-        models, ("fp32", "bf16"), ("none", "block"), chunks, batches
+        models, ("fp32", "bf16", "bf16_pure"), ("none", "block"), chunks, batches
     ):
         cfg = model_config(name, vocab_size=32000, activation_checkpointing=ckpt, loss_chunk=chunk)
         got = activation_peak(cfg, batch, seq, precision)

@@ -38,8 +38,10 @@ import torch
 from bench.memory import Convention, estimate, shapes
 from bench.results import markdown_table, write_section
 from tests.conftest import ROOT, model_config
+from trainer.optimizers import PURE_BF16
 
 OPTIMIZERS = ("adamw", "galore", "lorenza", "lorenza_plus")
+NUMERICS = ("autocast", "galore")  # --numerics: galore runs PURE_BF16's optimizers in pure bf16
 PUBLISHED_PPL = {  # GaLore Table 2 (adamw, galore) and LORENZA Table 3 (lorenza, lorenza_plus)
     "60m": {"adamw": 34.06, "galore": 34.88, "lorenza": 34.29},
     "130m": {"adamw": 25.08, "galore": 25.36, "lorenza": 24.92},
@@ -115,9 +117,12 @@ GALORE = (
          (), "`seed=k` sets the initialisation and the data order"),
     Item("numerics", "pure bfloat16 weights and states (`--dtype bfloat16`)",
          "`torchrun_main.py --dtype`", ("trainer.precision=bf16",),
-         "float32 weights and states under bfloat16 autocast: the sharpness-aware optimizers "
-         "move the weights and back in place, which bfloat16 weights do not survive; a "
-         "pure-bfloat16 mode for the others is not built"),
+         "by default float32 weights and states under bfloat16 autocast for every optimizer, "
+         "so that the rows differ in the optimizer only: the sharpness-aware ones move the "
+         "weights away and back in place, which bfloat16 weights do not survive (~4e-3 "
+         "drift per step). `--numerics galore` runs adamw and galore GaLore's way, "
+         "`trainer.precision=bf16_pure` (loss parity with GaLore's bf16 stack: "
+         "`bench/golden.py --precision bf16_pure`)"),
 )  # fmt: skip
 
 PAPER_DATA = ["data=c4", "data.val_tokens=10000000"]
@@ -139,11 +144,26 @@ def protocol_table() -> str:
     return markdown_table(["item", "GaLore", "where", "our overrides", "difference"], rows)
 
 
-def run_dir(out: Path, size: str, optim: str, seed: int) -> Path:
-    return out / size / f"{optim}-seed{seed}"
+def precision(optim: str, numerics: str) -> str:
+    """``bf16_pure`` for the optimizers that allow it under ``--numerics galore``, else
+    ``bf16`` (autocast)."""
+    return "bf16_pure" if numerics == "galore" and optim in PURE_BF16 else "bf16"
 
 
-def command(p: Protocol, out: Path, size: str, optim: str, seed: int, nproc: int) -> list[str]:
+def run_dir(out: Path, size: str, optim: str, seed: int, numerics: str = "autocast") -> Path:
+    pure = "-bf16_pure" if precision(optim, numerics) == "bf16_pure" else ""
+    return out / size / f"{optim}{pure}-seed{seed}"
+
+
+def command(
+    p: Protocol,
+    out: Path,
+    size: str,
+    optim: str,
+    seed: int,
+    nproc: int,
+    numerics: str = "autocast",
+) -> list[str]:
     if p.batch % (p.micro_batch * nproc):
         raise ValueError(
             f"--nproc={nproc}: the batch of {p.batch} sequences is not a multiple of "
@@ -179,8 +199,11 @@ def command(p: Protocol, out: Path, size: str, optim: str, seed: int, nproc: int
         "trainer.progress=false",
         "trainer.save_model=false",
         "trainer.resume=auto",
-        f"trainer.run_dir={run_dir(out, size, optim, seed)}",
+        f"trainer.run_dir={run_dir(out, size, optim, seed, numerics)}",
     ]
+    if precision(optim, numerics) == "bf16_pure":  # GaLore's --dtype bfloat16, not autocast
+        pure = "trainer.precision=bf16_pure"
+        overrides = [pure if o == "trainer.precision=bf16" else o for o in overrides]
     return [*launcher, *dict.fromkeys(overrides)]  # each once, in order
 
 
@@ -208,12 +231,17 @@ def state_mib(folder: Path) -> float:
     )
 
 
-def summarize(p: Protocol, out: Path, size: str, optims: list[str]) -> str:
+def label(optim: str, numerics: str) -> str:
+    pure = precision(optim, numerics) == "bf16_pure"
+    return f"{optim} (bf16_pure)" if pure else optim
+
+
+def summarize(p: Protocol, out: Path, size: str, optims: list[str], numerics: str) -> str:
     cfg = model_config(p.model, vocab_size=32000 if size != "tiny" else 8000)
     s = shapes(cfg, p.rank)
     rows = []
     for optim in optims:
-        folders = [run_dir(out, size, optim, k) for k in range(p.seeds)]
+        folders = [run_dir(out, size, optim, k, numerics) for k in range(p.seeds)]
         runs = [rows_of(f) for f in folders]
         ppl = [[r["val_ppl"] for r in rs if "val_ppl" in r][-1] for rs in runs]
         steps = [[r for r in rs if "loss" in r] for rs in runs]
@@ -226,7 +254,7 @@ def summarize(p: Protocol, out: Path, size: str, optims: list[str]) -> str:
         published = PUBLISHED_PPL.get(size, {}).get(optim)
         rows.append(
             [
-                optim,
+                label(optim, numerics),
                 f"{mean:.2f}{spread}",
                 published or "—",
                 f"{estimate(s, method, p.rank, Convention()):.3f}",
@@ -247,7 +275,7 @@ def summarize(p: Protocol, out: Path, size: str, optims: list[str]) -> str:
     return markdown_table(header, rows)
 
 
-def plot(p: Protocol, out: Path, size: str, optims: list[str]) -> Path:
+def plot(p: Protocol, out: Path, size: str, optims: list[str], numerics: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,9 +284,9 @@ def plot(p: Protocol, out: Path, size: str, optims: list[str]) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for optim in optims:
         for k in range(p.seeds):
-            val = [(r["step"], r["val_loss"]) for r in rows_of(run_dir(out, size, optim, k))
-                   if "val_loss" in r]  # fmt: skip
-            ax.plot(*zip(*val, strict=True), label=optim if k == 0 else None,
+            rows = rows_of(run_dir(out, size, optim, k, numerics))
+            val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+            ax.plot(*zip(*val, strict=True), label=label(optim, numerics) if k == 0 else None,
                     color=f"C{optims.index(optim)}", alpha=0.8)  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
@@ -283,6 +311,10 @@ def main() -> None:
         "--data", default="c4", choices=["c4", "c4_local"],
         help="GPU sizes: C4 from the Hub, or local shards (data.path=... in --extra)",
     )  # fmt: skip
+    ap.add_argument(
+        "--numerics", default="autocast", choices=NUMERICS,
+        help="galore: adamw and galore in pure bf16 (trainer.precision=bf16_pure), as GaLore",
+    )  # fmt: skip
     ap.add_argument("--extra", nargs="*", default=[], help="more train.py overrides")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -302,8 +334,8 @@ def main() -> None:
     try:
         commands = [
             (
-                run_dir(args.out, args.size, o, k),
-                command(p, args.out, args.size, o, k, args.nproc) + args.extra,
+                run_dir(args.out, args.size, o, k, args.numerics),
+                command(p, args.out, args.size, o, k, args.nproc, args.numerics) + args.extra,
             )
             for o in args.optims
             for k in range(p.seeds)
@@ -327,8 +359,8 @@ def main() -> None:
             )
     if args.dry_run:
         return
-    table = summarize(p, args.out, args.size, args.optims)
-    curves = plot(p, args.out, args.size, args.optims)
+    table = summarize(p, args.out, args.size, args.optims, args.numerics)
+    curves = plot(p, args.out, args.size, args.optims, args.numerics)
     print(table)
     text = (
         f"## {args.size}: {p.model}, {p.steps} steps of {p.batch} x 256 tokens\n\n"

@@ -41,16 +41,20 @@ def quantized(state: dict) -> bool:
     return state["exp_avg"].dtype == torch.uint8
 
 
-def moment_bytes(numel: int, bits: int) -> int:
-    """Bytes of the two moments ``init_moments`` allocates for ``numel`` values: float32, or
-    uint8 plus a float32 absmax per block (8-bit; tensors too small for it stay float32)."""
+def moment_bytes(numel: int, bits: int, itemsize: int = 4) -> int:
+    """Bytes of the two moments ``init_moments`` allocates for ``numel`` values of a tensor
+    whose elements take ``itemsize`` bytes: in its dtype (32-bit), or uint8 plus a float32
+    absmax per block (8-bit; tensors too small for it stay float32, as bitsandbytes keeps
+    them)."""
     if bits == 8 and numel >= MIN_8BIT_SIZE:
         return 2 * (numel + 4 * math.ceil(numel / BLOCKSIZE))
-    return 2 * 4 * numel
+    return 2 * (4 if bits == 8 else itemsize) * numel
 
 
 def init_moments(state: dict, like: torch.Tensor, bits: int) -> None:
-    """Zero first and second moments shaped like ``like`` (float32, or uint8 blockwise).
+    """Zero first and second moments shaped like ``like``: in its dtype (32-bit: float32, or
+    bfloat16 beside a pure-bf16 model's weights, as torch's and GaLore's Adam keep them), or
+    uint8 blockwise (8-bit; too small a tensor gets float32, as bitsandbytes gives it).
     A sharded ``like`` gets sharded moments; 8-bit ones keep the ``absmax`` of its shard's
     blocks (``lorenza/sharded.py``: the whole tensor's blocks, each on the rank holding it)."""
     if bits == 8 and like.numel() >= MIN_8BIT_SIZE:
@@ -60,8 +64,9 @@ def init_moments(state: dict, like: torch.Tensor, bits: int) -> None:
         for key in ("absmax1", "absmax2"):
             state[key] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
     else:
+        dtype = like.dtype if bits == 32 else torch.float32
         for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = torch.zeros_like(like, dtype=torch.float32)
+            state[key] = torch.zeros_like(like, dtype=dtype)
 
 
 def bnb_adam_update(
@@ -123,6 +128,17 @@ def bnb_adam_update(
         )
 
 
+def scale_(tensors: list[torch.Tensor], factor: float) -> None:
+    """``t *= factor`` for every tensor, the factor kept in full precision as ``Tensor.mul_``
+    keeps it. Torch's CPU ``_foreach_mul_`` rounds a Python scalar to the tensors' dtype
+    first -- bf16 moments would decay with beta1 = 0.8984 instead of 0.9 -- and does not
+    round a 0-dim float64 tensor (CUDA's kernels take the scalar in float32 either way)."""
+    if tensors and tensors[0].device.type == "cpu":
+        torch._foreach_mul_(tensors, torch.tensor(factor, dtype=torch.float64))
+    else:
+        torch._foreach_mul_(tensors, factor)
+
+
 def adam_moments(
     states: list[dict], grads: list[torch.Tensor], beta1: float, beta2: float, eps: float
 ) -> list[torch.Tensor]:
@@ -133,9 +149,9 @@ def adam_moments(
     not two). The step factors are the caller's (they depend only on each step count)."""
     ms = [s["exp_avg"] for s in states]
     vs = [s["exp_avg_sq"] for s in states]
-    torch._foreach_mul_(ms, beta1)
+    scale_(ms, beta1)
     torch._foreach_add_(ms, grads, alpha=1 - beta1)
-    torch._foreach_mul_(vs, beta2)
+    scale_(vs, beta2)
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
     denom = torch._foreach_sqrt(vs)
     torch._foreach_add_(denom, eps)

@@ -309,7 +309,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
         )
 
     def project_grad(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
-        """``Qᵀ g`` (or ``g Q``) of ``p``'s current gradient (or of ``grad``), in float32."""
+        """``Qᵀ g`` (or ``g Q``) of ``p``'s current gradient (or of ``grad``), in the basis's
+        dtype (``p``'s)."""
         return project(p.grad if grad is None else grad, self.state[p]["basis"])
 
     def _refresh_due(self, p: torch.Tensor) -> bool:
@@ -339,6 +340,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         )
         keys = ("basis", "cobasis") if self.perturbation == "rank_r" else ("basis",)
         for key, new in zip(keys, out if self.perturbation == "rank_r" else (out,), strict=True):
+            new = new.to(p.dtype)  # chosen in float32, kept in p's dtype (GaLore's bf16 way)
             state[key] = torch.where(ok, new, state[key]) if key in state else new
 
     @torch.no_grad()
@@ -389,8 +391,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
                     self.state[p], p.grad, p.data, t, lr, beta1, beta2, eps, group["weight_decay"]
                 )
             return
-        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in ps]
         states = [self.state[p] for p in ps]
+        grads = [p.grad.to(s["exp_avg"].dtype) for p, s in zip(ps, states, strict=True)]
         denom = adam_moments(states, grads, beta1, beta2, eps)
         for t, idx in _by_value(steps).items():
             factor = math.sqrt(1 - beta2**t) / (1 - beta1**t)
@@ -432,7 +434,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         factors = [math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
         if group["residual"]:  # Lorenza+: reads N before it is scaled below
             for p, grad, low, n, f in zip(ps, grads, projected, ns, factors, strict=True):
-                s = fira_residual(grad.float(), self.state[p]["basis"], low, n, self.state[p])
+                s = fira_residual(grad, self.state[p]["basis"], low, n, self.state[p])
                 add_full_(p, s.to(p.dtype), alpha=-lr * f)
         alphas = [-lr * f * group["scale"] for f in factors]
         fold = [i for i, p in enumerate(ps) if p in folded]
@@ -682,17 +684,19 @@ class SubspaceAdamW(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("lorenza")
         self._check_state_keys(state_dict["state"], stepped=extra["step_count"] > 0)
+        saved = state_dict["state"]
         super().load_state_dict(state_dict)
         self.step_count, self.seed = extra["step_count"], extra["seed"]
-        for p, state in self.state.items():
-            # torch casts every tensor state to the parameter's dtype; 8-bit moments must stay
-            # uint8 (their values are small integers, so the round trip through float is exact)
-            if "absmax1" in state:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[key] = state[key].to(torch.uint8)
-            for key in ("basis", "cobasis"):
-                if key in state:
-                    state[key] = state[key].float()
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params, strict=True):
+            state = self.state[p]
+            # torch casts every tensor state to the parameter's dtype: each takes back the one
+            # it was saved in (uint8 moments, and bitsandbytes' float32 block scales and small
+            # moments beside bf16 weights, which a cast to bf16 would round)
+            for key, value in saved.get(i, {}).items():
+                if torch.is_tensor(value) and value.dtype != state[key].dtype:
+                    state[key] = value.to(state[key].device)
             if isinstance(p, DTensor) and self.group_of(p)["rank"] is None:
                 self._shard_state(p, state)
 

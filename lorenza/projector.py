@@ -22,7 +22,9 @@ The paper's literal rank-r perturbation ``Q diag(u) R`` also needs the other fac
 small SVD (``R = Vᵀ[:r]``), the *cobasis*: ``compute_basis(..., cobasis=True)`` returns it in
 the shape of the ZO directions ``Z`` (r x n when left, m x r when right).
 
-Everything is computed in float32 whatever the gradient's dtype.
+The basis is chosen in float32 whatever the gradient's dtype; the optimizer keeps it in its
+parameter's dtype (bfloat16 for a pure-bf16 model, as GaLore does), and ``project`` and
+``apply_back_`` work in that dtype.
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ def project(g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def apply_back_(p: torch.Tensor, low: torch.Tensor, q: torch.Tensor, alpha: float = 1.0) -> None:
     """``p += alpha · project_back(low)`` in one GEMM (``addmm_``), the m x n product never
-    built -- unless ``p`` is in another dtype than the basis (bf16 weights), where it is."""
+    built -- unless ``p`` is in another dtype than the basis, where it is. ``low`` is taken
+    in the basis's dtype (an 8-bit update's direction comes back in float32)."""
+    low = low.to(q.dtype)
     if p.dtype != q.dtype:
         add_full_(p, project_back(low, q, p.shape).to(p.dtype), alpha=alpha)
     elif is_left(p.shape):

@@ -93,8 +93,8 @@ class GradReducer:
 
 def bytes_per_step(optimizer: SubspaceAdamW) -> dict[str, int]:
     """Payload bytes one step all-reduces, from the shapes alone: ``full`` (every gradient),
-    ``lowrank`` (a step between refreshes with ``lowrank=True``: float32 ``Qᵀ g`` of
-    r x max(m, n) for each low-rank matrix, the full gradient for the rest), and
+    ``lowrank`` (a step between refreshes with ``lowrank=True``: ``Qᵀ g`` of r x max(m, n)
+    in the parameter's dtype for each low-rank matrix, the full gradient for the rest), and
     ``refresh_extra``: what a refresh step adds in the paper's order (the gradients at ``W_t``
     of the perturbed low-rank matrices, which choose their new bases). A forward-only
     optimizer (MeZO) all-reduces no gradient: zeros."""
@@ -106,7 +106,7 @@ def bytes_per_step(optimizer: SubspaceAdamW) -> dict[str, int]:
             size = p.numel() * p.element_size()
             full += size
             projected = group["rank"] is not None and not group["residual"]
-            lowrank += group["rank"] * max(p.shape) * 4 if projected else size
+            lowrank += group["rank"] * max(p.shape) * p.element_size() if projected else size
             if optimizer.refresh_before_ascent and p in optimizer.zo_lowrank:
                 extra += size
     return {"full": full, "lowrank": lowrank, "refresh_extra": extra}

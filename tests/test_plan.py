@@ -13,7 +13,7 @@ from bench.zo_memory import peak_bytes
 from data import load_tokenizer
 from models import Llama
 from tests.conftest import ROOT, model_config
-from trainer.optimizers import OPTIMIZERS
+from trainer.optimizers import OPTIMIZERS, PURE_BF16
 from trainer.plan import activation_bytes, forward_bytes, memory_plan, state_bytes
 from trainer.step import train_step
 
@@ -22,6 +22,7 @@ VARIANTS = [[f"optim={name}", "optim.rank=32"] for name in OPTIMIZERS] + [
     ["optim=galore", "optim.rank=128"],  # r = the hidden size: square matrices' full rank
     ["optim=adamw", "model.tie_word_embeddings=true"],
     ["optim=galore8bit", "optim.rank=32", "model.num_key_value_heads=2"],
+    *[[f"optim={name}", "optim.rank=32", "trainer.precision=bf16_pure"] for name in PURE_BF16],
 ]
 
 
@@ -52,6 +53,9 @@ CASES = [  # (precision, checkpointing, loss_chunk, batch): loss-bound and layer
     ("bf16", "none", 64, 4),
     ("bf16", "block", 64, 16),
     ("bf16", "block", 4096, 2),
+    ("bf16_pure", "none", 4096, 2),
+    ("bf16_pure", "none", 64, 8),
+    ("bf16_pure", "block", 64, 16),
 ]
 
 
@@ -95,6 +99,8 @@ def test_forward_only_term_within_10_percent(precision, chunk, batch):
         ["optim=mezo"],
         ["optim=adamw", "trainer.grad_accum=2"],
         ["optim=lorenza", "optim.rank=32", "trainer.grad_accum=2"],
+        ["optim=galore", "optim.rank=32", "trainer.precision=bf16_pure"],
+        ["optim=adamw", "trainer.precision=bf16_pure"],
     ],
     ids=lambda o: " ".join(o),
 )

@@ -41,6 +41,16 @@ def test_the_paper_protocols_are_galores_item_by_item(tmp_path, size):
     assert not cfg.data.packing
     assert o.warmup_from_zero and o.weight_decay == 0 and o.min_lr_ratio == 0.1
     assert protocol_table() in (ROOT / "README.md").read_text()
+    # --numerics galore: the baselines in GaLore's pure bf16, each in its own run folder
+    for name in OPTIMIZERS:
+        args = command(p, tmp_path, size, name, 0, 1, numerics="galore")
+        pure = name in ("adamw", "galore")
+        assert [a for a in args if a.startswith("trainer.precision=")] == [
+            f"trainer.precision={'bf16_pure' if pure else 'bf16'}"
+        ], name
+        assert (f"{name}-bf16_pure-seed0" in " ".join(args)) == pure, name
+        config = [a for a in args if "=" in a and a != "data=c4" and "run_dir" not in a]
+        check_config(make_config(tmp_path / name, *config))
 
 
 def test_the_dry_run_prints_the_commands_and_splits_the_batch_over_processes():

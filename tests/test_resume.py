@@ -19,6 +19,7 @@ from models import Llama
 from tests.conftest import ROOT, SMALL_RUN
 from trainer.checkpoint import latest_checkpoint
 from trainer.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequests, TrainingStopped
+from trainer.settings import compare_settings
 
 
 def losses(run_dir):
@@ -38,20 +39,25 @@ def stop_at(run_dir: Path, step: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "optim,fused,tied",
+    "optim,fused,tied,precision",
     [
-        ("adamw", False, False),
-        ("adamw", True, False),
-        ("lorenza", False, False),
-        ("lorenza", True, False),
-        ("lorenza", False, True),
-        ("lorenza", True, True),
+        ("adamw", False, False, "fp32"),
+        ("adamw", True, False, "fp32"),
+        ("lorenza", False, False, "fp32"),
+        ("lorenza", True, False, "fp32"),
+        ("lorenza", False, True, "fp32"),
+        ("lorenza", True, True, "fp32"),
+        ("galore8bit", True, False, "bf16_pure"),
     ],
 )
-def test_resume_auto_reproduces_the_uninterrupted_losses(config, tmp_path, optim, fused, tied):
+def test_resume_auto_reproduces_the_uninterrupted_losses(
+    config, tmp_path, optim, fused, tied, precision
+):
     """Also with tied embeddings: one matrix as embedding and head, whose two uses sum into
-    one gradient that is updated once (fused hooks fire once per parameter), stored once."""
+    one gradient that is updated once (fused hooks fire once per parameter), stored once; and
+    in pure bf16, where bitsandbytes' float32 block scales sit beside bf16 weights."""
     args = [
+        f"trainer.precision={precision}",
         f"model.tie_word_embeddings={tied}",
         f"optim={optim}",
         "optim.rank=16",
@@ -75,6 +81,17 @@ def test_resume_auto_reproduces_the_uninterrupted_losses(config, tmp_path, optim
     assert losses(stopped) == losses(full.trainer.run_dir)  # bit-identical floats, steps 1-8
     saved = load_file(str(stopped / "checkpoints" / "step_00000008" / "model.safetensors"))
     assert ("lm_head.weight" in saved) != tied and "embed_tokens.weight" in saved
+
+
+def test_resume_refuses_a_precision_into_or_out_of_bf16_pure():
+    """bf16_pure changes the dtype of the weights and states; autocast only the arithmetic."""
+    refused, changed = compare_settings(
+        {"trainer.precision": "fp32"}, {"trainer.precision": "bf16"}
+    )
+    assert not refused and changed == {"trainer.precision": ["fp32", "bf16"]}
+    for old, new in [("fp32", "bf16_pure"), ("bf16_pure", "bf16")]:
+        refused, _ = compare_settings({"trainer.precision": old}, {"trainer.precision": new})
+        assert refused == [f"trainer.precision: {old!r} -> {new!r}"]
 
 
 def run_cli(tmp_path, *overrides, program=("train.py",), **kw):

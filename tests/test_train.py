@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
@@ -93,6 +94,31 @@ def test_bf16_autocast_trains(config):
     cfg = config("trainer.max_steps=2", "trainer.precision=bf16", "trainer.save_model=false")
     result = train.fit(cfg)
     assert torch.isfinite(torch.tensor(result["val_loss"]))
+
+
+def test_bf16_pure_trains_with_bfloat16_weights_and_states(config):
+    """GaLore's numerics: the checkpoint holds bfloat16 weights, moments and bases (the
+    loss falls); the optimizers that perturb in place are refused, naming the alternative."""
+    cfg = config(
+        "optim=galore8bit",
+        "optim.rank=16",
+        "trainer.precision=bf16_pure",
+        "trainer.max_steps=4",
+        "trainer.eval_every=4",
+        "trainer.save_model=false",
+    )
+    result = train.fit(cfg)
+    assert result["val_loss"] < read_metrics(Path(cfg.trainer.run_dir))[0]["val_loss"] - 0.05
+    checkpoint = Path(cfg.trainer.run_dir, "checkpoints", "step_00000004")
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    dtypes = {(key, v.dtype) for s in saved.values() for key, v in s.items() if torch.is_tensor(v)}
+    assert ("basis", torch.bfloat16) in dtypes and ("basis", torch.float32) not in dtypes
+    assert ("exp_avg", torch.uint8) in dtypes  # 8-bit moments; the small ones float32
+    for name in ("lorenza", "sam", "mezo"):
+        with pytest.raises(ValueError, match=f"'bf16_pure' does not work with optim.name='{name}'"):
+            train.check_config(config(f"optim={name}", "trainer.precision=bf16_pure"))
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,10 @@ class TrainerConfig:
     """Fused mode's unit: ``block`` (one update per transformer block, multi-tensor; live
     gradients: one block's) or ``param`` (one per parameter; live gradients: one matrix's)."""
     precision: str = "fp32"
-    """``fp32``, or ``bf16`` autocast (float32 master weights and optimizer states)."""
+    """``fp32``; ``bf16`` autocast (float32 master weights and optimizer states); or
+    ``bf16_pure``, GaLore's ``--dtype bfloat16``: the model cast to bfloat16, its weights,
+    gradients and optimizer states (moments, bases) in bfloat16, no autocast. Only for the
+    optimizers without an in-place perturbation or forward-only step (``PURE_BF16``)."""
     compile: bool | None = None
     """``torch.compile`` each decoder layer and the loss chunk (``Llama.compile_layers``);
     ``null`` = on for CUDA, off on the CPU (where the first step compiles for minutes)."""
@@ -210,7 +213,7 @@ class Config:
 
 ConfigStore.instance().store(name="config_schema", node=Config)
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16_pure")
 GRANULARITIES = ("block", "param")
 CLIP_MODES = ("auto", "global", "per_param")
 NONFINITE = ("skip", "stop")

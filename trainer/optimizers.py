@@ -33,6 +33,9 @@ OPTIMIZERS = {
     "loren": (LOREN, False, 32),
 }
 FORWARD_ONLY = {"mezo", "loren"}  # no backward at all: train_step's forward-only path
+# trainer.precision=bf16_pure's optimizers: the others move the weights away and back in place
+# every step (a perturbation, a forward-only probe), which bf16 weights cannot undo exactly
+PURE_BF16 = ("adamw", "adamw8bit", "galore", "galore8bit")
 
 
 def is_fused(cfg: Config) -> bool:

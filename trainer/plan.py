@@ -5,7 +5,9 @@ The model is built on the meta device (shapes only) and the optimizer on it (whi
 its settings and lays out its zeroth-order directions, without allocating). Every term is
 then counted from shapes, as the code that runs allocates it:
 
-- weights: float32 masters (bf16 runs autocast; the weights stay float32) and buffers;
+- weights: float32 masters (bf16 runs autocast; the weights stay float32), or bfloat16 ones
+  (``bf16_pure``: the model is planned cast, as it runs, so every term below takes the
+  parameters' element size), and buffers;
   FSDP2 keeps a 1/world shard plus the gathered units it is running (the root -- embeddings,
   final norm, head -- and two decoder layers: the current one and the prefetched next);
 - gradients, as ``trainer.fused`` keeps them: all of them unfused (plus DDP's buckets, a
@@ -74,9 +76,13 @@ def activation_bytes(
     attention saves q, k, v, out in bf16 (4 x 2 d), the MLP's four f tensors in bf16:
     ``34 d + 8 f + 4 h + 8``; and autocast's bf16 copies of the layers' weights are saved too.
 
-    Outside the layers: the final RMSNorm (3 float32 d) and the token ids and targets. With
-    checkpointing a layer keeps only its float32 input, and the backward recomputes one layer
-    at a time.
+    bf16_pure -- each RMSNorm saves its float32 copy of the input, and its normalized value
+    and output in bf16 (8 d, twice); q, k, v and attention's output in bf16 (4 x 2 d), the
+    MLP's four f tensors in bf16: ``24 d + 8 f + 4 h + 8``.
+
+    Outside the layers: the final RMSNorm (3 float32 d; bf16_pure: 8 bytes per d as in a
+    layer) and the token ids and targets. With checkpointing a layer keeps only its input (in
+    the weights' dtype), and the backward recomputes one layer at a time.
 
     The working set is the largest of these moments (``k = min(loss_chunk, tokens)``, V the
     vocabulary):
@@ -84,7 +90,8 @@ def activation_bytes(
     - the loss chunk's backward: its float32 logits recomputed, their log-softmax and its
       gradient (3 k V floats; bf16: beside the head's bf16 copy); over several chunks, the
       head's gradient being summed as well (float32: the sum so far, the new part and their
-      sum, 3 V d floats; bf16: two bf16 V x d beside the copy);
+      sum, 3 V d floats; bf16: two bf16 V x d beside the copy; bf16_pure: those three in
+      bf16);
     - under bf16, the end of the forward: the loss chunk (bf16 and float32 logits,
       log-softmax, the head's copy) beside autocast's cached copies of every layer's weights,
       which checkpointed layers do not save;
@@ -98,28 +105,36 @@ def activation_bytes(
         c.num_attention_heads,
         c.vocab_size,
     )
-    bf16 = precision == "bf16"
-    per_layer = (34 * d + 8 * f + 4 * h + 8) if bf16 else 4 * (10 * d + 4 * f + h + 2)
+    bf16, pure = precision == "bf16", precision == "bf16_pure"
+    act, residual = (4, 4) if precision == "fp32" else (2, 2 if pure else 4)  # element bytes
+    per_layer = {
+        "fp32": 4 * (10 * d + 4 * f + h + 2),
+        "bf16": 34 * d + 8 * f + 4 * h + 8,
+        "bf16_pure": 24 * d + 8 * f + 4 * h + 8,
+    }[precision]
     copies = weight_copies(c) if bf16 else 0  # autocast's bf16 cast of one layer's weights
-    outside = n * (12 * d + 4 + 16)  # final norm, its 1/rms, int64 inputs and targets
+    outside = n * ((8 if pure else 12) * d + 4 + 16)  # final norm, 1/rms, int64 ids, targets
     k = min(c.loss_chunk or n, n)
     if math.ceil(n / k) == 1:
         moments = [12 * k * v + (2 * v * d if bf16 else 0)]
     elif bf16:
         moments = [12 * k * v + 4 * v * d, 3 * k * v + 6 * v * d]
+    elif pure:
+        moments = [12 * k * v + 2 * v * d, 8 * k * v + 4 * v * d, 6 * v * d]
     else:
         moments = [4 * max(3 * k * v + v * d, 2 * k * v + 2 * v * d, 3 * v * d)]
     layers = c.num_hidden_layers
     if checkpointing != "block":
         return layers * (n * per_layer + copies) + outside, max(moments)
-    inputs = layers * n * 4 * d
+    inputs = layers * n * residual * d
     saved = inputs + outside
     if bf16:
         moments.append(layers * copies + loss_forward(k, v, d, bf16))
-    # a recomputed layer (its input is the kept one) and its gradients, once the final norm's
-    # tensors are gone: the MLP's two in the activations' dtype, the residual's in float32
-    grads = n * ((2 if bf16 else 4) * 2 * f + 4 * d)
-    moments.append(inputs + n * (per_layer - 4 * d) + copies + grads - saved)
+    # a recomputed layer and its gradients, once the final norm's tensors are gone: the
+    # MLP's two in the activations' dtype, the residual's in its own; the kept input is one
+    # of the tensors the layer saves (bf16_pure saves RMSNorm's float32 copy of it instead)
+    grads = n * (act * 2 * f + residual * d)
+    moments.append(inputs + n * (per_layer - (0 if pure else 4 * d)) + copies + grads - saved)
     return saved, max(moments)
 
 
@@ -157,8 +172,9 @@ def lowrank_shape(p: torch.Tensor, rank: int) -> tuple[int, int]:
 
 def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
     """Bytes of ``optimizer``'s state once it has stepped, from its parameters' shapes:
-    Adam's moments (full size, or r x max(m, n) for a low-rank matrix, in the group's bits),
-    the basis ``Q`` (min(m, n) x r, float32), Lorenza+'s residual norm, the rank_r cobasis;
+    Adam's moments (full size, or r x max(m, n) for a low-rank matrix, in the group's bits:
+    32-bit ones in the parameter's dtype), the basis ``Q`` (min(m, n) x r, in the
+    parameter's dtype), Lorenza+'s residual norm, the rank_r cobasis;
     LOREN's curvature vector and momentum; MeZO nothing. ``world``: FSDP2 shards the
     full-rank states over the ranks (low-rank states are kept whole on each)."""
     total = 0.0
@@ -169,11 +185,12 @@ def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
                 continue
             if isinstance(optimizer, ForwardOnlyOptimizer):  # MeZO
                 continue
+            size = p.element_size()
             if group["rank"] is None:
-                total += moment_bytes(p.numel(), group["bits"]) / world
+                total += moment_bytes(p.numel(), group["bits"], size) / world
                 continue
             r, wide = lowrank_shape(p, group["rank"])
-            total += moment_bytes(r * wide, group["bits"]) + 4 * r * min(p.shape)
+            total += moment_bytes(r * wide, group["bits"], size) + size * r * min(p.shape)
             total += 4 if group.get("residual") else 0
             total += 4 * r * wide if getattr(optimizer, "perturbation", None) == "rank_r" else 0
     return total
@@ -234,6 +251,8 @@ def memory_plan(cfg: Config) -> Plan:
     shards = world if cfg.dist.fsdp and world > 1 else 1
     with torch.device("meta"):  # shapes only
         model = Llama(cfg.model)
+    if t.precision == "bf16_pure":  # as build_run casts it
+        model.bfloat16()
     optimizer = build_optimizer(model, cfg.optim, cfg.seed)
     forward_only = isinstance(optimizer, ForwardOnlyOptimizer)
     fused = is_fused(cfg) and not forward_only
@@ -275,22 +294,34 @@ def memory_plan(cfg: Config) -> Plan:
     return Plan(rows, allocated, allocated + headroom, plan_gpu_gib(cfg), world, alternative)
 
 
+def nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def weight_dtype(model: Llama) -> str:
+    """``fp32`` or ``bf16``: the parameters' dtype, as the table names it."""
+    return "bf16" if model.embed_tokens.weight.dtype == torch.bfloat16 else "fp32"
+
+
 def fsdp_unit_bytes(model: Llama) -> tuple[int, int]:
-    """float32 bytes of FSDP2's units: ``(root, one decoder layer)``, the root being everything
+    """Bytes of FSDP2's units: ``(root, one decoder layer)``, the root being everything
     outside the layers (embeddings, final norm, head)."""
-    layer = 4 * sum(p.numel() for p in model.layers[0].parameters())
-    return 4 * sum(p.numel() for p in model.parameters()) - len(model.layers) * layer, layer
+    layer = nbytes(model.layers[0].parameters())
+    return nbytes(model.parameters()) - len(model.layers) * layer, layer
 
 
 def weights_row(model: Llama, shards: int) -> Row:
-    """float32 weights and buffers; FSDP2: a shard, plus the root and two layers gathered."""
-    total = 4 * sum(p.numel() for p in model.parameters())
+    """Weights (float32 masters, or bf16_pure's bfloat16 ones) and buffers; FSDP2: a shard,
+    plus the root and two layers gathered."""
+    total = nbytes(model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    kind = weight_dtype(model)
     if shards == 1:
-        return Row("weights", total + buffers, "fp32 masters + rotary tables")
+        masters = "masters" if kind == "fp32" else "weights"
+        return Row("weights", total + buffers, f"{kind} {masters} + rotary tables")
     root, layer = fsdp_unit_bytes(model)
     gathered = root + 2 * layer
-    how = f"fp32 shard (1/{shards}) + gathered root and 2 layers"
+    how = f"{kind} shard (1/{shards}) + gathered root and 2 layers"
     return Row("weights", total / shards + gathered + buffers, how)
 
 
@@ -303,34 +334,30 @@ def gradients_row(
     world: int,
     shards: int,
 ) -> Row:
-    """Gradients as the run keeps them (float32, as the weights)."""
+    """Gradients as the run keeps them (in the weights' dtype)."""
     params = list(model.parameters())
-    total = 4 * sum(p.numel() for p in params)
+    total, kind = nbytes(params), weight_dtype(model)
     if forward_only:
         return Row("gradients", 0.0, "none: forward passes only")
     if cfg.trainer.grad_accum > 1:  # summed over micro-batches, every one alive until the last
-        return Row("gradients", total, f"fp32, all: accumulated over {cfg.trainer.grad_accum}")
+        return Row("gradients", total, f"{kind}, all: accumulated over {cfg.trainer.grad_accum}")
     if shards > 1:  # FSDP2 reduce-scatters a whole unit (the root, or a layer) at once
         unit = max(fsdp_unit_bytes(model))
         if fused:  # each unit updated after its reduce-scatter, its shards freed
             return Row("gradients", unit + unit / shards, "one FSDP unit unsharded + its shard")
         return Row(
-            "gradients", total / shards + unit, "fp32 shard + one FSDP unit reduce-scattered"
+            "gradients", total / shards + unit, f"{kind} shard + one FSDP unit reduce-scattered"
         )
     if fused:
         granularity = cfg.trainer.fused_granularity
         sizes = (
-            [sum(p.numel() for p in u) for u in units]
-            if granularity == "block"
-            else [p.numel() for p in params]
+            [nbytes(u) for u in units] if granularity == "block" else [nbytes([p]) for p in params]
         )
         live = 1 + (cfg.dist.in_flight if world > 1 else 0)
-        return Row(
-            "gradients", 4 * live * max(sizes), f"fused: {live} x the largest {granularity}'s"
-        )
+        return Row("gradients", live * max(sizes), f"fused: {live} x the largest {granularity}'s")
     ddp = world > 1
     return Row(
-        "gradients", total * (2 if ddp else 1), "fp32, all" + (" + DDP buckets" if ddp else "")
+        "gradients", total * (2 if ddp else 1), f"{kind}, all" + (" + DDP buckets" if ddp else "")
     )
 
 
@@ -395,12 +422,12 @@ def update_temporaries(
     def temporaries(ps: list[torch.Tensor]) -> float:
         total = 0.0
         for p in ps:
-            group = optimizer.group_of(p)
+            group, size = optimizer.group_of(p), p.element_size()
             if group["rank"] is None:
-                total += 0 if group["bits"] == 8 else 4 * p.numel() / world
+                total += 0 if group["bits"] == 8 else size * p.numel() / world
             else:
                 r, wide = lowrank_shape(p, group["rank"])
-                total += 3 * 4 * r * wide + (4 * p.numel() if world > 1 else 0)
+                total += 3 * size * r * wide + (size * p.numel() if world > 1 else 0)
         return total
 
     return max(temporaries(u) for u in units) if fused else temporaries(params)

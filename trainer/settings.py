@@ -35,24 +35,29 @@ def flat_config(cfg: Config) -> dict:
     }
 
 
-def is_fixed(key: str) -> bool:
+def frozen(key: str, old, new) -> bool:
+    """Whether a resumed run may not change ``key`` from ``old`` to ``new``: a ``FIXED`` key,
+    a model key that is not a runtime one, or a precision into or out of ``bf16_pure`` (the
+    weights' and states' dtype; fp32 <-> bf16 autocast changes only the arithmetic)."""
     if key.startswith("model."):
         return key.removeprefix("model.") not in RUNTIME_KEYS
+    if key == "trainer.precision":
+        return (old == "bf16_pure") != (new == "bf16_pure")
     return key in FIXED
 
 
 def compare_settings(saved: dict, current: dict) -> tuple[list[str], dict]:
     """``(refused, changed)`` between a checkpoint's flat config and this run's: ``refused``
-    lists ``key: saved -> current`` for fixed keys that differ, ``changed`` maps every other
+    lists ``key: saved -> current`` for each ``frozen`` change, ``changed`` maps every other
     differing key to ``[saved, current]``. Keys only one side has (a setting added by a newer
     version) are compared as absent on the other."""
-    refused, changed = [], {}
+    refusals, changed = [], {}
     for key in sorted(saved.keys() | current.keys()):
         old, new = saved.get(key), current.get(key)
         if old == new:
             continue
-        if is_fixed(key):
-            refused.append(f"{key}: {old!r} -> {new!r}")
+        if frozen(key, old, new):
+            refusals.append(f"{key}: {old!r} -> {new!r}")
         else:
             changed[key] = [old, new]
-    return refused, changed
+    return refusals, changed
