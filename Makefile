@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SIZE ?= tiny
+NUMERICS ?= autocast
 
 .PHONY: install demo test bench repro ablation lint sample clean
 
@@ -53,8 +54,8 @@ ablation: install  ## is LORENZA flatter and better? 5 seeds of every method and
 	$(PY) -m bench.ablation
 	$(PY) -m bench.ablation --regime repeat --names adamw-lr1e-3 adamw-lr3e-3 galore lorenza lorenza_plus adazo_sam sam
 
-repro: install  ## the paper's table: SIZE=tiny (CPU, ~25 min, 3 seeds) or 60m/130m/350m (GPU, C4)
-	$(PY) -m bench.repro --size $(SIZE)
+repro: install  ## the paper's table: SIZE=tiny (CPU, ~25 min, 3 seeds) or 60m/130m/350m (GPU, C4); NUMERICS=galore: baselines in pure bf16
+	$(PY) -m bench.repro --size $(SIZE) --numerics $(NUMERICS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -19,7 +19,10 @@ from its last checkpoint and skips the finished ones. The table (validation perp
 ± std over seeds, beside the published value; estimated memory from ``bench/memory.py``;
 measured peak memory, optimizer-state bytes from the checkpoint, tokens/s) goes to
 ``results/table.md`` (one section per size) and the validation curves to
-``results/<size>/loss_curves.png``.
+``results/<size>/loss_curves.png``. ``--numerics galore`` runs adamw and galore in GaLore's
+pure bf16 (``trainer.precision=bf16_pure``; run folders ``<optim>-bf16_pure-seed<k>``, table
+section and curves marked ``galore-numerics``); lorenza and lorenza_plus cannot, and run as
+by default.
 """
 
 from __future__ import annotations
@@ -294,7 +297,7 @@ def plot(p: Protocol, out: Path, size: str, optims: list[str], numerics: str) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = out / size / "loss_curves.png"
+    path = out / size / f"loss_curves{'' if numerics == 'autocast' else '-galore-numerics'}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -362,14 +365,16 @@ def main() -> None:
     table = summarize(p, args.out, args.size, args.optims, args.numerics)
     curves = plot(p, args.out, args.size, args.optims, args.numerics)
     print(table)
+    pure = ", adamw and galore in pure bf16" if args.numerics == "galore" else ""
     text = (
-        f"## {args.size}: {p.model}, {p.steps} steps of {p.batch} x 256 tokens\n\n"
+        f"## {args.size}: {p.model}, {p.steps} steps of {p.batch} x 256 tokens{pure}\n\n"
         f"`python -m bench.repro {' '.join(sys.argv[1:])}`, "
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}. "
         f"Validation curves: `{curves.relative_to(args.out)}`.\n\n{table}"
     )
     header = "# Reproduction of the perplexity/memory table\n\nWritten by `make repro`.\n"
-    write_section(f"repro-{args.size}", text, path=args.out / "table.md", header=header)
+    section = f"repro-{args.size}" + ("" if args.numerics == "autocast" else "-galore-numerics")
+    write_section(section, text, path=args.out / "table.md", header=header)
 
 
 if __name__ == "__main__":
