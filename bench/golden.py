@@ -158,8 +158,8 @@ def compare(
 ) -> dict[str, tuple[list[float], list[float]]]:
     """``{setting: (our losses, the reference's)}`` for ``settings`` (default: all; ``lr``:
     each optimizer's default) in ``precision`` (``fp32`` or ``bf16_pure``); with ``floor``,
-    also ``"reference vs itself"``: GaLore's loop from the initial weights times 1 + noise
-    (``FLOOR_JITTER``), against it unperturbed."""
+    also ``"<optim>: reference vs itself"`` for each optimizer: GaLore's loop from the
+    initial weights times 1 + noise (``FLOOR_JITTER``), against it unperturbed."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "initial")
         export_initial(folder, seed)
@@ -169,10 +169,11 @@ def compare(
             args = overrides(optim, fused, steps, gap, warmup, lr, precision)
             run_dir = Path(tmp, name.replace(", ", "-").replace(" ", "_"))
             results[name] = (ours(folder, run_dir, args), reference(folder, args))
-        if floor:
-            args = overrides("galore", "false", steps, gap, warmup, lr, precision)
-            jitter = FLOOR_JITTER[precision]
-            results[f"galore: reference vs itself, weights x (1 + {jitter:.1g} noise)"] = (
+        jitter = FLOOR_JITTER[precision]
+        optims = dict.fromkeys(SETTINGS[name][0] for name in settings or SETTINGS)
+        for optim in optims if floor else []:
+            args = overrides(optim, "false", steps, gap, warmup, lr, precision)
+            results[f"{optim}: reference vs itself, weights x (1 + {jitter:.1g} noise)"] = (
                 reference(folder, args, jitter=jitter),
                 reference(folder, args),
             )
