@@ -1,6 +1,7 @@
 """The memory planner (``trainer.plan=true``) against measured peaks, on the CPU.
 
     python -m bench.plan_memory [--models llama_tiny llama_60m] [--batches 1 4 8]
+    python -m bench.plan_memory --precisions bf16_pure --batches 1 8 --activations-only
 
 Measured exactly with the profiler's memory timeline (``bench.zo_memory.peak_bytes``: every
 allocation and free replayed, the most bytes alive at once), for each model, micro-batch,
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from bench.step_time import machine
 from bench.zo_memory import peak_bytes, state_bytes
 from models import Llama, ModelConfig
 from tests.conftest import make_config, model_config
+from trainer.config import PRECISIONS
 from trainer.plan import activation_bytes, memory_plan
 
 MIB = 2**20
@@ -103,11 +106,13 @@ STEPS = {  # what a whole step is checked for: the optimizer families and the fu
 }
 
 
-def activation_table(models: list[str], chunks: list[int], batches: list[int], seq: int):
+def activation_table(
+    models: list[str], precisions: list[str], chunks: list[int], batches: list[int], seq: int
+):
     """Rows of measured vs planned activation peaks, and the largest relative difference."""
     rows, worst = [], 0.0
     for name, precision, ckpt, chunk, batch in itertools.product(
-        models, ("fp32", "bf16", "bf16_pure"), ("none", "block"), chunks, batches
+        models, precisions, ("none", "block"), chunks, batches
     ):
         cfg = model_config(name, vocab_size=32000, activation_checkpointing=ckpt, loss_chunk=chunk)
         got = activation_peak(cfg, batch, seq, precision)
@@ -139,19 +144,21 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["llama_tiny", "llama_60m"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--chunks", nargs="+", type=int, default=[4096, 64], help="loss_chunk")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument(
+        "--activations-only", action="store_true", help="without the states and steps table"
+    )
     args = parser.parse_args()
-    rows, worst = activation_table(args.models, args.chunks, args.batches, args.seq)
-    step_rows = step_table(args.models)
-    command = (
-        f"python -m bench.plan_memory --models {' '.join(args.models)} --batches "
-        f"{' '.join(map(str, args.batches))} --chunks {' '.join(map(str, args.chunks))}"
+    rows, worst = activation_table(
+        args.models, args.precisions, args.chunks, args.batches, args.seq
     )
     text = (
         f"## Memory planner vs measured peaks ({machine()})\n\n"
-        f"`{command}`: exact bytes from the profiler's memory timeline. Activations: one "
-        f"micro-batch of {args.seq} tokens (vocabulary 32000), forward under autocast as "
-        "`train_step` runs it, gradients dropped as they arrive; planned = saved + working "
+        f"`python -m bench.plan_memory {' '.join(sys.argv[1:])}`: exact bytes from the "
+        f"profiler's memory timeline. Activations: one micro-batch of {args.seq} tokens "
+        "(vocabulary 32000), forward under autocast (bf16) or of the cast model (bf16_pure) "
+        "as `train_step` runs it, gradients dropped as they arrive; planned = saved + working "
         f"set. Largest difference: {100 * worst:.1f}%.\n\n"
         + markdown_table(
             [
@@ -166,26 +173,31 @@ def main() -> None:
             ],
             rows,
         )  # fmt: skip
-        + "\n\nOptimizer states and a whole trainer step (sample corpus, vocabulary 8000, "
-        "micro-batch 8 x 256, fp32, rank 32 for tiny and 128 for 60m; the third step, so "
-        "that states exist): the bytes of every tensor in `optimizer.state`, and the weights, "
-        "buffers and states held plus the step's measured peak, vs the plan (without its "
-        "allocator headroom).\n\n"
-        + markdown_table(
-            [
-                "model",
-                "optimizer",
-                "states MiB",
-                "planned states MiB",
-                "step peak MiB",
-                "planned MiB",
-                "difference",
-            ],
-            step_rows,
-        )  # fmt: skip
         + "\n"
     )
-    write_section("plan_memory", text)
+    if not args.activations_only:
+        text += (
+            "\nOptimizer states and a whole trainer step (sample corpus, vocabulary 8000, "
+            "micro-batch 8 x 256, fp32, rank 32 for tiny and 128 for 60m; the third step, so "
+            "that states exist): the bytes of every tensor in `optimizer.state`, and the "
+            "weights, buffers and states held plus the step's measured peak, vs the plan "
+            "(without its allocator headroom).\n\n"
+            + markdown_table(
+                [
+                    "model",
+                    "optimizer",
+                    "states MiB",
+                    "planned states MiB",
+                    "step peak MiB",
+                    "planned MiB",
+                    "difference",
+                ],
+                step_table(args.models),
+            )  # fmt: skip
+            + "\n"
+        )
+    only = f"-activations-{'-'.join(args.precisions)}" if args.activations_only else ""
+    write_section(f"plan_memory{only}", text)
     print(text)
 
 

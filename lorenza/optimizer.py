@@ -95,7 +95,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
         projection: ``ssrf`` (randomized range finder) or ``svd`` (GaLore's exact SVD).
         oversample (p), power_iters: SSRF options (Halko et al.); 0 and 0 match the paper.
         residual: add Fira's norm-scaled orthogonal component (Lorenza+).
-        bits: 32, or 8 for bitsandbytes' blockwise 8-bit states.
+        bits: 32 (moments, and the bases, in the parameter's dtype: float32, or bfloat16 on a
+            pure-bf16 model as torch's and GaLore's Adam keep them), or 8 for bitsandbytes'
+            blockwise 8-bit states.
         perturbation (optimizer-level): ``None``, ``"zo"``, ``"rank_r"`` or ``"sam"``.
         perturb_full_rank (optimizer-level): also perturb full-rank groups (AdaZo-SAM, SAM);
             otherwise ``"zo"`` perturbs the low-rank parameters only, in their subspace.
