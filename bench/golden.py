@@ -1,6 +1,8 @@
 """End-to-end loss parity with the stack GaLore trains with (``make repro``'s protocol).
 
     python -m bench.golden [--steps 60] [--gap 20] [--lr 3e-3] [--floor] [--precision bf16_pure]
+    python -m bench.golden --precision bf16_pure --model llama_60m --device cuda --seq 256 \
+        --batch 32 --rank 128 --steps 300 --gap 100 --floor     # the GPU version
 
 One initial model (ours, exported to a Hugging Face folder) and one stream of token batches
 (the sample corpus in GaLore's one-document-per-example mode) train twice for each setting:
@@ -31,6 +33,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,34 +50,43 @@ SETTINGS = {  # name: (optim, trainer.fused)
 }
 
 
-def overrides(
-    optim: str,
-    fused: str,
-    steps: int,
-    gap: int,
-    warmup: float,
-    lr: float | None,
-    precision: str = "fp32",
-) -> list[str]:
-    """The run both sides train: the repro protocol's items, at CPU size."""
-    return [*([f"optim.lr={lr}"] if lr else []),
-        f"optim={optim}", f"trainer.fused={fused}", "data=sample", "data.packing=false",
-        "data.num_workers=0", "data.seq_len=64", "trainer.batch_size=4",
-        "trainer.grad_accum=2", f"trainer.max_steps={steps}", "trainer.grad_clip=0",
-        "optim.warmup_from_zero=true", f"optim.warmup_ratio={warmup}", "optim.min_lr_ratio=0.1",
-        "optim.weight_decay=0", "optim.rank=16", f"optim.update_gap={gap}",
-        "optim.scale=0.25", f"trainer.precision={precision}", "trainer.device=cpu",
-        "trainer.eval_every=100000", "trainer.save_model=false", "trainer.log_every=1",
-        "trainer.progress=false", "trainer.compile=false",
+@dataclass(frozen=True)
+class Setup:
+    """What both sides train: the repro protocol's items, at a size the machine runs (the
+    defaults: llama_tiny on the CPU)."""
+
+    steps: int
+    gap: int  # updates between subspace choices
+    warmup: float = 0.1  # fraction of the updates
+    lr: float | None = None  # None: each optimizer's default
+    precision: str = "fp32"  # or bf16_pure
+    model: str = "llama_tiny"
+    device: str = "cpu"
+    seq: int = 64
+    batch: int = 4  # sequences per micro-batch, 2 micro-batches per update
+    rank: int = 16
+
+
+def overrides(optim: str, fused: str, s: Setup) -> list[str]:
+    """The train.py overrides of one setting: GaLore's protocol items at ``s``'s size."""
+    return [*([f"optim.lr={s.lr}"] if s.lr else []),
+        f"model={s.model}", f"optim={optim}", f"trainer.fused={fused}", "data=sample",
+        "data.packing=false", "data.num_workers=0", f"data.seq_len={s.seq}",
+        f"trainer.batch_size={s.batch}", "trainer.grad_accum=2", f"trainer.max_steps={s.steps}",
+        "trainer.grad_clip=0", "optim.warmup_from_zero=true", f"optim.warmup_ratio={s.warmup}",
+        "optim.min_lr_ratio=0.1", "optim.weight_decay=0", f"optim.rank={s.rank}",
+        f"optim.update_gap={s.gap}", "optim.scale=0.25", f"trainer.precision={s.precision}",
+        f"trainer.device={s.device}", "trainer.eval_every=100000", "trainer.save_model=false",
+        "trainer.log_every=1", "trainer.progress=false", "trainer.compile=false",
     ]  # fmt: skip
 
 
-def export_initial(folder: Path, seed: int) -> None:
-    """Our initial llama_tiny (for the sample tokenizer) as a Hugging Face folder."""
+def export_initial(folder: Path, seed: int, model: str) -> None:
+    """Our initial ``model`` (for the sample tokenizer) as a Hugging Face folder."""
     from data import load_tokenizer
     from models import Llama, save_hf
 
-    cfg = make_config(folder / "unused", "data=sample")
+    cfg = make_config(folder / "unused", "data=sample", f"model={model}")
     cfg.model.vocab_size = cfg.data.vocab_size
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.path)
     torch.manual_seed(seed)
@@ -104,12 +116,13 @@ def reference(folder: Path, args: list[str], jitter: float = 0.0) -> list[float]
     cfg = make_config(folder / "unused", *args, f"model.init_from={folder}")
     t, o = cfg.trainer, cfg.optim
     dtype = torch.bfloat16 if t.precision == "bf16_pure" else torch.float32
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype)
+    device = torch.device(t.device)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype).to(device)
     model.train()
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
         for p in model.parameters():
-            p.mul_(1 + jitter * torch.randn(p.shape, generator=generator))
+            p.mul_(1 + jitter * torch.randn(p.shape, generator=generator).to(device))
     lowrank = [
         module.weight
         for name, module in model.named_modules()
@@ -132,7 +145,7 @@ def reference(folder: Path, args: list[str], jitter: float = 0.0) -> list[float]
     for _ in range(t.max_steps):
         total = 0.0
         for _ in range(t.grad_accum):
-            x, y = next(batches)
+            x, y = (b.to(device) for b in next(batches))
             logits = model(input_ids=x).logits.float()
             loss = nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100
@@ -147,32 +160,23 @@ def reference(folder: Path, args: list[str], jitter: float = 0.0) -> list[float]
 
 
 def compare(
-    steps: int,
-    gap: int,
-    warmup: float = 0.1,
-    seed: int = 0,
-    settings: list[str] | None = None,
-    lr: float | None = None,
-    floor: bool = False,
-    precision: str = "fp32",
+    s: Setup, settings: list[str] | None = None, floor: bool = False, seed: int = 0
 ) -> dict[str, tuple[list[float], list[float]]]:
-    """``{setting: (our losses, the reference's)}`` for ``settings`` (default: all; ``lr``:
-    each optimizer's default) in ``precision`` (``fp32`` or ``bf16_pure``); with ``floor``,
-    also ``"<optim>: reference vs itself"`` for each optimizer: GaLore's loop from the
-    initial weights times 1 + noise (``FLOOR_JITTER``), against it unperturbed."""
+    """``{setting: (our losses, the reference's)}`` for ``settings`` (default: all); with
+    ``floor``, also ``"<optim>: reference vs itself"`` for each optimizer: GaLore's loop from
+    the initial weights times 1 + noise (``FLOOR_JITTER``), against it unperturbed."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "initial")
-        export_initial(folder, seed)
+        export_initial(folder, seed, s.model)
         results = {}
         for name in settings or SETTINGS:
-            optim, fused = SETTINGS[name]
-            args = overrides(optim, fused, steps, gap, warmup, lr, precision)
+            args = overrides(*SETTINGS[name], s)
             run_dir = Path(tmp, name.replace(", ", "-").replace(" ", "_"))
             results[name] = (ours(folder, run_dir, args), reference(folder, args))
-        jitter = FLOOR_JITTER[precision]
+        jitter = FLOOR_JITTER[s.precision]
         optims = dict.fromkeys(SETTINGS[name][0] for name in settings or SETTINGS)
         for optim in optims if floor else []:
-            args = overrides(optim, "false", steps, gap, warmup, lr, precision)
+            args = overrides(optim, "false", s)
             results[f"{optim}: reference vs itself, weights x (1 + {jitter:.1g} noise)"] = (
                 reference(folder, args, jitter=jitter),
                 reference(folder, args),
@@ -191,24 +195,31 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="0: each optimizer's default")
     parser.add_argument("--floor", action="store_true", help="also the reference vs itself")
     parser.add_argument("--precision", choices=list(FLOOR_JITTER), default="fp32")
+    parser.add_argument("--model", default="llama_tiny")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per micro-batch")
+    parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
+    s = Setup(args.steps, args.gap, lr=args.lr or None, precision=args.precision,
+              model=args.model, device=args.device, seq=args.seq, batch=args.batch,
+              rank=args.rank)  # fmt: skip
     rows = []
-    results = compare(
-        args.steps, args.gap, lr=args.lr or None, floor=args.floor, precision=args.precision
-    )
-    for name, (mine, theirs) in results.items():
-        worst = max(range(args.steps), key=lambda s: abs(mine[s] - theirs[s]) / theirs[s])
+    for name, (mine, theirs) in compare(s, floor=args.floor).items():
+        worst = max(range(s.steps), key=lambda i: abs(mine[i] - theirs[i]) / theirs[i])
         rows.append([name, f"{theirs[0]:.4f} → {theirs[-1]:.4f}",
                      f"{largest_difference(mine, theirs):.1e}", str(worst + 1)])  # fmt: skip
         print(rows[-1], flush=True)
-    refreshes = len(range(0, args.steps, args.gap))
-    numerics = "float32" if args.precision == "fp32" else "pure bfloat16 on both sides"
+    refreshes = len(range(0, s.steps, s.gap))
+    numerics = "float32" if s.precision == "fp32" else "pure bfloat16 on both sides"
+    where = machine() if s.device == "cpu" else torch.cuda.get_device_name()
+    defaults = "each optimizer default (galore 0.01, adamw 0.001)"
     text = (
-        f"## Loss parity with GaLore's stack ({machine()})\n\n"
-        f"`python -m bench.golden {' '.join(sys.argv[1:])}`: llama_tiny, {numerics}, "
-        f"{args.steps} updates of 2 x 4 sequences of 64 tokens (sample corpus, one document "
-        f"per example), lr {args.lr or 'each optimizer default (galore 0.01, adamw 0.001)'}, "
-        f"rank 16, {refreshes} subspace choices; `train.py` vs "
+        f"## Loss parity with GaLore's stack ({where})\n\n"
+        f"`python -m bench.golden {' '.join(sys.argv[1:])}`: {s.model}, {numerics}, "
+        f"{s.steps} updates of 2 x {s.batch} sequences of {s.seq} tokens (sample corpus, one "
+        f"document per example), lr {s.lr or defaults}, rank {s.rank}, {refreshes} subspace "
+        "choices; `train.py` vs "
         "`transformers.LlamaForCausalLM` + `galore_torch.GaLoreAdamW` + Hugging Face's cosine "
         "schedule from the same initial weights and batches.\n\n"
         + markdown_table(
@@ -217,7 +228,8 @@ def main() -> None:
         )  # fmt: skip
         + "\n"
     )
-    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    suffix = "" if s.precision == "fp32" else f"-{s.precision}"
+    suffix += "" if s.model == "llama_tiny" else f"-{s.model}-{s.device}"
     write_section(f"golden-lr{args.lr:g}{suffix}", text)
     print(text)
 

@@ -178,6 +178,8 @@ def command(
         else [sys.executable, "train.py"]
     )
     galore = [o for item in GALORE for o in item.overrides] if p.galore else []
+    if "data=sample" in p.data:  # its validation split is far below C4's 10M tokens
+        galore = [o for o in galore if not o.startswith("data.val_tokens=")]
     baseline = ["optim.eps=1e-8"] if p.galore and optim == "adamw" else []  # torch's Adam
     overrides = [
         f"model={p.model}",
@@ -271,7 +273,7 @@ def summarize(p: Protocol, out: Path, size: str, optims: list[str], numerics: st
         f"val ppl ({p.seeds} seed{'s' if p.seeds > 1 else ''})",
         "published",
         "estimated GiB (weights+states, bf16)",
-        "measured state MiB (fp32)",
+        "measured state MiB",
         "measured peak GiB",
         "tokens/s per device",
     ]
@@ -311,8 +313,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the protocol's")
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
     ap.add_argument(
-        "--data", default="c4", choices=["c4", "c4_local"],
-        help="GPU sizes: C4 from the Hub, or local shards (data.path=... in --extra)",
+        "--data", default="c4", choices=["c4", "c4_local", "sample"],
+        help="GPU sizes: C4 from the Hub, local shards (data.path=... in --extra), or the "
+        "bundled corpus (a smoke run where C4 cannot be reached)",
     )  # fmt: skip
     ap.add_argument(
         "--numerics", default="autocast", choices=NUMERICS,
@@ -328,7 +331,8 @@ def main() -> None:
         if value is not None and value < 1:
             sys.exit(f"error: --{key}={value} must be >= 1")
     if args.size != "tiny":
-        p = Protocol(**{**p.__dict__, "data": [f"data={args.data}", *p.data[1:]]})
+        data = ["data=sample"] if args.data == "sample" else [f"data={args.data}", *p.data[1:]]
+        p = Protocol(**{**p.__dict__, "data": data})
     if args.seeds or args.steps:
         steps = args.steps or p.steps
         eval_every = min(p.eval_every, steps)

@@ -2,7 +2,7 @@
 benchmark): ``train.py`` and ``transformers`` + ``galore_torch`` + Hugging Face's schedule,
 from the same initial weights on the same batches, agree at every step."""
 
-from bench.golden import compare, largest_difference
+from bench.golden import Setup, compare, largest_difference
 
 
 def test_train_py_loses_what_galores_loop_loses_at_every_step():
@@ -10,7 +10,7 @@ def test_train_py_loses_what_galores_loop_loses_at_every_step():
     choices at updates 1, 5 and 9. Measured: 7e-8 relative (float32 rounding); a scale 1%
     off in our update gives 1.6e-4, our default warm-up 7.6e-2."""
     settings = ["galore, unfused", "adamw"]  # fused galore equals unfused: test_fused.py
-    for name, (ours, reference) in compare(12, 4, 0.25, settings=settings).items():
+    for name, (ours, reference) in compare(Setup(12, 4, 0.25), settings).items():
         assert len(ours) == len(reference) == 12, name
         assert largest_difference(ours, reference) <= 1e-5, (name, ours, reference)
 
@@ -21,7 +21,7 @@ def test_pure_bf16_train_py_loses_what_galores_bf16_loop_loses():
     same forward: a model left in float32 is 1.9e-6 off there); after it, the two updates'
     different bf16 roundings grow: measured 5.1e-4, where the reference against itself from
     weights moved by ~one bf16 ulp is 4.4e-4 apart."""
-    results = compare(6, 2, 0.34, settings=["galore, unfused"], precision="bf16_pure")
+    results = compare(Setup(6, 2, 0.34, precision="bf16_pure"), ["galore, unfused"])
     ours, reference = results["galore, unfused"]
     assert len(ours) == len(reference) == 6
     assert ours[0] == reference[0]

@@ -53,7 +53,7 @@ def test_the_paper_protocols_are_galores_item_by_item(tmp_path, size):
         check_config(make_config(tmp_path / name, *config))
 
 
-def test_the_dry_run_prints_the_commands_and_splits_the_batch_over_processes():
+def test_the_dry_run_prints_the_commands_and_splits_the_batch_over_processes(tmp_path):
     eight = repro("--size", "350m", "--dry-run", "--nproc", "8", check=True).stdout
     assert len(eight.splitlines()) == len(OPTIMIZERS) and "--nproc 8" in eight
     assert "trainer.grad_accum=2" in eight  # 8 GPUs x 32 x 2 = 512
@@ -61,6 +61,12 @@ def test_the_dry_run_prints_the_commands_and_splits_the_batch_over_processes():
     assert bad.returncode != 0 and "not a multiple" in bad.stderr
     tiny = command(PROTOCOLS["tiny"], ROOT, "tiny", "lorenza", 0, 1)
     assert "data.packing=false" not in tiny  # the CPU demo packs the short sample documents
+    # the GPU smoke run (bench/gpu_repro.sh): GaLore's items on the bundled corpus, whose
+    # validation split cannot hold C4's 10M tokens, so that item takes the default
+    smoke = repro("--size", "60m", "--data", "sample", "--steps", "150", "--dry-run", check=True)
+    args = smoke.stdout.splitlines()[0].split()[2:]  # after "python train.py"
+    assert "data=sample" in args and not any(a.startswith("data.val_tokens") for a in args)
+    check_config(make_config(tmp_path, *[a for a in args if "run_dir" not in a]))
 
 
 def test_a_small_repro_writes_the_table_and_curves_and_skips_finished_runs(tmp_path):
