@@ -228,8 +228,9 @@ def main() -> None:
         )  # fmt: skip
         + "\n"
     )
-    suffix = "" if s.precision == "fp32" else f"-{s.precision}"
-    suffix += "" if s.model == "llama_tiny" else f"-{s.model}-{s.device}"
+    default = Setup(s.steps, s.gap)  # a section per precision, model, device and size
+    keys = ("precision", "model", "device", "seq", "batch", "rank")
+    suffix = "".join(f"-{k}{getattr(s, k)}" for k in keys if getattr(s, k) != getattr(default, k))
     write_section(f"golden-lr{args.lr:g}{suffix}", text)
     print(text)
 

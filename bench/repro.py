@@ -242,7 +242,8 @@ def label(optim: str, numerics: str) -> str:
 
 
 def summarize(p: Protocol, out: Path, size: str, optims: list[str], numerics: str) -> str:
-    cfg = model_config(p.model, vocab_size=32000 if size != "tiny" else 8000)
+    sample = size == "tiny" or "data=sample" in p.data  # the bundled tokenizer's vocabulary
+    cfg = model_config(p.model, vocab_size=8000 if sample else 32000)
     s = shapes(cfg, p.rank)
     rows = []
     for optim in optims:

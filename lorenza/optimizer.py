@@ -692,13 +692,15 @@ class SubspaceAdamW(torch.optim.Optimizer):
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for i, p in zip(ids, params, strict=True):
+            if i not in saved:  # (self.state[p] would add an empty state)
+                continue
             state = self.state[p]
             # torch casts every tensor state to the parameter's dtype: each takes back the one
             # it was saved in (uint8 moments, and bitsandbytes' float32 block scales and small
             # moments beside bf16 weights, which a cast to bf16 would round)
-            for key, value in saved.get(i, {}).items():
+            for key, value in saved[i].items():
                 if torch.is_tensor(value) and value.dtype != state[key].dtype:
-                    state[key] = value.to(state[key].device)
+                    state[key] = value.to(state[key].device, copy=True)
             if isinstance(p, DTensor) and self.group_of(p)["rank"] is None:
                 self._shard_state(p, state)
 

@@ -33,12 +33,18 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of each whole tensor, stacked; for sharded ones, from the shards' squared
-    norms summed over the ranks (one all-reduce for the list, which every rank must make)."""
-    if not any(isinstance(t, DTensor) for t in tensors):
+    norms summed over the ranks (one all-reduce for the list, which every rank must make).
+    Plain tensors beside them (FSDP2's low-rank reduction: each rank's ``Qᵀg``, averaged and
+    the same everywhere) are whole already and are not summed."""
+    shards = [t for t in tensors if isinstance(t, DTensor)]
+    if not shards:
         return torch.stack(torch._foreach_norm(tensors))
-    squares = torch.stack(torch._foreach_norm([local(t) for t in tensors])).square()
-    dist.all_reduce(squares, group=tensors[0].device_mesh.get_group())
-    return squares.sqrt()
+    squares = torch.stack(torch._foreach_norm([t.to_local() for t in shards])).square()
+    dist.all_reduce(squares, group=shards[0].device_mesh.get_group())
+    sharded = iter(squares.sqrt().unbind())
+    rest = [t for t in tensors if not isinstance(t, DTensor)]
+    whole = iter(torch._foreach_norm(rest) if rest else [])
+    return torch.stack([next(sharded if isinstance(t, DTensor) else whole) for t in tensors])
 
 
 def _local_rows(p: DTensor, whole: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -520,3 +520,12 @@ def test_nan_gradients_on_one_rank_are_skipped_by_every_rank(tmp_path):
         assert all(r["finite"] and r["skipped"] == 1 for r in ranks), (cases[i], ranks)
         if cases[i][2] == "false":  # FSDP2: one sharded model, gathered on rank 0 only
             assert ranks[0]["digest"] == ranks[1]["digest"], cases[i]
+
+
+def test_norms_of_a_sharded_and_a_whole_gradient_are_each_whole_norm():
+    """Fused FSDP2 with the low-rank reduction clips a unit's sharded gradients and its
+    averaged ``Qᵀg`` (whole on every rank) together: only the shards' squares are summed over
+    the ranks (summing all of them made a whole tensor's norm √world too large)."""
+    out = torchrun("tests/distributed_norms.py")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == pytest.approx([3.0, 4.0, 6.0])
