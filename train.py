@@ -48,7 +48,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.checks import check_config
-from trainer.config import Config, to_config
+from trainer.config import Config, to_config, weight_dtype
 from trainer.distributed import (
     CommCounter,
     Ranks,
@@ -322,9 +322,7 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ranks = current()
     device = pick_device(t.device, ranks)
-    model = Llama(cfg.model).to(device)
-    if t.precision == "bf16_pure":  # GaLore's --dtype bfloat16 (the rotary tables stay float32)
-        model.bfloat16()
+    model = Llama(cfg.model).to(device, weight_dtype(t.precision))
     compiled = t.compile if t.compile is not None else device.type == "cuda"
     if compiled:  # before any wrapping: DDP and FSDP2 then wrap compiled layers
         model.compile_layers(t.compile_backend)

@@ -41,6 +41,7 @@ import torch
 from bench.results import markdown_table, write_section
 from bench.step_time import machine
 from tests.conftest import make_config
+from trainer.config import weight_dtype
 
 FLOOR_JITTER = {"fp32": 1e-5, "bf16_pure": 2**-8}  # the floor's noise: ~one ulp of bf16
 SETTINGS = {  # name: (optim, trainer.fused)
@@ -115,8 +116,7 @@ def reference(folder: Path, args: list[str], jitter: float = 0.0) -> list[float]
 
     cfg = make_config(folder / "unused", *args, f"model.init_from={folder}")
     t, o = cfg.trainer, cfg.optim
-    dtype = torch.bfloat16 if t.precision == "bf16_pure" else torch.float32
-    device = torch.device(t.device)
+    device, dtype = torch.device(t.device), weight_dtype(t.precision)
     model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype).to(device)
     model.train()
     with torch.no_grad():

@@ -36,7 +36,7 @@ from bench.step_time import machine
 from bench.zo_memory import peak_bytes, state_bytes
 from models import Llama, ModelConfig
 from tests.conftest import make_config, model_config
-from trainer.config import PRECISIONS
+from trainer.config import PRECISIONS, weight_dtype
 from trainer.plan import activation_bytes, memory_plan
 
 MIB = 2**20
@@ -46,7 +46,7 @@ def activation_peak(cfg: ModelConfig, batch: int, seq: int, precision: str) -> i
     """Peak bytes of one micro-batch's forward and backward, gradients dropped as they come
     (``precision``: ``fp32``, ``bf16`` autocast, or ``bf16_pure``, the model cast)."""
     torch.manual_seed(0)
-    model = Llama(cfg).to(torch.bfloat16 if precision == "bf16_pure" else torch.float32)
+    model = Llama(cfg).to(weight_dtype(precision))
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))

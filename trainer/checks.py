@@ -54,14 +54,7 @@ def check_config(cfg: Config) -> None:
     if not 0 < cfg.optim.decay_fraction <= 1:
         raise ValueError(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
     one_of("trainer.precision", cfg.trainer.precision, PRECISIONS)
-    if cfg.trainer.precision == "bf16_pure" and cfg.optim.name not in PURE_BF16:
-        raise ValueError(
-            f"trainer.precision='bf16_pure' does not work with optim.name={cfg.optim.name!r}: "
-            "it moves the weights away and back in place every step (a sharpness-aware "
-            "perturbation or a forward-only probe), which in bfloat16 drifts by ~4e-3 of their "
-            f"value per step; use trainer.precision=bf16 (float32 weights under autocast), or "
-            f"one of {', '.join(PURE_BF16)}"
-        )
+    check_precision(cfg)
     one_of("trainer.device", cfg.trainer.device, DEVICES)
     one_of("trainer.wandb_mode", cfg.trainer.wandb_mode, WANDB_MODES)
     one_of("trainer.grad_clip_mode", cfg.trainer.grad_clip_mode, CLIP_MODES)
@@ -129,6 +122,18 @@ def check_config(cfg: Config) -> None:
             build_optimizer(Llama(cfg.model), cfg.optim, cfg.seed)
         except ValueError as err:
             raise ValueError(f"optim.{err}") from None
+
+
+def check_precision(cfg: Config) -> None:
+    """Pure bf16 only for the optimizers whose step never leaves the weights and comes back."""
+    if cfg.trainer.precision == "bf16_pure" and cfg.optim.name not in PURE_BF16:
+        raise ValueError(
+            f"trainer.precision='bf16_pure' does not work with optim.name={cfg.optim.name!r}: "
+            "it moves the weights away and back in place every step (a sharpness-aware "
+            "perturbation or a forward-only probe), which in bfloat16 drifts by ~4e-3 of their "
+            f"value per step; use trainer.precision=bf16 (float32 weights under autocast), or "
+            f"one of {', '.join(PURE_BF16)}"
+        )
 
 
 def check_sharpness(cfg: Config) -> None:

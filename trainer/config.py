@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -214,6 +215,14 @@ class Config:
 ConfigStore.instance().store(name="config_schema", node=Config)
 
 PRECISIONS = ("fp32", "bf16", "bf16_pure")
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype of the weights a ``trainer.precision`` trains (bf16 autocast keeps float32
+    masters; bf16_pure casts the model, its rotary tables staying float32)."""
+    return torch.bfloat16 if precision == "bf16_pure" else torch.float32
+
+
 GRANULARITIES = ("block", "param")
 CLIP_MODES = ("auto", "global", "per_param")
 NONFINITE = ("skip", "stop")

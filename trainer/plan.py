@@ -49,7 +49,7 @@ from lorenza.forward_only import ForwardOnlyOptimizer
 from lorenza.loren import rows
 from models import Llama, ModelConfig
 from models.llama import Block
-from trainer.config import Config
+from trainer.config import Config, weight_dtype
 from trainer.optimizers import build_optimizer, is_fused
 
 GIB = 2**30
@@ -250,9 +250,7 @@ def memory_plan(cfg: Config) -> Plan:
     world = plan_world(cfg)
     shards = world if cfg.dist.fsdp and world > 1 else 1
     with torch.device("meta"):  # shapes only
-        model = Llama(cfg.model)
-    if t.precision == "bf16_pure":  # as build_run casts it
-        model.bfloat16()
+        model = Llama(cfg.model).to(weight_dtype(t.precision))  # as build_run casts it
     optimizer = build_optimizer(model, cfg.optim, cfg.seed)
     forward_only = isinstance(optimizer, ForwardOnlyOptimizer)
     fused = is_fused(cfg) and not forward_only
@@ -298,7 +296,7 @@ def nbytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def weight_dtype(model: Llama) -> str:
+def weights_kind(model: Llama) -> str:
     """``fp32`` or ``bf16``: the parameters' dtype, as the table names it."""
     return "bf16" if model.embed_tokens.weight.dtype == torch.bfloat16 else "fp32"
 
@@ -315,7 +313,7 @@ def weights_row(model: Llama, shards: int) -> Row:
     plus the root and two layers gathered."""
     total = nbytes(model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    kind = weight_dtype(model)
+    kind = weights_kind(model)
     if shards == 1:
         masters = "masters" if kind == "fp32" else "weights"
         return Row("weights", total + buffers, f"{kind} {masters} + rotary tables")
@@ -336,7 +334,7 @@ def gradients_row(
 ) -> Row:
     """Gradients as the run keeps them (in the weights' dtype)."""
     params = list(model.parameters())
-    total, kind = nbytes(params), weight_dtype(model)
+    total, kind = nbytes(params), weights_kind(model)
     if forward_only:
         return Row("gradients", 0.0, "none: forward passes only")
     if cfg.trainer.grad_accum > 1:  # summed over micro-batches, every one alive until the last
