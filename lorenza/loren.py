@@ -50,7 +50,8 @@ gradient of ``a`` is a different one, scaled by ``μ²`` where ours divides by i
 one derived here. The estimate is noisy: its first-order part is ``(g·ε)/μ`` in size, so
 ``a`` learns only where curvature outweighs ``‖g‖/μ`` or over many steps. Until it has, the
 learning rate must be as small as MeZO's; a warm-up lets ``a`` learn first and the full rate
-then exploit it (bench/zo_quadratic.py: 0.34× MeZO's forward passes warmed up, 1.16× not).
+then exploit it (bench/zo_quadratic.py, on a quadratic: 0.34× MeZO's forward passes warmed
+up, 1.16× not).
 
 Directions are regenerated from ``(seed, step, parameter, k)``, never stored; state is ``a``
 (n per parameter, in its dtype as the reference's) and the momentum (m × n per matrix). A
