@@ -1,6 +1,7 @@
 """Peak memory per rank under FSDP2, unfused vs fused updates, measured beside the planner.
 
-    python -m bench.fsdp_memory [--model llama_350m] [--batch 1] [--rank 128] [--only ...]
+    python -m bench.fsdp_memory [--model llama_350m] [--batch 1] [--rank 128]
+                                [--checkpointing none|block] [--only ...]
 
 Runs 2 gloo processes per setting (``torchrun``); each rank builds the trainer's run (FSDP2
 units per decoder layer), takes two steps so that the states exist, then measures a third
@@ -47,19 +48,21 @@ def worker(overrides: list[str], out: Path) -> None:
     shutdown()
 
 
-def common(model: str, batch: int, rank: int) -> list[str]:
+def common(model: str, batch: int, rank: int, checkpointing: str) -> list[str]:
     """The overrides every setting shares."""
     return [f"model={model}", "dist.fsdp=true", "trainer.grad_clip=0",
             f"trainer.batch_size={batch}", "data.seq_len=256", f"optim.rank={rank}",
-            "trainer.plan_world=2"]  # fmt: skip
+            "trainer.plan_world=2",
+            f"model.activation_checkpointing={checkpointing}"]  # fmt: skip
 
 
-def measure(model: str, batch: int, rank: int, overrides: list[str]) -> list[tuple[float, float]]:
-    """``(measured, planned)`` bytes of each of 2 ranks."""
+def measure(shape: tuple, overrides: list[str]) -> list[tuple[float, float]]:
+    """``(measured, planned)`` bytes of each of 2 ranks; ``shape`` is ``common``'s
+    arguments."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "bench.fsdp_memory", "--worker", tmp,
-               *common(model, batch, rank), *overrides]  # fmt: skip
+               *common(*shape), *overrides]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if done.returncode:
@@ -67,12 +70,12 @@ def measure(model: str, batch: int, rank: int, overrides: list[str]) -> list[tup
         return [tuple(json.loads(Path(tmp, f"{r}.json").read_text())) for r in range(2)]
 
 
-def planned(model: str, batch: int, rank: int, overrides: list[str]) -> float:
+def planned(shape: tuple, overrides: list[str]) -> float:
     """The planner's allocated bytes per rank (without headroom), nothing run."""
     from tests.conftest import make_config
     from trainer.plan import memory_plan
 
-    cfg = make_config(Path("/tmp/plan_memory"), *common(model, batch, rank), *overrides)
+    cfg = make_config(Path("/tmp/plan_memory"), *common(*shape), *overrides)
     cfg.model.vocab_size = cfg.data.vocab_size
     return memory_plan(cfg).allocated
 
@@ -86,17 +89,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument(
+        "--checkpointing", choices=["none", "block"], default="none",
+        help="activation checkpointing of every setting (AdamW unfused peaks at its update, "
+        "with no activations held, so its bytes do not change)",
+    )  # fmt: skip
+    parser.add_argument(
         "--only", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
         help=f"the settings to measure (those that fit this machine); without {BASE!r}, "
         "the ratio is to its planned bytes",
     )  # fmt: skip
     args = parser.parse_args()
-    rows, base, shape = [], None, (args.model, args.batch, args.rank)
+    rows, base = [], None
+    shape = (args.model, args.batch, args.rank, args.checkpointing)
     for name in sorted(args.only, key=list(SETTINGS).index):
-        ranks = measure(*shape, SETTINGS[name])
+        ranks = measure(shape, SETTINGS[name])
         peak, plan = max(m for m, _ in ranks), ranks[0][1]
         if base is None:  # the first row is the baseline, measured or else planned
-            base = peak if name == BASE else planned(*shape, SETTINGS[BASE])
+            base = peak if name == BASE else planned(shape, SETTINGS[BASE])
         rows.append([name, *(f"{m / MIB:,.0f}" for m, _ in ranks), f"{plan / MIB:,.0f}",
                      f"{100 * (plan / peak - 1):+.1f}%", f"{peak / base:.2f}"])  # fmt: skip
         print(rows[-1], flush=True)
@@ -105,7 +114,8 @@ def main() -> None:
         f"{machine()})\n\n"
         f"`python -m bench.fsdp_memory {' '.join(sys.argv[1:])}`: 2 gloo "
         f"processes, micro-batch {args.batch} x 256, vocabulary 8000 (sample corpus), fp32, "
-        f"rank {args.rank}, no clipping; exact bytes (held shards and states + the third "
+        f"rank {args.rank}, activation checkpointing {args.checkpointing}, no clipping; "
+        "exact bytes (held shards and states + the third "
         "step's profiler peak) per rank, and the planner's prediction (without headroom)."
         + (
             ""
@@ -127,7 +137,8 @@ def main() -> None:
         )  # fmt: skip
         + "\n"
     )
-    write_section(f"fsdp_memory-{args.model}", text)
+    suffix = "" if args.checkpointing == "none" else f"-checkpointing{args.checkpointing}"
+    write_section(f"fsdp_memory-{args.model}{suffix}", text)
     print(text)
 
 
