@@ -161,26 +161,21 @@ def adam_moments(
 def adam_directions(
     states: list[dict], grads: list[torch.Tensor], beta1: float, beta2: float, eps: float
 ) -> list[torch.Tensor]:
-    """32-bit ``adam_direction`` for many tensors at once: advances the moments and returns
-    each ``N`` (``adam_moments``)."""
+    """Advance 32-bit moments with ``grads`` and return each tensor's Adam direction
+    ``N = m / (√v + eps)`` (``adam_moments``); the parameter moves by ``-lr · factor · N``
+    with ``factor = √(1 − β₂ᵗ) / (1 − β₁ᵗ)``."""
     denom = adam_moments(states, grads, beta1, beta2, eps)
     return torch._foreach_div([s["exp_avg"] for s in states], denom)
 
 
-def adam_direction(
-    state: dict, grad: torch.Tensor, step: int, beta1: float, beta2: float, eps: float, bits: int
-) -> tuple[torch.Tensor, float]:
-    """Advance the moments with ``grad`` and return ``(N, step_factor)``: the parameter moves by
-    ``-lr * step_factor * N``. ``step`` counts updates from 1."""
+def adam8bit_direction(
+    state: dict, grad: torch.Tensor, step: int, beta1: float, beta2: float, eps: float
+) -> torch.Tensor:
+    """``adam_directions`` for one tensor with bitsandbytes' 8-bit moments. bitsandbytes
+    updates a parameter in place, so it is given a zero one (GaLore's 8-bit trick) and the
+    unit-lr update is read back and divided by the same step factor. ``step`` counts updates
+    from 1."""
     grad = grad.float()
-    if bits == 8:
-        # bitsandbytes updates a parameter in place: give it a zero one (GaLore's 8-bit trick)
-        # and read the unit-lr update back. Its step factor is sqrt(1-beta2^t)/(1-beta1^t) too.
-        delta = torch.zeros_like(grad)
-        bnb_adam_update(state, grad, delta, step, 1.0, beta1, beta2, eps, 0.0)
-        factor = math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        return delta.div_(-factor), factor
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.mul_(beta1).add_(grad, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    return m / v.sqrt().add_(eps), math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    delta = torch.zeros_like(grad)
+    bnb_adam_update(state, grad, delta, step, 1.0, beta1, beta2, eps, 0.0)
+    return delta.div_(-math.sqrt(1 - beta2**step) / (1 - beta1**step))

@@ -58,7 +58,7 @@ from lorenza.adam import (
     BITS,
     BLOCKSIZE,
     MIN_8BIT_SIZE,
-    adam_direction,
+    adam8bit_direction,
     adam_directions,
     adam_moments,
     bnb_adam_update,
@@ -428,7 +428,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 init_moments(state, low, bits)
         if bits == 8:
             ns = [
-                adam_direction(s, low, t, beta1, beta2, eps, bits)[0]
+                adam8bit_direction(s, low, t, beta1, beta2, eps)
                 for s, low, t in zip(states, projected, steps, strict=True)
             ]
         else:
