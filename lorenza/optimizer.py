@@ -364,6 +364,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
             group = self.param_groups[i]
             if group["rank"] is None:
                 self._update_full(group, ps)
+            elif group["bits"] == 8:  # bitsandbytes goes matrix by matrix anyway: so do the
+                for p in ps:  # temporaries (projected gradient, direction, gathered gradient)
+                    self._update_lowrank(group, [p], lows, folded)
             else:
                 self._update_lowrank(group, ps, lows, folded)
             wd = group["weight_decay"]
@@ -417,8 +420,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
             grad = None if p in lows else full(p.grad)
             if self._refresh_due(p):
                 self._refresh(p, grad)
-            grads.append(grad)
+            # under FSDP2 ``grad`` is gathered whole: only Fira's residual reads it again, so
+            # otherwise it goes now, one matrix's alive at a time rather than a unit's
+            grads.append(grad if group["residual"] else None)
             projected.append(lows[p] if p in lows else project(grad, self.state[p]["basis"]))
+            del grad
         steps = self._advance(ps)
         beta1, beta2 = group["betas"]
         lr, eps, bits = group["lr"], group["eps"], group["bits"]

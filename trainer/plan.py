@@ -412,20 +412,28 @@ def update_temporaries(
 ) -> float:
     """What the update allocates while it runs: Adam's ``sqrt(v) + eps`` for a full-rank
     tensor (on its shard under FSDP2; none for 8-bit, updated in place), the projected
-    gradient, its denominator and direction for a low-rank one (and, under FSDP2, its whole
-    gathered gradient); everything at once unfused, the largest unit's when fused."""
+    gradient, its denominator and direction for a low-rank one; everything at once unfused,
+    the largest unit's when fused. Under FSDP2 a low-rank matrix's gradient is also gathered
+    whole: one at a time, or all of them when Fira's residual reads them again. 8-bit
+    low-rank matrices are updated one by one: the largest one's."""
     if isinstance(optimizer, ForwardOnlyOptimizer):
         return 0.0
 
     def temporaries(ps: list[torch.Tensor]) -> float:
-        total = 0.0
+        total, gathered, one_by_one = 0.0, [0.0], [0.0]
         for p in ps:
             group, size = optimizer.group_of(p), p.element_size()
             if group["rank"] is None:
                 total += 0 if group["bits"] == 8 else size * p.numel() / world
+                continue
+            r, wide = lowrank_shape(p, group["rank"])
+            whole = size * p.numel() if world > 1 else 0
+            if group["bits"] == 8:
+                one_by_one.append(3 * size * r * wide + whole)
             else:
-                r, wide = lowrank_shape(p, group["rank"])
-                total += 3 * size * r * wide + (size * p.numel() if world > 1 else 0)
-        return total
+                total += 3 * size * r * wide
+                gathered.append(whole)
+        residual = any(optimizer.group_of(p)["residual"] for p in ps)
+        return total + max(sum(gathered) if residual else max(gathered), max(one_by_one))
 
     return max(temporaries(u) for u in units) if fused else temporaries(params)
