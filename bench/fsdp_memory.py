@@ -6,9 +6,10 @@
 Runs 2 gloo processes per setting (``torchrun``); each rank builds the trainer's run (FSDP2
 units per decoder layer), takes two steps so that the states exist, then measures a third
 exactly: the bytes it holds (its parameter shards, buffers, optimizer-state shards) plus the
-step's peak from the profiler's memory timeline (``bench.zo_memory.peak_bytes``: gathered
-units, gradients, activations, update temporaries included). Beside it, the planner's
-allocated bytes for the same config (``trainer.plan``, 2 processes, without its headroom).
+step's peak from the allocator's running total (``bench.zo_memory.peak_bytes``: gathered
+units, gradients, activations, update temporaries included, and the buffers gloo's threads
+free). Beside it, the planner's allocated bytes for the same config (``trainer.plan``, 2
+processes, without its headroom).
 """
 
 from __future__ import annotations

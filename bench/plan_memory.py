@@ -3,9 +3,9 @@
     python -m bench.plan_memory [--models llama_tiny llama_60m] [--batches 1 4 8]
     python -m bench.plan_memory --precisions bf16_pure --batches 1 8 --activations-only
 
-Measured exactly with the profiler's memory timeline (``bench.zo_memory.peak_bytes``: every
-allocation and free replayed, the most bytes alive at once), for each model, micro-batch,
-precision and checkpointing choice:
+Measured exactly with the profiler (``bench.zo_memory.peak_bytes``: the allocator's running
+total of live bytes at every allocation, the frees of every thread counted; the most at
+once), for each model, micro-batch, precision and checkpointing choice:
 
 - activations: a forward and backward shaped like ``train_step``'s (autocast around the
   forward only), with every gradient dropped the moment it is accumulated, so that what is

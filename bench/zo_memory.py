@@ -3,9 +3,9 @@ first-order training step, measured exactly on the CPU.
 
     python -m bench.zo_memory [--batch 8] [--seq 128]
 
-Every allocation and free that PyTorch's profiler records (``profile_memory``) is replayed in
-order; the peak of the bytes alive, plus the weights (and optimizer states) that existed
-before, is the figure.
+The CPU allocator's running total of live bytes, which PyTorch's profiler
+(``profile_memory``) records with every allocation, is read over the step; its peak, plus
+the weights (and optimizer states) that existed before, is the figure.
 Exact and deterministic, unlike the resident-set size, which also counts the allocator's
 caches and the interpreter.
 """
@@ -13,7 +13,9 @@ caches and the interpreter.
 from __future__ import annotations
 
 import argparse
+import ctypes
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,18 +27,41 @@ from lorenza.sharded import local
 from models import Llama, ModelConfig
 
 
+def count_every_free() -> None:
+    """Make the CPU allocator count every allocation and free, whichever thread makes it.
+
+    By default it keeps its running total only for threads the profiler is enabled on, so a
+    tensor freed on another thread -- a gloo worker dropping a collective's buffers, as
+    under FSDP2 -- is never subtracted, and a replay of the profiler's events overstates a
+    peak by whatever the workers happened to free (measured: 10-30 MiB at llama_60m, a
+    different amount on each rank and each step). c10's flag ``caffe2_report_cpu_memory_usage``
+    makes the total exact from the moment it is set; blocks allocated before that are never
+    subtracted when freed, so set it before the model is built (this module does on import)."""
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+
+
+count_every_free()
+
+
 def peak_bytes(fn: Callable[[], object]) -> int:
-    """The most bytes that ``fn`` had allocated at once (beyond what existed before it): every
-    allocation and free the profiler records during ``fn``, summed in time order (frees of
-    memory allocated before are not recorded, so they cannot hide a peak)."""
+    """The most bytes alive at once while ``fn`` ran, beyond what was alive before it: the
+    peak of the allocator's running total (``count_every_free``), which the profiler reads
+    at every allocation -- the frees of any thread included."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.name == "[memory]":  # the total is the one after this allocation or free
+            events.append((event.start_time_ns, event.extra_fields))
+    if not events:
+        return 0
+    events.sort(key=lambda e: e[0])
+    first = events[0][1]
+    start = first.total_allocated - first.alloc_size
+    return max(0, max(fields.total_allocated for _, fields in events) - start)
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
