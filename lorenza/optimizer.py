@@ -52,7 +52,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lorenza.adam import (
     BITS,
@@ -75,7 +75,18 @@ from lorenza.projector import (
     seeded_generator,
 )
 from lorenza.schedule import rho_for_lr
-from lorenza.sharded import add_full_, check_blocks, full, gather_blocks, local_blocks
+from lorenza.sharded import (
+    add_full_,
+    check_blocks,
+    full,
+    gather_blocks,
+    local,
+    local_blocks,
+    rows_like,
+    rows_of,
+    split_rows,
+    starts_on_blocks,
+)
 from lorenza.zo import Directions, Slot, full_z, layout, slot_shape
 
 PERTURBATIONS = (None, "zo", "rank_r", "sam")
@@ -167,6 +178,10 @@ class SubspaceAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         self.index = {p: i for i, p in enumerate(params)}
         self._group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self.by_rows = {p for p in params if self._keeps_rows(p)}
+        """Right-projected matrices sharded by rows (FSDP2) whose m x r moments each rank keeps
+        only its rows of, projecting only its rows of the gradient, and whose n x r basis is
+        split by rows too, gathered whenever it is used (``lorenza/sharded.py``)."""
         self.blocks = self._check_blocks(blocks, params)
         self._perturbed = [p for p in params if self._is_perturbed(p)]
         self._zo_blocks = self._zo_layout() if perturbation in ("zo", "rank_r") else []
@@ -261,6 +276,11 @@ class SubspaceAdamW(torch.optim.Optimizer):
             )
         return blocks
 
+    def _keeps_rows(self, p: torch.Tensor) -> bool:
+        if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
+            return False
+        return kept_by_rows(p.shape, self.group_of(p), p.device_mesh.size())
+
     def _is_perturbed(self, p: torch.Tensor) -> bool:
         lowrank = self.group_of(p)["rank"] is not None
         if self.perturbation == "sam":
@@ -313,7 +333,12 @@ class SubspaceAdamW(torch.optim.Optimizer):
     def project_grad(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
         """``Qᵀ g`` (or ``g Q``) of ``p``'s current gradient (or of ``grad``), in the basis's
         dtype (``p``'s)."""
-        return project(p.grad if grad is None else grad, self.state[p]["basis"])
+        return project(p.grad if grad is None else grad, self.basis(p))
+
+    def basis(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``'s basis ``Q``, whole: all-gathered when it is kept by rows (a collective:
+        every rank uses each basis at the same point of the step)."""
+        return full(self.state[p]["basis"])
 
     def _refresh_due(self, p: torch.Tensor) -> bool:
         group = self.group_of(p)
@@ -343,7 +368,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
         keys = ("basis", "cobasis") if self.perturbation == "rank_r" else ("basis",)
         for key, new in zip(keys, out if self.perturbation == "rank_r" else (out,), strict=True):
             new = new.to(p.dtype)  # chosen in float32, kept in p's dtype (GaLore's bf16 way)
-            state[key] = torch.where(ok, new, state[key]) if key in state else new
+            new = torch.where(ok, new, full(state[key])) if key in state else new
+            # every rank chose the same basis; one kept by rows keeps its rows of it
+            state[key] = split_rows(new, p) if key == "basis" and p in self.by_rows else new
 
     @torch.no_grad()
     def update(
@@ -415,23 +442,32 @@ class SubspaceAdamW(torch.optim.Optimizer):
         lows: dict[torch.Tensor, torch.Tensor],
         folded: set[torch.Tensor],
     ) -> None:
-        grads, projected = [], []
+        grads, projected, bases = [], [], []
         for p in ps:
-            grad = None if p in lows else full(p.grad)
-            if self._refresh_due(p):
+            rows, due = p in self.by_rows, self._refresh_due(p)
+            # under FSDP2 ``grad`` is gathered whole: a matrix kept by rows needs it only to
+            # refresh, and only Fira's residual reads it after the projection, so otherwise it
+            # goes now, one matrix's alive at a time rather than a unit's
+            grad = None if p in lows or (rows and not due) else full(p.grad)
+            if due:
                 self._refresh(p, grad)
-            # under FSDP2 ``grad`` is gathered whole: only Fira's residual reads it again, so
-            # otherwise it goes now, one matrix's alive at a time rather than a unit's
             grads.append(grad if group["residual"] else None)
-            projected.append(lows[p] if p in lows else project(grad, self.state[p]["basis"]))
+            bases.append(self.basis(p))
+            if p in lows:
+                low = rows_of(p, lows[p]) if rows else lows[p]
+            else:
+                low = project(local(p.grad) if rows else grad, bases[-1], rows)
+            projected.append(low)
             del grad
         steps = self._advance(ps)
         beta1, beta2 = group["betas"]
         lr, eps, bits = group["lr"], group["eps"], group["bits"]
-        states = [self.state[p] for p in ps]
-        for state, low in zip(states, projected, strict=True):
-            if "exp_avg" not in state:
-                init_moments(state, low, bits)
+        for p, low in zip(ps, projected, strict=True):
+            if "exp_avg" not in self.state[p]:
+                init_moments(self.state[p], rows_like(p, low) if p in self.by_rows else low, bits)
+        # the moments of a matrix kept by rows are DTensors: the arithmetic runs on this
+        # rank's rows of them (views: in place, they change the DTensors)
+        states = [{k: local(v) for k, v in self.state[p].items()} for p in ps]
         if bits == 8:
             ns = [
                 adam8bit_direction(s, low, t, beta1, beta2, eps)
@@ -441,8 +477,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
             ns = adam_directions(states, projected, beta1, beta2, eps)
         factors = [math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
         if group["residual"]:  # Lorenza+: reads N before it is scaled below
-            for p, grad, low, n, f in zip(ps, grads, projected, ns, factors, strict=True):
-                s = fira_residual(grad, self.state[p]["basis"], low, n, self.state[p])
+            for p, grad, q, low, n, f in zip(ps, grads, bases, projected, ns, factors, strict=True):
+                s = fira_residual(grad, q, low, n, self.state[p])
                 add_full_(p, s.to(p.dtype), alpha=-lr * f)
         alphas = [-lr * f * group["scale"] for f in factors]
         fold = [i for i, p in enumerate(ps) if p in folded]
@@ -452,8 +488,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
             self._unrestored.difference_update(ps[i] for i in fold)
             for i in fold:
                 alphas[i] = 1.0
-        for p, n, a in zip(ps, ns, alphas, strict=True):
-            apply_back_(p, n, self.state[p]["basis"], alpha=a)
+        for p, n, q, a in zip(ps, ns, bases, alphas, strict=True):
+            apply_back_(p, n, q, alpha=a, rows=p in self.by_rows)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None):
@@ -628,7 +664,8 @@ class SubspaceAdamW(torch.optim.Optimizer):
         for k, slots in self._by_block(params).items():
             terms = dirs.restore_terms(k, back)
             for s in slots:
-                zs[where[s.param]] = full_z(s, s.view(terms), self.state[s.param])
+                z = full_z(s, s.view(terms), self.state[s.param])
+                zs[where[s.param]] = rows_of(s.param, z) if s.param in self.by_rows else z
         torch._foreach_add_(targets, zs)
 
     def _restore(self, params: list[torch.Tensor]) -> None:
@@ -670,19 +707,20 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 )
 
     def state_dict(self) -> dict:
-        """Torch's, plus the step count and seed. The 8-bit moments of a sharded parameter
-        are in it whole -- the codes a DTensor like the parameter, the per-block ``absmax``
-        gathered (a collective: every rank must call it) -- so any layout can load them."""
+        """Torch's, plus the step count and seed. Sharded 8-bit moments (a sharded
+        parameter's, or a matrix's kept by rows) are in it whole -- the codes a DTensor split
+        by rows, the per-block ``absmax`` gathered (a collective: every rank must call it) --
+        so any layout can load them."""
         out = super().state_dict()
         out["lorenza"] = {"step_count": self.step_count, "seed": self.seed}
         states = out["state"]
         for index, p in enumerate(self.index):
             state = states.get(index, {})
-            sharded = isinstance(p, DTensor) and self.group_of(p)["rank"] is None
-            if sharded and "absmax1" in state:  # (low-rank states are whole on every rank)
+            if self.sharded_moments(p) and "absmax1" in state:
+                moments = state["exp_avg"]  # a DTensor: the whole shape, and the split
                 states[index] = {  # not in place: torch shares these dicts with self.state
                     **state,
-                    **{k: gather_blocks(p, state[k], BLOCKSIZE) for k in ("absmax1", "absmax2")},
+                    **{k: gather_blocks(moments, state[k], BLOCKSIZE) for k in ABSMAX},
                 }
         return out
 
@@ -707,26 +745,38 @@ class SubspaceAdamW(torch.optim.Optimizer):
             for key, value in saved[i].items():
                 if torch.is_tensor(value) and value.dtype != state[key].dtype:
                     state[key] = value.to(state[key].device, copy=True)
-            if isinstance(p, DTensor) and self.group_of(p)["rank"] is None:
+            if self.sharded_moments(p):
                 self._shard_state(p, state)
 
-    @staticmethod
-    def _shard_state(p: DTensor, state: dict) -> None:
-        """The element-wise states of a sharded parameter as it runs with them: moments
-        given whole (saved by a run without shards, or read whole) are sharded like it, by
-        rows; the 8-bit ``absmax``, whole in every state dict, keeps this rank's blocks."""
-        for key, value in state.items():
-            if key in ("absmax1", "absmax2"):
-                state[key] = local_blocks(p, value, BLOCKSIZE)
-            elif (
-                torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape
-            ):
-                state[key] = distribute_tensor(
-                    value.to(p.to_local().device), p.device_mesh, p.placements
-                )
+    def sharded_moments(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s moments are split by rows over the ranks: a sharded full-rank
+        parameter's (element-wise), or a matrix's kept by rows (``by_rows``)."""
+        return isinstance(p, DTensor) and (self.group_of(p)["rank"] is None or p in self.by_rows)
+
+    def split_state(self, p: torch.Tensor, key: str) -> bool:
+        """Whether ``p``'s state ``key`` is a DTensor split by rows (what a sharded
+        checkpoint loads it as): its moments when ``sharded_moments``, its basis when kept
+        by rows."""
+        return (key in MOMENTS and self.sharded_moments(p)) or (
+            key == "basis" and p in self.by_rows
+        )
+
+    def _shard_state(self, p: DTensor, state: dict) -> None:
+        """The states of a parameter that runs with them split by rows: given whole (saved by
+        a run without shards, or read whole) they are split -- the moments as ``p`` is, a
+        basis by its own rows; the 8-bit ``absmax``, whole in every state dict, keeps this
+        rank's blocks."""
+        for key in [k for k in state if self.split_state(p, k)]:
+            if not isinstance(state[key], DTensor):
+                value = state[key].to(p.to_local().device)
+                state[key] = distribute_tensor(value, p.device_mesh, [Shard(0)])
+        for key in ABSMAX if "absmax1" in state else ():
+            state[key] = local_blocks(state["exp_avg"], state[key], BLOCKSIZE)
 
 
-_STATE_KEYS = {"step", "exp_avg", "exp_avg_sq"}
+MOMENTS = ("exp_avg", "exp_avg_sq")
+ABSMAX = ("absmax1", "absmax2")  # the 8-bit moments' per-block scales
+_STATE_KEYS = {"step", *MOMENTS}
 
 
 def _by_value(values: list) -> dict:
@@ -746,8 +796,21 @@ def _expected_keys(group: dict, state: dict, rank_r: bool) -> set[str]:
     if group["rank"] is not None and group["residual"]:
         keys.add("residual_norm")
     if "absmax1" in state:
-        keys |= {"absmax1", "absmax2"}
+        keys |= set(ABSMAX)
     return keys
+
+
+def kept_by_rows(shape: tuple[int, ...], group: dict, world: int) -> bool:
+    """Whether a matrix of ``shape`` in ``group``, split by rows over ``world`` ranks (FSDP2),
+    has its m x r moments kept by rows (``SubspaceAdamW.by_rows``): it is right-projected,
+    without Fira's residual (which reads the whole gradient and whole-matrix norms), and
+    8-bit moments only when every rank's rows start on a quantization block (each rank's
+    blocks are then the whole tensor's, bit for bit); otherwise every rank keeps them whole."""
+    if group["rank"] is None or group["residual"] or is_left(shape):
+        return False
+    moments = (shape[0], group["rank"])
+    quantized = group["bits"] == 8 and math.prod(moments) >= MIN_8BIT_SIZE
+    return not quantized or starts_on_blocks(moments, world, BLOCKSIZE)
 
 
 def fira_residual(

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from lorenza.sharded import add_full_, addmm_rows_
+from lorenza.sharded import add_full_, addmm_rows_, local
 
 PROJECTIONS = ("ssrf", "svd")
 
@@ -130,17 +130,30 @@ def compute_basis(
     raise ValueError(f"projection={projection!r} is not one of {', '.join(PROJECTIONS)}")
 
 
-def project(g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``Qᵀ g`` (r x n) when left, ``g Q`` (m x r) when right."""
+def project(g: torch.Tensor, q: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """``Qᵀ g`` (r x n) when left, ``g Q`` (m x r) when right. ``rows``: ``g`` is some rows
+    of a right-projected matrix's gradient (``lorenza/sharded.py``), whose shape alone would
+    not say which side it is projected on."""
     g = g.to(q.dtype)
-    return q.T @ g if is_left(g.shape) else g @ q
+    return g @ q if rows or not is_left(g.shape) else q.T @ g
 
 
-def apply_back_(p: torch.Tensor, low: torch.Tensor, q: torch.Tensor, alpha: float = 1.0) -> None:
+def apply_back_(
+    p: torch.Tensor, low: torch.Tensor, q: torch.Tensor, alpha: float = 1.0, rows: bool = False
+) -> None:
     """``p += alpha · project_back(low)`` in one GEMM (``addmm_``), the m x n product never
     built -- unless ``p`` is in another dtype than the basis, where it is. ``low`` is taken
-    in the basis's dtype (an 8-bit update's direction comes back in float32)."""
+    in the basis's dtype (an 8-bit update's direction comes back in float32). ``rows``:
+    ``p`` is right-projected and sharded by rows, and ``low`` holds only this rank's rows of
+    its m x r (``lorenza/sharded.py``), which give this rank's rows of the update."""
     low = low.to(q.dtype)
+    if rows:
+        target = local(p)
+        if p.dtype != q.dtype:
+            target.add_((low @ q.T).to(p.dtype), alpha=alpha)
+        elif target.numel():
+            target.addmm_(low, q.T, alpha=alpha)
+        return
     if p.dtype != q.dtype:
         add_full_(p, project_back(low, q, p.shape).to(p.dtype), alpha=alpha)
     elif is_left(p.shape):

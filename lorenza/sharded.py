@@ -3,11 +3,17 @@ are split over the ranks (``Shard(0)``).
 
 Element-wise updates (AdamW, the full-rank groups) run on the shards as they are, so their
 moments are sharded too. A low-rank update is not element-wise: the basis ``Q`` is chosen
-from the whole gradient and ``Qᵀ g`` mixes all rows. Each rank therefore gathers one matrix's
-gradient at a time (``full``), computes the same low-rank update as every other rank --
-``Q`` and the r x n moments are small and kept whole on each rank -- and adds only its own
-rows of it (``add_full_``, ``addmm_rows_``). The same holds for the seeded zeroth-order
-directions, which every rank regenerates whole from the same seed.
+from the whole gradient and ``Qᵀ g`` mixes all rows. A left-projected matrix (``Q`` m x r,
+``Qᵀ g`` r x n) therefore gathers its gradient whole (``full``), one matrix at a time, and
+every rank computes the same update -- ``Q`` and the r x n moments kept whole on each rank --
+and adds only its own rows of it (``add_full_``, ``addmm_rows_``). The same holds for the
+seeded zeroth-order directions, which every rank regenerates whole from the same seed.
+
+A right-projected one (``Q`` n x r, ``g Q`` m x r) needs no gather outside its refresh steps:
+row ``i`` of ``g Q``, of its moments and of the update ``N Qᵀ`` depends on row ``i`` of ``g``
+alone, so each rank projects its own rows and keeps only its rows of the m x r moments
+(``SubspaceAdamW.by_rows``; ``rows_like``: DTensors split like the parameter, which a
+checkpoint saves and reshards as it does the element-wise states).
 """
 
 from __future__ import annotations
@@ -57,6 +63,33 @@ def _local_rows(p: DTensor, whole: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return p.to_local(), chunks[rank] if rank < len(chunks) else whole[:0]
 
 
+def rows_of(p: DTensor, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``whole``, a tensor as tall as ``p``."""
+    return _local_rows(p, whole)[1]
+
+
+def rows_like(p: DTensor, rows: torch.Tensor) -> DTensor:
+    """A DTensor split by rows as ``p`` is, whose local shard is ``rows`` (this rank's rows
+    of a tensor as tall as ``p``; no communication)."""
+    shape = (p.shape[0], *rows.shape[1:])
+    return DTensor.from_local(
+        rows, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
+        stride=torch.empty(shape, device="meta").stride(),
+    )  # fmt: skip
+
+
+def split_rows(whole: torch.Tensor, like: DTensor) -> DTensor:
+    """``whole``, the same on every rank, as a DTensor split by rows on ``like``'s mesh: each
+    rank keeps a copy of its own rows (no communication)."""
+    world, rank = like.device_mesh.size(), like.device_mesh.get_local_rank()
+    chunks = torch.chunk(whole, world, dim=0)
+    mine = chunks[rank] if rank < len(chunks) else whole[:0]
+    return DTensor.from_local(
+        mine.clone(), like.device_mesh, [Shard(0)], run_check=False, shape=whole.shape,
+        stride=whole.stride(),
+    )  # fmt: skip
+
+
 def add_full_(p: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> None:
     """``p += alpha * delta`` for a whole-shape ``delta``: a sharded ``p`` takes its rows."""
     if not isinstance(p, DTensor):
@@ -93,12 +126,19 @@ def _blocks_per_rank(p: DTensor, block: int) -> list[int]:
     return [-(-(end - start) // block) for start, end in itertools.pairwise(bounds)]
 
 
+def starts_on_blocks(shape: tuple[int, ...], world: int, block: int) -> bool:
+    """Whether every rank's shard of a tensor of ``shape`` split by rows over ``world`` ranks
+    starts on a ``block``-value block of the flattened whole."""
+    starts = shard_starts(shape, world)
+    return all(start % block == 0 for start in starts if start < math.prod(shape))  # empty: none
+
+
 def check_blocks(shape: tuple[int, ...], world: int, block: int) -> None:
     """Blockwise-quantized states (bitsandbytes' 8-bit moments) of a sharded parameter are
     kept per shard; they are the whole tensor's blocks, bit for bit, when every rank's shard
     starts on a block boundary. ``ValueError`` naming the shape when one does not."""
-    starts = shard_starts(shape, world)
-    if any(start % block for start in starts if start < math.prod(shape)):  # empty: none
+    if not starts_on_blocks(shape, world, block):
+        starts = shard_starts(shape, world)
         raise ValueError(
             f"8-bit states of a parameter of shape {tuple(shape)} sharded by rows over {world} "
             f"ranks: every rank's shard must start on a {block}-value block of the "

@@ -31,7 +31,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from lorenza.projector import apply_back_, is_left, seeded_generator
-from lorenza.sharded import add_full_
+from lorenza.sharded import add_full_, full
 
 DIRECTIONS = ("gaussian", "rank_r")
 Coef = float | torch.Tensor
@@ -85,7 +85,7 @@ def full_z(slot: Slot, numbers: torch.Tensor, state: dict) -> torch.Tensor:
 def apply_(slot: Slot, z: torch.Tensor, state: dict, alpha: float = 1.0) -> None:
     """``W += alpha P`` for ``P`` built from ``z`` (one GEMM when low-rank)."""
     if slot.lowrank:
-        apply_back_(slot.param, z, state["basis"], alpha=alpha)
+        apply_back_(slot.param, z, full(state["basis"]), alpha=alpha)  # gathered if split
     else:
         add_full_(slot.param, z, alpha=alpha)
 

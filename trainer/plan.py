@@ -8,8 +8,9 @@ then counted from shapes, as the code that runs allocates it:
 - weights: float32 masters (bf16 runs autocast; the weights stay float32), or bfloat16 ones
   (``bf16_pure``: the model is planned cast, as it runs, so every term below takes the
   parameters' element size), and buffers;
-  FSDP2 keeps a 1/world shard plus the gathered units it is running (the root -- embeddings,
-  final norm, head -- and two decoder layers: the current one and the prefetched next);
+  FSDP2 keeps a 1/world shard plus the gathered units it is running: the root (tied
+  embeddings and the final norm, if tied; else empty) and the two largest other units (the
+  current one and the prefetched next: decoder layers, the embedding, the norm with the head);
 - gradients, as ``trainer.fused`` keeps them: all of them unfused (plus DDP's buckets, a
   second copy), the largest unit's at a time when fused (a block, or a parameter), FSDP2's
   shard plus one unsharded unit while it is reduce-scattered; all of them, whatever the
@@ -47,6 +48,7 @@ from lorenza import LOREN, module_blocks
 from lorenza.adam import moment_bytes
 from lorenza.forward_only import ForwardOnlyOptimizer
 from lorenza.loren import rows
+from lorenza.optimizer import kept_by_rows
 from models import Llama, ModelConfig
 from models.llama import Block
 from trainer.config import Config, weight_dtype
@@ -176,7 +178,8 @@ def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
     32-bit ones in the parameter's dtype), the basis ``Q`` (min(m, n) x r, in the
     parameter's dtype), Lorenza+'s residual norm, the rank_r cobasis;
     LOREN's curvature vector and momentum; MeZO nothing. ``world``: FSDP2 shards the
-    full-rank states over the ranks (low-rank states are kept whole on each)."""
+    full-rank states over the ranks, and the moments and bases of the right-projected
+    matrices it can keep by rows (``kept_by_rows``); other low-rank states are whole on each."""
     total = 0.0
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -190,7 +193,9 @@ def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
                 total += moment_bytes(p.numel(), group["bits"], size) / world
                 continue
             r, wide = lowrank_shape(p, group["rank"])
-            total += moment_bytes(r * wide, group["bits"], size) + size * r * min(p.shape)
+            split = world if kept_by_rows(p.shape, group, world) else 1
+            basis = size * r * min(p.shape)
+            total += (moment_bytes(r * wide, group["bits"], size) + basis) / split
             total += 4 if group.get("residual") else 0
             total += 4 * r * wide if getattr(optimizer, "perturbation", None) == "rank_r" else 0
     return total
@@ -256,7 +261,7 @@ def memory_plan(cfg: Config) -> Plan:
     fused = is_fused(cfg) and not forward_only
     units = module_blocks(model)
     bits = "/".join(sorted({str(g.get("bits", 32)) for g in optimizer.param_groups}))
-    sharded = f", full-rank ones sharded 1/{shards}" if shards > 1 else ""
+    sharded = f", full-rank and row-kept states sharded 1/{shards}" if shards > 1 else ""
     rows = [
         weights_row(model, shards),
         gradients_row(cfg, model, units, forward_only, fused, world, shards),
@@ -283,8 +288,10 @@ def memory_plan(cfg: Config) -> Plan:
             allocated = held + saved + max(working, grads + temps)
     elif t.grad_accum > 1:  # a later micro-batch's backward beside the accumulated gradients
         allocated = held + grads + max(moment, temps)
-    else:  # the start of the backward, or the update with every gradient
-        allocated = held + max(moment, grads + temps)
+    else:  # the start of the backward; its end, every gradient there; or the update, every
+        # gradient reduced and (FSDP2) every unit resharded
+        transient = sum(fsdp_transient(model)) if shards > 1 else 0
+        allocated = held + max(moment, grads, grads + temps - transient)
     context = 0.0 if t.device == "cpu" else CUDA_CONTEXT
     headroom = t.plan_headroom * allocated + context
     how = f"{100 * t.plan_headroom:g}% + {context / GIB:g} GiB"
@@ -301,26 +308,39 @@ def weights_kind(model: Llama) -> str:
     return "bf16" if model.embed_tokens.weight.dtype == torch.bfloat16 else "fp32"
 
 
-def fsdp_unit_bytes(model: Llama) -> tuple[int, int]:
-    """Bytes of FSDP2's units: ``(root, one decoder layer)``, the root being everything
-    outside the layers (embeddings, final norm, head)."""
-    layer = nbytes(model.layers[0].parameters())
-    return nbytes(model.parameters()) - len(model.layers) * layer, layer
+def fsdp_unit_bytes(model: Llama) -> tuple[int, list[int]]:
+    """Bytes of FSDP2's units as ``trainer.sharding.shard_model`` makes them: ``(root,
+    the others)``. The root holds the tied embeddings and the final norm, if tied; else
+    nothing, the embedding and the norm with the head being units of their own."""
+    layers = [nbytes(layer.parameters()) for layer in model.layers]
+    if model.cfg.tie_word_embeddings:
+        return nbytes(model.parameters()) - sum(layers), layers
+    ends = [nbytes(model.embed_tokens.parameters()),
+            nbytes([*model.norm.parameters(), *model.lm_head.parameters()])]  # fmt: skip
+    return 0, [*ends, *layers]
 
 
 def weights_row(model: Llama, shards: int) -> Row:
     """Weights (float32 masters, or bf16_pure's bfloat16 ones) and buffers; FSDP2: a shard,
-    plus the root and two layers gathered."""
+    plus the root (gathered from the first forward to the end of the backward) and the two
+    largest other units (the one running and the one prefetched)."""
     total = nbytes(model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     kind = weights_kind(model)
     if shards == 1:
         masters = "masters" if kind == "fp32" else "weights"
         return Row("weights", total + buffers, f"{kind} {masters} + rotary tables")
-    root, layer = fsdp_unit_bytes(model)
-    gathered = root + 2 * layer
-    how = f"{kind} shard (1/{shards}) + gathered root and 2 layers"
-    return Row("weights", total / shards + gathered + buffers, how)
+    root, units = fsdp_unit_bytes(model)
+    how = f"{kind} shard (1/{shards}) + gathered {'root and ' if root else ''}2 units"
+    return Row("weights", total / shards + fsdp_transient(model)[0] + buffers, how)
+
+
+def fsdp_transient(model: Llama) -> tuple[int, int]:
+    """What FSDP2 holds only while units run, not at an unfused update (every unit
+    resharded, every gradient reduced): ``(gathered weights, one unit's unsharded
+    gradient)``."""
+    root, units = fsdp_unit_bytes(model)
+    return root + sum(sorted(units)[-2:]), max(root, *units)
 
 
 def gradients_row(
@@ -339,8 +359,8 @@ def gradients_row(
         return Row("gradients", 0.0, "none: forward passes only")
     if cfg.trainer.grad_accum > 1:  # summed over micro-batches, every one alive until the last
         return Row("gradients", total, f"{kind}, all: accumulated over {cfg.trainer.grad_accum}")
-    if shards > 1:  # FSDP2 reduce-scatters a whole unit (the root, or a layer) at once
-        unit = max(fsdp_unit_bytes(model))
+    if shards > 1:  # FSDP2 reduce-scatters a whole unit at once
+        unit = fsdp_transient(model)[1]
         if fused:  # each unit updated after its reduce-scatter, its shards freed
             return Row("gradients", unit + unit / shards, "one FSDP unit unsharded + its shard")
         return Row(
@@ -413,9 +433,10 @@ def update_temporaries(
     """What the update allocates while it runs: Adam's ``sqrt(v) + eps`` for a full-rank
     tensor (on its shard under FSDP2; none for 8-bit, updated in place), the projected
     gradient, its denominator and direction for a low-rank one; everything at once unfused,
-    the largest unit's when fused. Under FSDP2 a low-rank matrix's gradient is also gathered
-    whole: one at a time, or all of them when Fira's residual reads them again. 8-bit
-    low-rank matrices are updated one by one: the largest one's."""
+    the largest unit's when fused (a matrix kept by rows: its rows of them, and its basis
+    gathered). Under FSDP2 a low-rank matrix's gradient is also gathered whole (one kept by
+    rows: on refresh steps only): one at a time, or all of them when Fira's residual reads
+    them again. 8-bit low-rank matrices are updated one by one: the largest one's."""
     if isinstance(optimizer, ForwardOnlyOptimizer):
         return 0.0
 
@@ -428,10 +449,16 @@ def update_temporaries(
                 continue
             r, wide = lowrank_shape(p, group["rank"])
             whole = size * p.numel() if world > 1 else 0
+            kept = kept_by_rows(p.shape, group, world)
+            low = (
+                3 * size * r * wide / world + size * r * min(p.shape)
+                if kept
+                else 3 * size * r * wide
+            )
             if group["bits"] == 8:
-                one_by_one.append(3 * size * r * wide + whole)
+                one_by_one.append(low + whole)
             else:
-                total += 3 * size * r * wide
+                total += low
                 gathered.append(whole)
         residual = any(optimizer.group_of(p)["residual"] for p in ps)
         return total + max(sum(gathered) if residual else max(gathered), max(one_by_one))

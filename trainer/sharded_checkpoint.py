@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.tensor as dtensor
-from torch.distributed.tensor import DTensor
 
 from trainer.checkpoint import (
     file_record,
@@ -120,24 +119,24 @@ def load_sharded_checkpoint(
     metadata = dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata
     skeleton = torch.load(path / "optimizer.pt", weights_only=True)["optimizer"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    lowrank = {p for group in optimizer.param_groups if group.get("rank") is not None
-               for p in group["params"]}  # fmt: skip
     tensors = {}
     for name, meta in metadata.items():
         part, key = name.split(".", 1)
         if part == "optimizer":
-            p = params[int(key.split("/")[0])]
-            tensors[key] = like(p, meta.size, meta.properties.dtype, whole=p in lowrank)
+            index, what = key.split("/")
+            p = params[int(index)]
+            split = optimizer.split_state(p, what)
+            tensors[key] = like(p, meta.size, meta.properties.dtype, split)
     model_state = model.state_dict()
     dcp.load({"model": model_state, "optimizer": tensors}, checkpoint_id=path / DCP)
     model.load_state_dict(model_state)
     optimizer.load_state_dict(join_optimizer_state(tensors, skeleton))
 
 
-def like(p: torch.Tensor, size: torch.Size, dtype: torch.dtype, whole: bool) -> torch.Tensor:
-    """An empty tensor for a state of parameter ``p``: sharded as ``p`` is when it is
-    element-wise (``p``'s shape, and not a low-rank state, which every rank holds whole)."""
-    if isinstance(p, DTensor) and not whole and size == p.shape:
+def like(p: torch.Tensor, size: torch.Size, dtype: torch.dtype, split: bool) -> torch.Tensor:
+    """An empty tensor for a state of parameter ``p``: split by rows on ``p``'s mesh when
+    ``split`` (states the optimizer keeps by rows), else whole on every rank."""
+    if split:
         return dtensor.empty(size, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)
     return torch.empty(size, dtype=dtype, device=p.device)
 

@@ -1,0 +1,93 @@
+"""Run by tests/test_distributed.py under torchrun with 2 gloo processes: the low-rank update
+of matrices sharded by rows (FSDP2's layout) against the same update of whole matrices, from
+the same gradients, in 32 and 8 bits -- through refresh steps, a checkpoint round trip and
+steps after it. Rank 0 prints, per bits, which matrices were kept by rows, the largest
+differences of weights and of (gathered) states, and the bytes of the moments and bases on
+one rank beside the whole run's."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lorenza import GaLoreAdamW  # noqa: E402
+from lorenza.sharded import local  # noqa: E402
+
+# right-projected 256 x 64 (rows 0-127 | 128-255: at rank 32 each rank's 128 x 32 moments start
+# on a 256-value block), right-projected 344 x 64 (172 x 32 apart: not on a block, so 8-bit
+# ones stay whole), left-projected 64 x 256 (its r x n moments mix every row: whole)
+SHAPES = [(256, 64), (344, 64), (64, 256)]
+NAMES = ["right", "right, rows off blocks", "left"]
+STEPS, RESUME_AT, RANK, GAP = 5, 3, 32, 2
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer(params, bits):
+    groups = [{"params": params, "rank": RANK, "update_gap": GAP, "scale": 0.25}]
+    return GaLoreAdamW(groups, lr=1e-2, bits=bits, seed=3)
+
+
+@torch.no_grad()
+def run(bits, mesh):
+    torch.manual_seed(0)
+    weights = [torch.randn(shape) / 8 for shape in SHAPES]
+    grads = [[torch.randn(shape) for shape in SHAPES] for _ in range(STEPS)]
+    whole = [torch.nn.Parameter(w.clone()) for w in weights]
+    split = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
+    opt_whole, opt_split = optimizer(whole, bits), optimizer(split, bits)
+    for t in range(STEPS):
+        if t == RESUME_AT:  # the sharded run resumes from its own state dict (gathered absmax)
+            saved = opt_split.state_dict()
+            opt_split = optimizer(split, bits)
+            opt_split.load_state_dict(saved)
+        for p, g in zip(whole, grads[t], strict=True):
+            p.grad = g.clone()
+        for p, g in zip(split, grads[t], strict=True):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        opt_whole.step()
+        opt_split.step()
+    weight_diff = max(
+        float((a - b.full_tensor()).abs().max()) for a, b in zip(whole, split, strict=True)
+    )
+    states_whole, states_split = opt_whole.state_dict()["state"], opt_split.state_dict()["state"]
+    state_diff = 0.0
+    for i in states_whole:
+        for key, value in states_whole[i].items():
+            if torch.is_tensor(value) and value.ndim:
+                other = states_split[i][key]
+                other = other.full_tensor() if isinstance(other, DTensor) else other
+                state_diff = max(state_diff, float((value.float() - other.float()).abs().max()))
+
+    def held(opt, params, keys):
+        return sum(
+            local(opt.state[p][k]).numel() * opt.state[p][k].element_size()
+            for p in params
+            for k in keys
+        )
+
+    rows = [name for name, p in zip(NAMES, split, strict=True) if p in opt_split.by_rows]
+    return {
+        "rows": rows,
+        "weights": weight_diff,
+        "states": state_diff,
+        "moment_bytes": [
+            held(o, ps, MOMENTS) for o, ps in [(opt_split, split), (opt_whole, whole)]
+        ],
+        "basis_bytes": [
+            held(o, ps, ["basis"]) for o, ps in [(opt_split, split), (opt_whole, whole)]
+        ],
+    }
+
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2,))
+result = {bits: run(bits, mesh) for bits in (32, 8)}
+if dist.get_rank() == 0:
+    print(json.dumps(result))
+dist.destroy_process_group()
