@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from lorenza.sharded import local
 from models import Llama, ModelConfig
 
 
-def count_every_free() -> None:
-    """Make the CPU allocator count every allocation and free, whichever thread makes it.
+def count_every_free() -> bool:
+    """Make the CPU allocator count every allocation and free, whichever thread makes it;
+    ``False`` where c10's flag cannot be reached (then frees on other threads are missed).
 
     By default it keeps its running total only for threads the profiler is enabled on, so a
     tensor freed on another thread -- a gloo worker dropping a collective's buffers, as
@@ -37,8 +39,13 @@ def count_every_free() -> None:
     different amount on each rank and each step). c10's flag ``caffe2_report_cpu_memory_usage``
     makes the total exact from the moment it is set; blocks allocated before that are never
     subtracted when freed, so set it before the model is built (this module does on import)."""
-    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
-    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    name = {"darwin": "libc10.dylib", "win32": "c10.dll"}.get(sys.platform, "libc10.so")
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
+        ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 count_every_free()
