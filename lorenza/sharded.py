@@ -57,10 +57,15 @@ def _local_rows(p: DTensor, whole: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """``p``'s local shard and the rows of the whole-height tensor ``whole`` that it holds."""
     if tuple(p.placements) != (Shard(0),):
         raise ValueError(f"parameters sharded as {p.placements} are not supported: Shard(0) only")
-    # FSDP2 splits dim 0 as torch.chunk does.
-    chunks = torch.chunk(whole, p.device_mesh.size(), dim=0)
-    rank = p.device_mesh.get_local_rank()
-    return p.to_local(), chunks[rank] if rank < len(chunks) else whole[:0]
+    return p.to_local(), _my_rows(whole, p)
+
+
+def _my_rows(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's rows of ``whole`` split by rows over ``like``'s mesh, as FSDP2 splits dim 0
+    (``torch.chunk``; a rank past the last chunk gets none)."""
+    chunks = torch.chunk(whole, like.device_mesh.size(), dim=0)
+    rank = like.device_mesh.get_local_rank()
+    return chunks[rank] if rank < len(chunks) else whole[:0]
 
 
 def rows_of(p: DTensor, whole: torch.Tensor) -> torch.Tensor:
@@ -81,12 +86,9 @@ def rows_like(p: DTensor, rows: torch.Tensor) -> DTensor:
 def split_rows(whole: torch.Tensor, like: DTensor) -> DTensor:
     """``whole``, the same on every rank, as a DTensor split by rows on ``like``'s mesh: each
     rank keeps a copy of its own rows (no communication)."""
-    world, rank = like.device_mesh.size(), like.device_mesh.get_local_rank()
-    chunks = torch.chunk(whole, world, dim=0)
-    mine = chunks[rank] if rank < len(chunks) else whole[:0]
     return DTensor.from_local(
-        mine.clone(), like.device_mesh, [Shard(0)], run_check=False, shape=whole.shape,
-        stride=whole.stride(),
+        _my_rows(whole, like).clone(), like.device_mesh, [Shard(0)], run_check=False,
+        shape=whole.shape, stride=whole.stride(),
     )  # fmt: skip
 
 
