@@ -16,8 +16,9 @@ multi-tensor (``torch._foreach_*``) ops over the set:
 Each parameter's update reads only its own gradient and state, so the three granularities
 give bit-identical weights.
 
-Sharpness-aware variants first move the weights to ``W + ε`` (``perturb``) so that the real
-backward runs at the perturbed point, and move each parameter back as part of its own update.
+Sharpness-aware variants first move the weights to ``W + ε`` (``perturb``, ``perturb.py``) so
+that the real backward runs at the perturbed point, and move each parameter back as part of its
+own update.
 ``perturbation="zo"`` estimates the ascent direction with two forward passes in random seeded
 directions (``zo.py``; LORENZA in the subspace, AdaZo-SAM full size); ``"rank_r"`` is the
 paper's literal ``Q diag(u) R`` (an ablation); ``"sam"`` uses one extra backward (SAM). The
@@ -44,15 +45,17 @@ The step protocol, for a trainer that wants to clip or accumulate between the ph
 
 or simply ``opt.step(closure)``, which does the three. With data parallelism the closure must
 leave gradients averaged over the ranks when it runs a backward, and return the mean loss.
+
+Checkpoints (``state_dict``/``load_state_dict``) are in ``optimizer_state.py``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from lorenza.adam import (
     BITS,
@@ -64,38 +67,32 @@ from lorenza.adam import (
     bnb_adam_update,
     init_moments,
 )
+from lorenza.optimizer_state import CheckpointState
+from lorenza.perturb import PERTURBATIONS, Closure, SharpnessAware
 from lorenza.projector import (
     PROJECTIONS,
+    STREAM_SKETCH,
     apply_back_,
     compute_basis,
     is_left,
-    mix,
     project,
-    project_back,
     seeded_generator,
 )
+from lorenza.residual import fira_residual
 from lorenza.schedule import rho_for_lr
 from lorenza.sharded import (
     add_full_,
     check_blocks,
     full,
-    gather_blocks,
     local,
-    local_blocks,
     rows_like,
     rows_of,
     split_rows,
     starts_on_blocks,
 )
-from lorenza.zo import Directions, Slot, full_z, layout, slot_shape
-
-PERTURBATIONS = (None, "zo", "rank_r", "sam")
-_OMEGA, _ZO = 1, 2  # stream tags: the sketch and the ZO directions never share random numbers
-
-Closure = Callable[[], torch.Tensor | float]
 
 
-class SubspaceAdamW(torch.optim.Optimizer):
+class SubspaceAdamW(SharpnessAware, CheckpointState):
     """AdamW, optionally in a low-rank gradient subspace, optionally sharpness-aware.
 
     Args (group-level unless noted; a group with ``rank=None`` is full rank):
@@ -281,28 +278,6 @@ class SubspaceAdamW(torch.optim.Optimizer):
             return False
         return kept_by_rows(p.shape, self.group_of(p), p.device_mesh.size())
 
-    def _is_perturbed(self, p: torch.Tensor) -> bool:
-        lowrank = self.group_of(p)["rank"] is not None
-        if self.perturbation == "sam":
-            return True
-        if self.perturbation in ("zo", "rank_r"):
-            return lowrank or self.perturb_full_rank
-        return False
-
-    def _zo_layout(self) -> list[list[Slot]]:
-        kind = "rank_r" if self.perturbation == "rank_r" else "gaussian"
-        perturbed = set(self._perturbed)
-        blocks = []
-        for block in self.blocks:
-            entries = []
-            for p in block:
-                if p in perturbed:
-                    rank = self.group_of(p)["rank"]
-                    entries.append((p, slot_shape(p, rank, kind), rank is not None))
-            if entries:
-                blocks.append(entries)
-        return layout(blocks)
-
     # ------------------------------------------------------------------- the update
     def rho(self) -> float:
         """``ρ_t`` for the learning rate the first group has now (GSAM schedule)."""
@@ -351,7 +326,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """A new basis (and, for rank_r, cobasis) from ``grad``, the whole gradient of ``p``."""
         group, state = self.group_of(p), self.state[p]
-        gen = seeded_generator(p.device, self.seed, _OMEGA, self.step_count, self.index[p])
+        gen = seeded_generator(p.device, self.seed, STREAM_SKETCH, self.step_count, self.index[p])
         # A NaN/inf gradient (the step is then skipped) must not become the basis: the
         # previous one is kept (decided on the device); the first one comes from zeros.
         ok = torch.isfinite(grad).all()
@@ -518,266 +493,6 @@ class SubspaceAdamW(torch.optim.Optimizer):
         self._fresh.clear()
         self.step_count += 1
 
-    # ------------------------------------------------------------------- perturbation
-    def _needs_closure(self) -> bool:
-        return bool(self._perturbed) and self.rho() > 0
-
-    def _loss(self, closure: Closure) -> torch.Tensor:
-        """The closure's loss as a float32 device scalar (no host synchronisation)."""
-        f = closure()
-        if isinstance(f, torch.Tensor):
-            return f.detach().float().reshape(())
-        return torch.tensor(float(f), device=self._perturbed[0].device)
-
-    @torch.no_grad()
-    def perturb(self, closure: Closure) -> dict | None:
-        """Move the weights to ``W + ε`` for this step, ``ε = ρ_t ĝ / ‖ĝ‖_F`` (norm over all
-        perturbed parameters). Returns what was measured, as device tensors (``c``, and
-        ``moved``: false when ``c`` was not finite or zero and the weights stayed at ``W``),
-        or ``None`` when nothing was tried (no perturbation, ``ρ_t = 0``, or no subspace yet)."""
-        if self.perturbation is None:
-            return None
-        if self._pending is not None:
-            raise RuntimeError("perturb() called twice without step() in between")
-        rho = self.rho()
-        self._pending = {}
-        if not self._perturbed or rho == 0:
-            return None
-        if self.perturbation == "sam":
-            return self._perturb_sam(closure, rho)
-        if self.refresh_before_ascent:
-            self._refresh_before_ascent(closure)
-        if any("basis" not in self.state[s.param] for b in self._zo_blocks for s in b if s.lowrank):
-            return None  # refresh after the ascent: no subspace before the first update
-        seeds = [mix(self.seed, _ZO, self.step_count, j) for j in range(self.q)]
-        dirs = Directions(
-            self._zo_blocks,
-            self.state,
-            seeds,
-            self._perturbed[0].device,
-            int(self.zo_buffer_mib * 2**20),
-        )
-        mu, cs, norm = self.mu, [], None
-        # Two forward passes per direction, no graph kept. no_grad, not inference_mode: a
-        # sharded model's first forward after a resume is this one, and FSDP2 would build its
-        # unsharded weights as inference tensors that the next training forward cannot use.
-        for j in range(self.q):
-            moved = dirs.move({j: mu}, measure=self.q == 1)
-            f_plus = self._loss(closure)
-            dirs.move({j: -2 * mu})
-            f_minus = self._loss(closure)
-            cs.append((f_plus - f_minus) / (2 * mu))
-            if self.q == 1:
-                norm = moved / mu  # ‖P‖
-            else:
-                dirs.move({j: mu})  # back to W (q = 1 merges it into the ε move below)
-        c = torch.stack(cs)
-        ok = torch.isfinite(c).all() & (c != 0).all()
-        if self.q == 1:
-            # ĝ = cP, so ε = ρ·sign(c)·P/‖P‖; the last "+μ" move is merged with the ε move:
-            # three passes over the directions before the backward instead of four.
-            eps = {0: torch.where(ok, rho * torch.sign(c[0]) / norm, 0.0)}
-            dirs.move({0: mu + eps[0]})
-        else:
-            coefs = {j: cs[j] / self.q for j in range(self.q)}  # ĝ = Σ_j (c_j / q) P_j
-            scale = rho / dirs.norm(coefs)
-            eps = {j: torch.where(ok, coefs[j] * scale, 0.0) for j in range(self.q)}
-            dirs.move(eps)
-        self._pending = {"dirs": dirs, "back": {j: -e for j, e in eps.items()}}
-        self._unrestored = set(self._perturbed)
-        return {"c": c, "rho": rho, "moved": ok}
-
-    def refreshes_early(self, p: torch.Tensor) -> bool:
-        """Whether ``p``'s basis is chosen in this step's refresh backward (a perturbed
-        low-rank matrix due for a refresh, not refreshed yet)."""
-        return p in self.zo_lowrank and self._refresh_due(p)
-
-    @torch.no_grad()
-    def refresh_early(self, params: list[torch.Tensor]) -> None:
-        """In the refresh backward (``phase == "refresh"``): choose ``Q_t`` of those of
-        ``params`` that ``refreshes_early`` from their gradients at ``W_t``, and free every
-        gradient of ``params``. Fused hooks call it as the gradients arrive; otherwise
-        ``perturb`` does, after the backward."""
-        for p in params:
-            if p.grad is not None and self.refreshes_early(p):
-                self._refresh(p, full(p.grad))
-                self._fresh.add(p)
-            p.grad = None
-
-    def _refresh_before_ascent(self, closure: Closure) -> None:
-        """The paper's order: on a refresh step, choose ``Q_t`` from the gradient at ``W_t``
-        (an extra forward/backward) before perturbing inside it."""
-        if not any(self.refreshes_early(p) for p in self._perturbed):
-            return
-        self.phase = "refresh"
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        finally:
-            self.phase = "update"
-        params = [p for g in self.param_groups for p in g["params"]]
-        if math.isfinite(float(loss)):  # one host read every update_gap steps
-            self.refresh_early(params)
-        self.zero_grad(set_to_none=True)
-
-    def _perturb_sam(self, closure: Closure, rho: float) -> dict:
-        self.phase = "ascent"
-        try:
-            with torch.enable_grad():
-                closure()
-        finally:
-            self.phase = "update"
-        params = [p for p in self._perturbed if p.grad is not None]
-        if not params:  # the closure ran no backward (a non-finite loss): nothing to ascend
-            return {"rho": rho, "moved": False}
-        grads = [p.grad for p in params]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        # a non-finite gradient gives ε = 0 (decided on the device; the step is then skipped)
-        ok = torch.isfinite(norm)
-        eps = [torch.where(ok, e, 0.0) for e in torch._foreach_mul(grads, rho / (norm + 1e-12))]
-        torch._foreach_add_(params, eps)
-        for p in params:
-            p.grad = None
-        self._pending = {"sam": dict(zip(params, eps, strict=True))}
-        self._unrestored = set(params)
-        return {"grad_norm": norm, "rho": rho, "moved": True}
-
-    def _zo_foldable(self, params: list[torch.Tensor]) -> set[torch.Tensor]:
-        """The parameters whose restore can ride on their update's GEMM: perturbed low-rank
-        matrices (full-rank ones gain nothing from folding)."""
-        if not (self._pending and "dirs" in self._pending):
-            return set()
-        return {p for p in params if p in self._unrestored and self._slot_of[p][1].lowrank}
-
-    def _by_block(self, params: list[torch.Tensor]) -> dict[int, list[Slot]]:
-        out: dict[int, list[Slot]] = {}
-        for p in params:
-            k, slot = self._slot_of[p]
-            out.setdefault(k, []).append(slot)
-        return out
-
-    def _add_restore_terms(self, params: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        """``targets[i] += −ε``'s numbers of ``params[i]`` (in ``Z``'s shape)."""
-        dirs, back = self._pending["dirs"], self._pending["back"]
-        where = {p: i for i, p in enumerate(params)}
-        zs = [None] * len(params)
-        for k, slots in self._by_block(params).items():
-            terms = dirs.restore_terms(k, back)
-            for s in slots:
-                z = full_z(s, s.view(terms), self.state[s.param])
-                zs[where[s.param]] = rows_of(s.param, z) if s.param in self.by_rows else z
-        torch._foreach_add_(targets, zs)
-
-    def _restore(self, params: list[torch.Tensor]) -> None:
-        """Move ``params`` back from ``W + ε`` (regenerating ε from its seed; SAM keeps its ε)."""
-        params = [p for p in params if p in self._unrestored]
-        if not params:
-            return
-        self._unrestored.difference_update(params)
-        if "sam" in self._pending:
-            torch._foreach_sub_(params, [self._pending["sam"].pop(p) for p in params])
-            return
-        dirs, back = self._pending["dirs"], self._pending["back"]
-        for k, slots in self._by_block(params).items():
-            dirs.apply_block(slots, dirs.restore_terms(k, back))
-
-    # ------------------------------------------------------------------- checkpoints
-    def _check_state_keys(self, saved: dict, stepped: bool) -> None:
-        params = [(p, g) for g in self.param_groups for p in g["params"]]
-        unexpected = sorted(set(saved) - set(range(len(params))))
-        if unexpected:
-            raise ValueError(
-                f"optimizer state has entries for parameters {unexpected} but the "
-                f"optimizer has {len(params)} parameters"
-            )
-        for i, (p, group) in enumerate(params):
-            if i not in saved:
-                if stepped and p.requires_grad:
-                    raise ValueError(
-                        f"optimizer state is missing parameter {i} of shape {tuple(p.shape)}"
-                    )
-                continue
-            want = _expected_keys(group, saved[i], self.perturbation == "rank_r")
-            have = set(saved[i])
-            if have != want:
-                raise ValueError(
-                    f"optimizer state of parameter {i} (shape {tuple(p.shape)}, rank "
-                    f"{group['rank']}): missing keys {sorted(want - have)}, unexpected keys "
-                    f"{sorted(have - want)}"
-                )
-
-    def state_dict(self) -> dict:
-        """Torch's, plus the step count and seed. Sharded 8-bit moments (a sharded
-        parameter's, or a matrix's kept by rows) are in it whole -- the codes a DTensor split
-        by rows, the per-block ``absmax`` gathered (a collective: every rank must call it) --
-        so any layout can load them."""
-        out = super().state_dict()
-        out["lorenza"] = {"step_count": self.step_count, "seed": self.seed}
-        states = out["state"]
-        for index, p in enumerate(self.index):
-            state = states.get(index, {})
-            if self.sharded_moments(p) and "absmax1" in state:
-                moments = state["exp_avg"]  # a DTensor: the whole shape, and the split
-                states[index] = {  # not in place: torch shares these dicts with self.state
-                    **state,
-                    **{k: gather_blocks(moments, state[k], BLOCKSIZE) for k in ABSMAX},
-                }
-        return out
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load, refusing a state that does not fit: every parameter of a checkpoint taken
-        after a step must have its state, with exactly the keys its group's kind produces."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("lorenza")
-        self._check_state_keys(state_dict["state"], stepped=extra["step_count"] > 0)
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        self.step_count, self.seed = extra["step_count"], extra["seed"]
-        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for i, p in zip(ids, params, strict=True):
-            if i not in saved:  # (self.state[p] would add an empty state)
-                continue
-            state = self.state[p]
-            # torch casts every tensor state to the parameter's dtype: each takes back the one
-            # it was saved in (uint8 moments, and bitsandbytes' float32 block scales and small
-            # moments beside bf16 weights, which a cast to bf16 would round)
-            for key, value in saved[i].items():
-                if torch.is_tensor(value) and value.dtype != state[key].dtype:
-                    state[key] = value.to(state[key].device, copy=True)
-            if self.sharded_moments(p):
-                self._shard_state(p, state)
-
-    def sharded_moments(self, p: torch.Tensor) -> bool:
-        """Whether ``p``'s moments are split by rows over the ranks: a sharded full-rank
-        parameter's (element-wise), or a matrix's kept by rows (``by_rows``)."""
-        return isinstance(p, DTensor) and (self.group_of(p)["rank"] is None or p in self.by_rows)
-
-    def split_state(self, p: torch.Tensor, key: str) -> bool:
-        """Whether ``p``'s state ``key`` is a DTensor split by rows (what a sharded
-        checkpoint loads it as): its moments when ``sharded_moments``, its basis when kept
-        by rows."""
-        return (key in MOMENTS and self.sharded_moments(p)) or (
-            key == "basis" and p in self.by_rows
-        )
-
-    def _shard_state(self, p: DTensor, state: dict) -> None:
-        """The states of a parameter that runs with them split by rows: given whole (saved by
-        a run without shards, or read whole) they are split -- the moments as ``p`` is, a
-        basis by its own rows; the 8-bit ``absmax``, whole in every state dict, keeps this
-        rank's blocks."""
-        for key in [k for k in state if self.split_state(p, k)]:
-            if not isinstance(state[key], DTensor):
-                value = state[key].to(p.to_local().device)
-                state[key] = distribute_tensor(value, p.device_mesh, [Shard(0)])
-        for key in ABSMAX if "absmax1" in state else ():
-            state[key] = local_blocks(state["exp_avg"], state[key], BLOCKSIZE)
-
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
-ABSMAX = ("absmax1", "absmax2")  # the 8-bit moments' per-block scales
-_STATE_KEYS = {"step", *MOMENTS}
-
 
 def _by_value(values: list) -> dict:
     """``{value: [indices where it occurs]}``, in first-seen order."""
@@ -785,19 +500,6 @@ def _by_value(values: list) -> dict:
     for i, v in enumerate(values):
         out.setdefault(v, []).append(i)
     return out
-
-
-def _expected_keys(group: dict, state: dict, rank_r: bool) -> set[str]:
-    keys = set(_STATE_KEYS)
-    if group["rank"] is not None:
-        keys.add("basis")
-    if group["rank"] is not None and rank_r:
-        keys.add("cobasis")
-    if group["rank"] is not None and group["residual"]:
-        keys.add("residual_norm")
-    if "absmax1" in state:
-        keys |= set(ABSMAX)
-    return keys
 
 
 def kept_by_rows(shape: tuple[int, ...], group: dict, world: int) -> bool:
@@ -811,25 +513,3 @@ def kept_by_rows(shape: tuple[int, ...], group: dict, world: int) -> bool:
     moments = (shape[0], group["rank"])
     quantized = group["bits"] == 8 and math.prod(moments) >= MIN_8BIT_SIZE
     return not quantized or starts_on_blocks(moments, world, BLOCKSIZE)
-
-
-def fira_residual(
-    grad: torch.Tensor, basis: torch.Tensor, low: torch.Tensor, n: torch.Tensor, state: dict
-) -> torch.Tensor:
-    """Lorenza+'s use of the gradient outside the subspace: Fira's norm-based scaling
-    (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
-    Constraint?", PyPI ``fira``). With ``Δ = G − Q Qᵀ G`` (the true orthogonal component),
-    ``φ_j = ‖N_j‖ / (‖ĝ_j‖ + 1e-8)`` over the unprojected dimension, ``S = Δ ⊙ φ``, and a
-    limiter that lets ``‖S‖`` grow by at most 1 % per step."""
-    left = is_left(grad.shape)
-    delta = grad - project_back(low, basis, grad.shape)
-    dim = 0 if left else 1
-    phi = n.norm(dim=dim) / (low.norm(dim=dim) + 1e-8)
-    s = delta * (phi if left else phi.unsqueeze(1))
-    norm = s.norm()
-    if "residual_norm" in state:
-        limiter = torch.clamp(norm / (state["residual_norm"] + 1e-8), min=1.01) / 1.01
-        s, norm = s / limiter, norm / limiter
-    # a zero gradient (a non-finite one, zeroed) must not reset the limiter to nothing
-    state["residual_norm"] = torch.where(norm > 0, norm, state.get("residual_norm", norm))
-    return s

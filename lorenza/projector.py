@@ -49,6 +49,9 @@ def mix(*keys: int) -> int:
     return seed
 
 
+# ``mix`` tags of the random streams: the sketches and the ZO directions never share numbers
+STREAM_SKETCH, STREAM_ZO = 1, 2
+
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
 

@@ -35,7 +35,7 @@ class Lorenza(SubspaceAdamW):
 
 class LorenzaPlus(Lorenza):
     """Lorenza+: LORENZA plus the gradient component outside the subspace, scaled as in Fira
-    (``optimizer.fira_residual``), at no extra memory."""
+    (``residual.fira_residual``), at no extra memory."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **{"residual": True, **kwargs})

@@ -1,0 +1,29 @@
+"""Lorenza+'s use of the gradient outside the subspace (Fira's norm-based scaling)."""
+
+from __future__ import annotations
+
+import torch
+
+from lorenza.projector import is_left, project_back
+
+
+def fira_residual(
+    grad: torch.Tensor, basis: torch.Tensor, low: torch.Tensor, n: torch.Tensor, state: dict
+) -> torch.Tensor:
+    """Lorenza+'s use of the gradient outside the subspace: Fira's norm-based scaling
+    (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+    Constraint?", PyPI ``fira``). With ``Δ = G − Q Qᵀ G`` (the true orthogonal component),
+    ``φ_j = ‖N_j‖ / (‖ĝ_j‖ + 1e-8)`` over the unprojected dimension, ``S = Δ ⊙ φ``, and a
+    limiter that lets ``‖S‖`` grow by at most 1 % per step."""
+    left = is_left(grad.shape)
+    delta = grad - project_back(low, basis, grad.shape)
+    dim = 0 if left else 1
+    phi = n.norm(dim=dim) / (low.norm(dim=dim) + 1e-8)
+    s = delta * (phi if left else phi.unsqueeze(1))
+    norm = s.norm()
+    if "residual_norm" in state:
+        limiter = torch.clamp(norm / (state["residual_norm"] + 1e-8), min=1.01) / 1.01
+        s, norm = s / limiter, norm / limiter
+    # a zero gradient (a non-finite one, zeroed) must not reset the limiter to nothing
+    state["residual_norm"] = torch.where(norm > 0, norm, state.get("residual_norm", norm))
+    return s
