@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -100,20 +101,27 @@ def main() -> None:
         "the ratio is to its planned bytes",
     )  # fmt: skip
     args = parser.parse_args()
-    rows, base = [], None
+    rows, base, failed = [], None, []
     shape = (args.model, args.batch, args.rank, args.checkpointing)
     for name in sorted(args.only, key=list(SETTINGS).index):
-        ranks = measure(shape, SETTINGS[name])
+        try:
+            ranks = measure(shape, SETTINGS[name])
+        except RuntimeError as err:  # (killed for memory, mostly): the other rows still count
+            failed.append(f"{name}: {str(err).strip().splitlines()[-1][:200]}")
+            rows.append([name, "failed", "failed", f"{planned(shape, SETTINGS[name]) / MIB:,.0f}",
+                         "-", "-"])  # fmt: skip
+            print(failed[-1], flush=True)
+            continue
         peak, plan = max(m for m, _ in ranks), ranks[0][1]
-        if base is None:  # the first row is the baseline, measured or else planned
-            base = peak if name == BASE else planned(shape, SETTINGS[BASE])
+        # the baseline: its measured peak when it is the first row, or else its planned bytes
+        base = base or (peak if name == BASE else planned(shape, SETTINGS[BASE]))
         rows.append([name, *(f"{m / MIB:,.0f}" for m, _ in ranks), f"{plan / MIB:,.0f}",
                      f"{100 * (plan / peak - 1):+.1f}%", f"{peak / base:.2f}"])  # fmt: skip
         print(rows[-1], flush=True)
     text = (
         f"## Peak memory per rank under FSDP2, fused or not, 32 or 8 bits ({args.model}, "
         f"{machine()})\n\n"
-        f"`python -m bench.fsdp_memory {' '.join(sys.argv[1:])}`: 2 gloo "
+        f"`python -m bench.fsdp_memory {shlex.join(sys.argv[1:])}`: 2 gloo "
         f"processes, micro-batch {args.batch} x 256, vocabulary 8000 (sample corpus), fp32, "
         f"rank {args.rank}, activation checkpointing {args.checkpointing}, no clipping; "
         "exact bytes (held shards and states + the third "
@@ -137,6 +145,7 @@ def main() -> None:
             rows,
         )  # fmt: skip
         + "\n"
+        + "".join(f"\nFailed, {line}\n" for line in failed)
     )
     suffix = "" if args.checkpointing == "none" else f"-checkpointing{args.checkpointing}"
     write_section(f"fsdp_memory-{args.model}{suffix}", text)
