@@ -65,7 +65,11 @@ def measure(shape: tuple, overrides: list[str]) -> list[tuple[float, float]]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "bench.fsdp_memory", "--worker", tmp,
                *common(*shape), *overrides]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # glibc returns every freed block of 128 KiB or more to the system at once: with its
+        # default (a threshold that rises to 32 MiB) each rank kept ~2.6 GB of freed heap at
+        # llama_350m (the whole model built before sharding, then a step's temporaries), and
+        # two llama_1b ranks no longer fit 24 GiB. The tensor bytes measured are the same.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if done.returncode:
             raise RuntimeError(done.stderr[-3000:])

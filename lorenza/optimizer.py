@@ -79,7 +79,6 @@ from lorenza.projector import (
     seeded_generator,
 )
 from lorenza.residual import fira_residual
-from lorenza.schedule import rho_for_lr
 from lorenza.sharded import (
     add_full_,
     check_blocks,
@@ -279,13 +278,6 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
         return kept_by_rows(p.shape, self.group_of(p), p.device_mesh.size())
 
     # ------------------------------------------------------------------- the update
-    def rho(self) -> float:
-        """``ρ_t`` for the learning rate the first group has now (GSAM schedule)."""
-        g = self.param_groups[0]
-        return rho_for_lr(
-            g["lr"], g["max_lr"], g["max_lr"] * self.min_lr_ratio, self.rho_max, self.rho_min
-        )
-
     def group_of(self, p: torch.Tensor) -> dict:
         """``p``'s param group, looked up now: ``load_state_dict`` replaces the group dicts,
         so a reference kept from before a resume would hold a stale learning rate."""

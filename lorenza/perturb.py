@@ -11,8 +11,8 @@ the ZO kinds: it is regenerated from its seed to move back.
 A mixin, so that the update path and the perturbation each read in one file. It reads what
 ``SubspaceAdamW`` sets up: the optimizer-level arguments (``perturbation``, ``mu``, ``q``,
 ``seed``, ...), ``blocks``, ``by_rows``, ``step_count``, the per-step bookkeeping
-(``_pending``, ``_unrestored``, ``_fresh``, ``phase``), and ``rho``, ``group_of``,
-``_refresh_due``, ``_refresh``.
+(``_pending``, ``_unrestored``, ``_fresh``, ``phase``), and ``group_of``, ``_refresh_due``,
+``_refresh``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from lorenza.projector import STREAM_ZO, mix
+from lorenza.schedule import rho_for_lr
 from lorenza.sharded import full, rows_of
 from lorenza.zo import Directions, Slot, full_z, layout, slot_shape
 
@@ -55,6 +56,13 @@ class SharpnessAware(torch.optim.Optimizer):
             if entries:
                 blocks.append(entries)
         return layout(blocks)
+
+    def rho(self) -> float:
+        """``ρ_t`` for the learning rate the first group has now (GSAM schedule)."""
+        g = self.param_groups[0]
+        return rho_for_lr(
+            g["lr"], g["max_lr"], g["max_lr"] * self.min_lr_ratio, self.rho_max, self.rho_min
+        )
 
     def _needs_closure(self) -> bool:
         return bool(self._perturbed) and self.rho() > 0
