@@ -332,7 +332,7 @@ def test_slurm_dry_run_prints_the_commands_inside_and_outside_an_allocation(tmp_
     scontrol.write_text("#!/bin/sh\nprintf 'gpu-a01\\ngpu-a02\\n'\n")
     scontrol.chmod(0o755)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},  # (its default: 8)
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NAME": "lorenza",

@@ -305,10 +305,10 @@ def _ranks_draw(rank: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_processes_draw_identical_directions(tmp_path):
+def test_two_processes_draw_identical_directions(tmp_path, monkeypatch):
     """The directions come from generators seeded by (seed, step, block), not from a
     process's own random state: two ranks with different global seeds perturb alike."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     out = tmp_path / "eps.pt"
     mp.spawn(_ranks_draw, args=(str(tmp_path / "init"), str(out)), nprocs=2)
     eps0, eps1 = torch.load(out)
