@@ -330,7 +330,7 @@ def weights_row(model: Llama, shards: int) -> Row:
     if shards == 1:
         masters = "masters" if kind == "fp32" else "weights"
         return Row("weights", total + buffers, f"{kind} {masters} + rotary tables")
-    root, units = fsdp_unit_bytes(model)
+    root = fsdp_unit_bytes(model)[0]
     how = f"{kind} shard (1/{shards}) + gathered {'root and ' if root else ''}2 units"
     return Row("weights", total / shards + fsdp_transient(model)[0] + buffers, how)
 
