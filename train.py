@@ -30,7 +30,6 @@ from data import (
     TokenizerUnavailable,
     build_train_loader,
     load_tokenizer,
-    regroup,
     validation_batches,
 )
 from lorenza import SubspaceAdamW, module_blocks
@@ -38,12 +37,10 @@ from lorenza.fused import FusedUpdates
 from lorenza.reduce import GradReducer, bytes_per_step
 from lorenza.schedule import lr_at
 from models import Llama, save_hf
-from models.llama import RUNTIME_KEYS
 from trainer.checkpoint import (
+    SaveFailed,
     all_finite,
-    read_state,
-    read_whole,
-    restore_state,
+    newest_intact,
     resume_path,
     save_checkpoint,
 )
@@ -52,7 +49,6 @@ from trainer.config import Config, to_config, weight_dtype
 from trainer.distributed import (
     CommCounter,
     Ranks,
-    barrier,
     broadcast_from_main,
     check_replicas,
     current,
@@ -73,11 +69,14 @@ from trainer.metrics import (
     peak_tflops,
     plot_losses,
     plot_sharpness,
+    strict_json,
     update_run_info,
 )
-from trainer.optimizers import build_optimizer, is_fused
+from trainer.optimizers import FORWARD_ONLY, build_optimizer, is_fused
 from trainer.plan import memory_plan
 from trainer.preemption import (
+    EXIT_INTERRUPTED,
+    EXIT_IO_ERROR,
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
     PREEMPTED_MARKER,
@@ -85,63 +84,56 @@ from trainer.preemption import (
     TrainingStopped,
 )
 from trainer.profiling import StepProfiler
+from trainer.resume import CheckpointRefused, resume, resume_changes, run_identity
 from trainer.run_dir import RunLock, check_fresh
-from trainer.settings import compare_settings, flat_config
+from trainer.settings import flat_config
 from trainer.sharded_checkpoint import (
-    is_sharded_checkpoint,
-    load_sharded_checkpoint,
-    read_sharded,
     save_sharded_checkpoint,
 )
 from trainer.sharding import (
     fsdp_units,
     full_model_state,
     fuse_updates,
-    load_model_state,
     shard_model,
 )
 from trainer.sharpness import measure
 from trainer.step import StepParts, evaluate, train_step
 
 
-def run_identity(cfg: Config) -> dict:
-    """What a checkpoint must have been written for to be resumed by this config (the model's
-    shape, not how it runs: activation checkpointing and the loss chunk may change). Kept
-    for checkpoints written before the whole config was stored in them."""
-    model = OmegaConf.to_container(OmegaConf.structured(cfg.model))
-    return {
-        "model": {k: v for k, v in model.items() if k not in RUNTIME_KEYS},
-        "optim": cfg.optim.name,
-    }
-
-
 @dataclass
 class Start:
-    """What the checks before any work found: the tokenizer, the checkpoint to resume (if
-    any) with the settings changed since it was written, and the run folder's lock."""
+    """What the checks before any work found: the tokenizer, the validation batches, the
+    checkpoint to resume (if any) with the settings changed since it was written, and the
+    run folder's lock."""
 
     tokenizer: Tokenizer
+    val: list = field(default_factory=list)
     checkpoint: Path | None = None
     changes: dict = field(default_factory=dict)
     lock: RunLock | None = None
 
-    def release(self) -> None:
+    def release(self, refused: bool = False) -> None:
+        """Unlock the run folder; ``refused``: the run did no work, so the folder is left as
+        it was found (a folder this run created is removed again)."""
         if self.lock is not None:
-            self.lock.release()
+            self.lock.release(remove_created=refused)
 
 
 def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Start:
     """Everything a user can get wrong, found before any work and raised as one line
     (``ValueError``, ``FileNotFoundError``, ``TokenizerUnavailable``): the config, the
-    tokenizer, the run folder (an earlier run's checkpoints without ``trainer.resume``,
-    another job's lock) and the checkpoint to resume (missing, damaged, other settings).
-    Every rank calls it and raises rank 0's error."""
+    tokenizer, the validation split, the run folder (an earlier run's checkpoints without
+    ``trainer.resume``, another job's lock) and the checkpoint to resume (missing, damaged,
+    other settings). Every rank calls it and raises rank 0's error. A refused run leaves no
+    folder and no lock behind."""
     adopt_init_from(cfg)  # a pretrained folder sets the shape, vocabulary and tokenizer
-    check_config(cfg)
     cfg.model.vocab_size = cfg.data.vocab_size  # the embedding holds every tokenizer piece
+    check_config(cfg)
     ranks = current()
     tokenizer = tokenizer or load_tokenizer_in_turn(cfg, ranks)
-    run_dir, t = Path(cfg.trainer.run_dir), cfg.trainer
+    t = cfg.trainer
+    val = validation_batches(cfg.data, tokenizer, t.batch_size, cfg.data.val_tokens)
+    run_dir = Path(t.run_dir)
     lock = RunLock(run_dir) if ranks.is_main else None
 
     def claim() -> tuple[Path | None, dict]:
@@ -151,42 +143,11 @@ def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Start:
             checkpoint = resume_path(t.resume, run_dir)
             return checkpoint, resume_changes(cfg, checkpoint, ranks.world)
         except ValueError:
-            lock.release()
+            lock.release(remove_created=True)
             raise
 
     checkpoint, changes = on_main(claim)
-    return Start(tokenizer, checkpoint, changes, lock)
-
-
-def resume_changes(cfg: Config, checkpoint: Path | None, world: int) -> dict:
-    """The settings this run changes from ``checkpoint``'s (``{key: [old, new]}``); refuses
-    in one line, listing them all, changes of what shapes the state or the optimizer's
-    meaning (``trainer.settings``), and a data position it cannot continue."""
-    if checkpoint is None:
-        return {}
-    state = read_state(checkpoint)
-    if "config" not in state:  # written before checkpoints held their config
-        for key, value in run_identity(cfg).items():
-            if state[key] != value:
-                raise ValueError(f"checkpoint {checkpoint} was written for {key}={state[key]}")
-        return {}
-    refused, changes = compare_settings(state["config"], flat_config(cfg))
-    if refused:
-        raise ValueError(
-            f"cannot resume {checkpoint} with other settings of the model, optimizer or data "
-            f"({'; '.join(refused)}): use the checkpoint's values, or start a new run"
-        )
-    if cfg.trainer.resume_data:
-        try:
-            regroup(state["data"], 0, world, cfg.data.num_workers)
-        except ValueError as err:
-            raise ValueError(
-                f"cannot continue the data stream of checkpoint {checkpoint}: {err}; resume "
-                f"with as many readers, or with trainer.resume_data=false to start the data "
-                f"stream afresh"
-            ) from None
-    changes.pop("trainer.resume", None)  # resuming is the point
-    return changes
+    return Start(tokenizer, val, checkpoint, changes, lock)
 
 
 def fit(
@@ -203,15 +164,26 @@ def fit(
     with ExitStack() as stack:
         stops = stops or stack.enter_context(StopRequests())
         start = start or prepare(cfg, tokenizer)
+        try:  # nothing is written before the logs open: a failure here leaves no trace
+            run = build_run(cfg, start.tokenizer, start.val)
+            if start.checkpoint is not None:
+                start.checkpoint, start.changes = resume(run, start.checkpoint, start.changes)
+            elif cfg.model.init_from:
+                load_pretrained(run.model, cfg.model.init_from, run.ranks.is_main)
+        except BaseException:
+            start.release(refused=True)
+            raise
         stack.callback(start.release)
-        run = build_run(cfg, start.tokenizer)
-        if start.checkpoint is not None:
-            restore(run, start.checkpoint)
-        elif cfg.model.init_from:
-            load_pretrained(run.model, cfg.model.init_from, run.ranks.is_main)
         open_logs(run, start)
         batches = stack.enter_context(closing(iter(run.loader)))  # ends workers on any error
+        first, skipped = run.step, run.skipped
         loss, val_loss = step_loop(run, batches, stops, evaluate_first=start.checkpoint is None)
+        if run.step > first and run.skipped - skipped >= run.step - first:
+            raise TrainingStopped(
+                f"every one of the {run.step - first} steps was skipped as non-finite: nothing "
+                f"was learnt (see trainer.on_nonfinite; lower optim.lr or optim.rho_max)",
+                EXIT_NONFINITE,
+            )
         export(run, start.tokenizer)
         return {
             "step": cfg.trainer.max_steps,
@@ -290,40 +262,55 @@ class Run:
             **run_identity(self.cfg),
         }
         model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        keep = self.cfg.trainer.keep_last
         if self.sharded:  # every rank writes its shards (trainer/sharded_checkpoint.py)
             if not all(gather_to_all(all_finite(model_state, optimizer_state))):  # its shards
                 raise self.nonfinite_state(step)
-            save_sharded_checkpoint(
-                self.run_dir, model_state, optimizer_state, state, self.cfg.trainer.keep_last
-            )
-            return
-        if self.ranks.enabled:
-            state["replica_digests"] = check_replicas(self.model)
-        if not on_main(lambda: all_finite(model_state, optimizer_state)):
-            raise self.nonfinite_state(step)
-        if self.ranks.is_main:
-            save_checkpoint(
-                self.run_dir, model_state, optimizer_state, state, self.cfg.trainer.keep_last
-            )
-        barrier()  # nobody goes on (or exits) before the checkpoint is complete
+            failed = None
+            try:
+                save_sharded_checkpoint(self.run_dir, model_state, optimizer_state, state, keep)
+            except SaveFailed as err:  # on every rank alike
+                failed = str(err)
+        else:
+            if self.ranks.enabled:
+                state["replica_digests"] = check_replicas(self.model)
+            if not on_main(lambda: all_finite(model_state, optimizer_state)):
+                raise self.nonfinite_state(step)
+            failed = None
+            if self.ranks.is_main:
+                try:
+                    save_checkpoint(self.run_dir, model_state, optimizer_state, state, keep)
+                except SaveFailed as err:
+                    failed = str(err)
+            failed = broadcast_from_main(failed)  # nobody goes on before it is complete
+        if failed is not None:
+            raise TrainingStopped(failed, EXIT_IO_ERROR)
 
     def nonfinite_state(self, step: int) -> TrainingStopped:
+        newest = on_main(lambda: newest_intact(self.run_dir))
+        last = (
+            f"the newest checkpoint, {newest}, is the last good state"
+            if newest
+            else f"{self.run_dir} holds no checkpoint: no good state was saved"
+        )
         return TrainingStopped(
-            f"the weights or optimizer states are not finite at step {step}: no "
-            f"checkpoint written (the newest one in {self.run_dir} is the last good state)",
+            f"the weights or optimizer states are not finite at step {step}: no checkpoint "
+            f"written ({last})",
             EXIT_NONFINITE,
         )
 
 
-def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
+def build_run(cfg: Config, tokenizer: Tokenizer, val: list | None = None) -> Run:
     """The model (compiled, sharded as configured), optimizer, fused hooks or DDP wrapper,
-    training stream and validation set of a run."""
+    training stream and validation set (``val``: ``prepare``'s batches, read here if None)
+    of a run."""
     t = cfg.trainer
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ranks = current()
     device = pick_device(t.device, ranks)
     model = Llama(cfg.model).to(device, weight_dtype(t.precision))
-    compiled = t.compile if t.compile is not None else device.type == "cuda"
+    forward_only = cfg.optim.name in FORWARD_ONLY  # probes compiled graphs cannot see
+    compiled = t.compile if t.compile is not None else device.type == "cuda" and not forward_only
     if compiled:  # before any wrapping: DDP and FSDP2 then wrap compiled layers
         model.compile_layers(t.compile_backend)
     sharded = cfg.dist.fsdp and ranks.enabled
@@ -355,10 +342,9 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
         if t.precision == "bf16"
         else nullcontext()
     )
-    val = [
-        (x.to(device), y.to(device))
-        for x, y in validation_batches(cfg.data, tokenizer, t.batch_size, cfg.data.val_tokens)
-    ]
+    if val is None:
+        val = validation_batches(cfg.data, tokenizer, t.batch_size, cfg.data.val_tokens)
+    val = [(x.to(device), y.to(device)) for x, y in val]
     val_set = [  # FSDP: every rank runs every forward
         batch for i, batch in enumerate(val) if sharded or i % ranks.world == ranks.rank
     ]
@@ -375,26 +361,6 @@ def build_run(cfg: Config, tokenizer: Tokenizer) -> Run:
         compiled,
         per_param_clip,
     )
-
-
-def restore(run: Run, checkpoint: Path) -> None:
-    """Model, optimizer, step, tokens and (with ``trainer.resume_data``) the data position
-    from ``checkpoint`` (already checked by ``prepare``)."""
-    state = restore_state(checkpoint)
-    if run.sharded and is_sharded_checkpoint(checkpoint):
-        load_sharded_checkpoint(checkpoint, run.model, run.optimizer)
-    else:  # whole states: read by every rank, or by rank 0 alone into a sharded model
-        model_state, optimizer_state = (
-            read_sharded(checkpoint)
-            if is_sharded_checkpoint(checkpoint)
-            else read_whole(checkpoint, weights=run.ranks.is_main or not run.sharded)
-        )
-        load_model_state(run.model, model_state)
-        run.optimizer.load_state_dict(optimizer_state)  # it shards what is sharded
-    run.step, run.tokens, run.skipped = state["step"], state["tokens"], state.get("skipped", 0)
-    if run.cfg.trainer.resume_data:
-        ranks, workers = run.ranks, run.cfg.data.num_workers  # any layout of as many readers
-        run.loader.load_state_dict(regroup(state["data"], ranks.rank, ranks.world, workers))
 
 
 def open_logs(run: Run, start: Start) -> None:
@@ -457,9 +423,9 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
         ]
         run.parts.stop_requested = stops.received is not None
         loss = train_step(cfg, run.parts, micro, run.per_param_clip)
-        if run.parts.nonfinite or run.parts.zeroed:
-            on_nonfinite(run, step, loss)
         run.step, run.tokens = step + 1, run.tokens + tokens_per_step
+        if run.parts.nonfinite or run.parts.zeroed:
+            on_nonfinite(run, loss)
         done = run.step
         profiler.after(done)
         meter.tokens += tokens_per_step
@@ -478,25 +444,28 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
     return loss, val_loss
 
 
-def on_nonfinite(run: Run, step: int, loss: float) -> None:
-    """A step that met a non-finite loss or gradient: count it, or stop with a checkpoint
-    of the state before it (``trainer.on_nonfinite=stop``)."""
+def on_nonfinite(run: Run, loss: float) -> None:
+    """Step ``run.step`` met a non-finite loss or gradient and was skipped: count it, or stop
+    (``trainer.on_nonfinite=stop``) with a checkpoint that counts it as skipped -- the
+    weights and states from before it, the data stream and random streams past it, so that a
+    resumed run goes on with the next batch."""
     run.skipped += 1
     if run.cfg.trainer.on_nonfinite == "skip":
         return
-    run.save(step)
+    run.save(run.step)
     what = (
         f"non-finite loss ({loss})"
         if math.isnan(loss) or math.isinf(loss)
         else "non-finite gradients"
     )
     zeroed = (
-        f" (fused updates: step {step}'s non-finite gradients were replaced by zeros)"
+        f" (fused updates: step {run.step - 1}'s non-finite gradients were replaced by zeros)"
         if run.parts.zeroed
         else ""
     )
     raise TrainingStopped(
-        f"{what} at step {step + 1}; the state before it is checkpointed{zeroed}",
+        f"{what} at step {run.step}: skipped, and checkpointed as step {run.step} with the "
+        f"state from before it{zeroed}",
         EXIT_NONFINITE,
     )
 
@@ -599,10 +568,10 @@ def plan(cfg: Config) -> None:
     whether it fits (exit 0 either way: it is a forecast, not a failure), train nothing."""
     try:
         adopt_init_from(cfg)
+        cfg.model.vocab_size = cfg.data.vocab_size
         check_config(cfg)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
-    cfg.model.vocab_size = cfg.data.vocab_size
     result = memory_plan(cfg)
     print(f"memory plan: {cfg.model.name}, {cfg.optim.name}, {result.world} process(es)")
     print(result.table())
@@ -611,7 +580,15 @@ def plan(cfg: Config) -> None:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(dict_cfg) -> None:
     with StopRequests() as stops:  # from the start: a stop during set-up waits for step 1
-        run(to_config(dict_cfg), stops)
+        try:
+            run(to_config(dict_cfg), stops)
+        except KeyboardInterrupt:  # a second Ctrl-C: leave now, without a traceback
+            print(
+                f"interrupted: the newest checkpoint in {dict_cfg.trainer.run_dir} (if any) is "
+                "the last saved state",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_INTERRUPTED)
 
 
 def run(cfg: Config, stops: StopRequests) -> None:
@@ -631,13 +608,16 @@ def run(cfg: Config, stops: StopRequests) -> None:
         sys.exit(f"error: {err}")
     try:
         result = fit(cfg, stops=stops, start=start)
+    except CheckpointRefused as err:  # found while loading, still before any step
+        shutdown()
+        sys.exit(f"error: {err}")
     except TrainingStopped as stop:
         shutdown()
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
     shutdown()  # an unexpected error skips it: the other ranks may never reach the barrier
     if ranks.is_main:
-        print(json.dumps(result))
+        print(strict_json(result))
 
 
 if __name__ == "__main__":

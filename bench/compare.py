@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from bench.results import markdown_table
+from trainer.metrics import read_metrics
 
 
 class NotARun(ValueError):
@@ -33,13 +34,7 @@ def load(folder: Path) -> dict:
     """The run's metrics rows, run_info and config; ``NotARun`` naming the folder if it has
     no logged step."""
     path = folder / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by a crash: the others still count
+    rows = read_metrics(path) if path.is_file() else []  # a line cut by a crash is left out
     if not any("loss" in r or "val_loss" in r for r in rows):
         raise NotARun(f"{folder} is not a run with metrics: no logged step in {path}")
     info_path, config_path = folder / "run_info.json", folder / "config.yaml"

@@ -28,7 +28,6 @@ by default.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ import torch
 from bench.memory import Convention, estimate, shapes
 from bench.results import markdown_table, write_section
 from tests.conftest import ROOT, model_config
+from trainer.metrics import read_metrics
 from trainer.optimizers import PURE_BF16
 
 OPTIMIZERS = ("adamw", "galore", "lorenza", "lorenza_plus")
@@ -214,7 +214,7 @@ def command(
 
 def rows_of(folder: Path) -> list[dict]:
     path = folder / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(path) if path.exists() else []
 
 
 def finished(folder: Path, steps: int) -> bool:

@@ -6,8 +6,10 @@ A file holds one kind of record, told by its first good line:
 - ``{"prompt": ..., "completion": ...}``: one example per record, loss on the completion
   only (data/packing.py).
 
-A line that is not of the file's kind (bad JSON, a missing field, a field that is not a string)
-is skipped, warned about once and counted, as a bad C4 line is. Validation comes from
+A line that is not of the file's kind (bad JSON, a missing field, a field that is not a string,
+an empty or blank ``text`` or ``completion``: nothing to learn but the end-of-text token) is
+skipped, warned about once and counted, as a bad C4 line is; a file none of whose first 100
+lines is a good record is refused before any work. Validation comes from
 `data.validation` (a second file) or, without one, from a held-out fraction of the training
 file's lines, chosen by a hash of the line number, so that it is the same on every run,
 rank and worker and disjoint from what is trained on.
@@ -43,14 +45,23 @@ def record_kind(file: Path, lines: int = 100) -> str:
             except ValueError:
                 continue
             for kind in ("pairs", "text"):
-                if isinstance(record, dict) and all(
-                    isinstance(record.get(k), str) for k in KINDS[kind]
-                ):
+                if fields(record, KINDS[kind]) is not None:
                     return kind
     raise ValueError(
         f"data.path={str(file)!r}: none of its first {lines} lines is a JSON object with a "
-        f"string 'text', or string 'prompt' and 'completion'"
+        f"non-empty string 'text', or a string 'prompt' and a non-empty string 'completion'"
     )
+
+
+def fields(record: object, keys: tuple[str, ...]) -> list[str] | None:
+    """``record``'s string values of ``keys``, the last one (the text, or the completion)
+    not blank; None if it is not such a record."""
+    if not isinstance(record, dict):
+        return None
+    values = [record.get(k) for k in keys]
+    if not all(isinstance(v, str) for v in values) or not values[-1].strip():
+        return None
+    return values
 
 
 class JsonlRecords(LocalShards):
@@ -71,7 +82,10 @@ class JsonlRecords(LocalShards):
     ) -> None:
         super().__init__([file], reader, num_readers)
         self.fields, self.keep, self.fraction = KINDS[kind], keep, fraction
-        self.expects = "a JSON object with string " + " and ".join(map(repr, self.fields))
+        self.expects = (
+            "a JSON object with string " + " and ".join(map(repr, self.fields)) + ", the last "
+            "not empty"
+        )
 
     def blocks(
         self, seed: int | None, epoch: int, cursor: Cursor | None, size: int
@@ -83,9 +97,7 @@ class JsonlRecords(LocalShards):
             yield block, after
 
     def document(self, record: object) -> Document | None:
-        if not isinstance(record, dict):
-            return None
-        values = [record.get(k) for k in self.fields]
-        if not all(isinstance(v, str) for v in values):
+        values = fields(record, self.fields)
+        if values is None:
             return None
         return values[0] if len(values) == 1 else (values[0], values[1])

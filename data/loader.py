@@ -166,14 +166,24 @@ def validation_batches(
     else:
         docs = read_documents(shard_files(data_cfg.path, "validation"))
     examples, available = [], 0
-    encoded = (encode_document(tokenizer.encode, doc) for doc in docs)
-    for example in pack(encoded, data_cfg.seq_len, tokenizer.eos_id, data_cfg.packs()):
+    packs, n = data_cfg.packs(), data_cfg.seq_len
+    encoded = (
+        encode_document(tokenizer.encode, doc, None if packs and isinstance(doc, str) else n)
+        for doc in docs
+    )
+    for example in pack(encoded, n, tokenizer.eos_id, packs):
         examples.append(example)
         available += sum(t != IGNORE for t in example[1])
         if available >= num_tokens:
             starts = range(0, len(examples), batch_size)
             return [to_batch(examples[i : i + batch_size]) for i in starts]
+    more = (
+        "or hold out more lines (data.val_fraction) or give a file (data.validation)"
+        if data_cfg.source == "jsonl"
+        else "or use a larger validation split"
+    )
     raise ValueError(
         f"data.val_tokens={num_tokens} but the validation split of data.path={data_cfg.path!r} "
-        f"holds only {available} target tokens at seq_len {data_cfg.seq_len}"
+        f"holds only {available} target tokens at seq_len {data_cfg.seq_len}: set "
+        f"data.val_tokens={available} or less, {more}"
     )

@@ -27,13 +27,54 @@ Document = str | tuple[str, str]  # a text, or a (prompt, completion) pair
 Encoded = tuple[list[int], int]  # token ids, and how many of the first are prompt
 
 
-def encode_document(encode: Callable[[str], list[int]], doc: Document) -> Encoded:
+def encode_document(
+    encode: Callable[[str], list[int]], doc: Document, limit: int | None = None
+) -> Encoded:
     """A document's token ids and its prompt length (0 for a text). Prompt and completion
-    are encoded apart, so that the boundary is exact."""
+    are encoded apart, so that the boundary is exact. ``limit``: the document becomes one
+    example of at most that many tokens (pairs; texts without packing), so only a text's
+    first ``limit`` tokens, a prompt's last and a completion's first are needed -- and only
+    that much of a long text is encoded (a 50 MB record costs what its example holds)."""
+    if limit is None:
+        if isinstance(doc, str):
+            return encode(doc), 0
+        prompt = encode(doc[0])
+        return prompt + encode(doc[1]), len(prompt)
     if isinstance(doc, str):
-        return encode(doc), 0
-    prompt = encode(doc[0])
-    return prompt + encode(doc[1]), len(prompt)
+        return encode_head(encode, doc, limit), 0
+    prompt = encode_tail(encode, doc[0], limit)
+    return prompt + encode_head(encode, doc[1], limit), len(prompt)
+
+
+# Characters per token to try first when encoding only part of a text (English BPE averages
+# ~4); the part grows fourfold until it holds enough tokens.
+_CHARS_PER_TOKEN = 8
+_SPACES = (" ", "\n", "\t")
+
+
+def encode_head(encode: Callable[[str], list[int]], text: str, n: int) -> list[int]:
+    """``encode(text)[:n]``, encoding only a prefix of ``text``. The prefix ends at a space:
+    sentencepiece pieces never cross whitespace, so the prefix's pieces are the whole
+    text's first pieces; it must hold more than ``n`` of them (the last may be cut short)."""
+    size = _CHARS_PER_TOKEN * (n + 1)
+    while size < len(text):
+        cut = max(text.rfind(c, 0, size) for c in _SPACES)
+        if cut > 0 and len(ids := encode(text[:cut])) > n:
+            return ids[:n]
+        size *= 4
+    return encode(text)[:n]
+
+
+def encode_tail(encode: Callable[[str], list[int]], text: str, n: int) -> list[int]:
+    """``encode(text)[-n:]`` (n >= 1), encoding only a suffix of ``text`` that starts after
+    a space (as ``encode_head``, from the other end)."""
+    size = _CHARS_PER_TOKEN * (n + 1)
+    while size < len(text):
+        starts = [i for i in (text.find(c, len(text) - size) for c in _SPACES) if i >= 0]
+        if starts and len(ids := encode(text[min(starts) + 1 :])) > n:
+            return ids[-n:]
+        size *= 4
+    return encode(text)[-n:]
 
 
 class Packer:

@@ -115,7 +115,10 @@ class Reader:
                 if (example := self.packer.pop()) is not None:
                     examples.append(example)
                 else:
-                    self.packer.add(*encode_document(self.tokenizer.encode, next(docs)))
+                    doc = next(docs)
+                    whole = self.packer.packing and isinstance(doc, str)
+                    limit = None if whole else self.packer.seq_len
+                    self.packer.add(*encode_document(self.tokenizer.encode, doc, limit))
             state = dataclasses.replace(self.state, tokens=list(self.packer.tokens))
             yield *to_batch(examples), dataclasses.asdict(state)
 

@@ -66,7 +66,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorenza.forward_only import ForwardOnlyOptimizer
+from lorenza.forward_only import ForwardOnlyOptimizer, evaluate_moved
 from lorenza.projector import seeded_generator
 
 
@@ -122,9 +122,12 @@ class LOREN(ForwardOnlyOptimizer):
         shaped = u.addmm_((beta * t)[:, None], a[None, :], alpha=-1)  # in place: no outer product
         return shaped, eps_a
 
-    def _move(self, k: int, scale: float) -> None:
-        for i, p, _ in self._params():
-            rows(p).add_(self._shaped(i, p, k)[0], alpha=scale)
+    def _at(self, k: int) -> dict:
+        """Each parameter at ``W + μũ_k``, computed when an operation needs it."""
+        return {
+            p: (lambda i=i, p=p: self._shaped(i, p, k)[0].mul_(self.mu).view_as(p).add_(p))
+            for i, p, _ in self._params()
+        }
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -132,12 +135,7 @@ class LOREN(ForwardOnlyOptimizer):
         mean of the K losses (the baseline) as a device tensor."""
         self._require(closure)
         mu, K, lam = self.mu, self.K, self.damping
-        losses = []
-        for k in range(K):
-            self._move(k, mu)
-            losses.append(closure().detach())
-            self._move(k, -mu)  # back to W (to float32 rounding, like every perturb-and-restore)
-        f = torch.stack(losses)
+        f = torch.stack([evaluate_moved(closure, self._at(k)) for k in range(K)])
         ok = torch.isfinite(f).all()
         weight = torch.where(ok, (f - f.mean()) / (mu * (K - 1)), 0.0)
         for i, p, group in self._params():

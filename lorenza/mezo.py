@@ -2,8 +2,9 @@
 zeroth-order SGD that never runs a backward and never stores a direction.
 
 Per step one seed; ``z ~ N(0, I)`` for every parameter is regenerated from it whenever it is
-needed (four times: ``+μz``, ``−2μz``, ``+μz`` back, and the update), so the memory is the
-model's and an inference forward's. With ``f± = f(W ± μz)``:
+needed (in each probe, at each use of the parameter, and in the update), so the memory is the
+model's and an inference forward's, plus one parameter at its probe point. The probes never
+move ``W`` (``forward_only.evaluate_moved``). With ``f± = f(W ± μz)``:
 
     ĝ = (f₊ − f₋) / (2μ) · z,        W ← W − lr·(ĝ + wd·W)   (decoupled decay, as SGD's)
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorenza.forward_only import ForwardOnlyOptimizer
+from lorenza.forward_only import ForwardOnlyOptimizer, evaluate_moved
 
 
 class MeZO(ForwardOnlyOptimizer):
@@ -36,11 +37,12 @@ class MeZO(ForwardOnlyOptimizer):
     ):
         super().__init__(params, lr, mu, weight_decay, seed)
 
-    def _move(self, scale: float) -> None:
-        """``W += scale · z`` for every parameter, ``z`` regenerated from the step's seed
-        (one parameter-sized temporary at a time, as in every update below)."""
-        for i, p, _ in self._params():
-            p.add_(self._noise(i, p), alpha=scale)
+    def _at(self, scale: float) -> dict:
+        """Each parameter at ``W + scale·z``, computed when an operation needs it."""
+        return {
+            p: (lambda i=i, p=p: self._noise(i, p).mul_(scale).add_(p))
+            for i, p, _ in self._params()
+        }
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -48,11 +50,8 @@ class MeZO(ForwardOnlyOptimizer):
         ``W + μz``, MeZO's reported loss) as a device tensor."""
         self._require(closure)
         mu = self.mu
-        self._move(mu)
-        f_plus = closure().detach()
-        self._move(-2 * mu)
-        f_minus = closure().detach()
-        self._move(mu)  # back to W (to float32 rounding, like every perturb-and-restore)
+        f_plus = evaluate_moved(closure, self._at(mu))
+        f_minus = evaluate_moved(closure, self._at(-mu))
         c = (f_plus - f_minus) / (2 * mu)
         ok = torch.isfinite(c)
         c = torch.where(ok, c, 0.0)

@@ -10,10 +10,13 @@ and ``group_of``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lorenza.adam import BLOCKSIZE
+from lorenza.projector import is_left
 from lorenza.sharded import gather_blocks, local_blocks
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -24,7 +27,7 @@ _STATE_KEYS = {"step", *MOMENTS}
 class CheckpointState(torch.optim.Optimizer):
     """``state_dict``/``load_state_dict`` for ``SubspaceAdamW`` (module docstring)."""
 
-    def _check_state_keys(self, saved: dict, stepped: bool) -> None:
+    def _check_state_keys(self, saved: dict, step_count: int) -> None:
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         unexpected = sorted(set(saved) - set(range(len(params))))
         if unexpected:
@@ -34,7 +37,7 @@ class CheckpointState(torch.optim.Optimizer):
             )
         for i, (p, group) in enumerate(params):
             if i not in saved:
-                if stepped and p.requires_grad:
+                if step_count > 0 and p.requires_grad:
                     raise ValueError(
                         f"optimizer state is missing parameter {i} of shape {tuple(p.shape)}"
                     )
@@ -46,6 +49,18 @@ class CheckpointState(torch.optim.Optimizer):
                     f"optimizer state of parameter {i} (shape {tuple(p.shape)}, rank "
                     f"{group['rank']}): missing keys {sorted(want - have)}, unexpected keys "
                     f"{sorted(have - want)}"
+                )
+            for key, shape in _expected_shapes(tuple(p.shape), group, saved[i]).items():
+                got = tuple(saved[i][key].shape)
+                if got != shape:
+                    raise ValueError(
+                        f"optimizer state {key!r} of parameter {i} (shape {tuple(p.shape)}, "
+                        f"rank {group['rank']}) has shape {got}, not {shape}"
+                    )
+            if saved[i].get("step", 0) > step_count:
+                raise ValueError(
+                    f"optimizer state of parameter {i} is at step {saved[i]['step']}, past "
+                    f"the optimizer's {step_count}"
                 )
 
     def state_dict(self) -> dict:
@@ -67,11 +82,13 @@ class CheckpointState(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load, refusing a state that does not fit: every parameter of a checkpoint taken
-        after a step must have its state, with exactly the keys its group's kind produces."""
+        """Load, refusing a state that does not fit before touching anything: every
+        parameter of a checkpoint taken after a step must have its state, with exactly the
+        keys its group's kind produces, each of the shape it needs (whole, whatever the
+        layout), and no step count past the optimizer's."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("lorenza")
-        self._check_state_keys(state_dict["state"], stepped=extra["step_count"] > 0)
+        self._check_state_keys(state_dict["state"], extra["step_count"])
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         self.step_count, self.seed = extra["step_count"], extra["seed"]
@@ -127,3 +144,21 @@ def _expected_keys(group: dict, state: dict, rank_r: bool) -> set[str]:
     if "absmax1" in state:
         keys |= set(ABSMAX)
     return keys
+
+
+def _expected_shapes(shape: tuple[int, ...], group: dict, state: dict) -> dict[str, tuple]:
+    """The whole shape of each tensor state of a parameter of ``shape`` in ``group``: the
+    moments (and a rank_r cobasis) the projected gradient's, ``r x n`` (left) or ``m x r``
+    (right), or the parameter's own at full rank; the basis ``m x r`` or ``n x r``; an 8-bit
+    moment's per-block scales one per ``BLOCKSIZE`` values."""
+    low, out = shape, {}
+    if group["rank"] is not None:
+        (m, n), r = shape, group["rank"]
+        low = (r, n) if is_left(shape) else (m, r)
+        out["basis"] = (m, r) if is_left(shape) else (n, r)
+        if "cobasis" in state:
+            out["cobasis"] = low
+    out["exp_avg"] = out["exp_avg_sq"] = low
+    if "absmax1" in state:
+        out["absmax1"] = out["absmax2"] = (math.ceil(math.prod(low) / BLOCKSIZE),)
+    return out

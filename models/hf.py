@@ -8,6 +8,7 @@ dependencies (the parity tests use it).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -113,11 +114,12 @@ def check_hf_config(folder: Path, hf: dict) -> None:
 
 def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of ``model.safetensors``, or of the shards that
-    ``model.safetensors.index.json`` lists, in float32 (bf16/fp16 checkpoints are widened:
-    training keeps float32 master weights)."""
+    ``model.safetensors.index.json`` lists (each a file inside ``folder``: an index pointing
+    elsewhere is refused), in float32 (bf16/fp16 checkpoints are widened: training keeps
+    float32 master weights)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = shard_files(folder, json.loads(index.read_text()).get("weight_map"))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -131,16 +133,74 @@ def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def shard_files(folder: Path, weight_map) -> list[str]:
+    """The shard files an index's ``weight_map`` names, each a file inside ``folder``."""
+    where = f"{folder}/model.safetensors.index.json"
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{where}: weight_map must map tensor names to file names")
+    files = sorted(set(weight_map.values()))
+    inside = folder.resolve()
+    for name in files:
+        if Path(name).is_absolute() or not (folder / name).resolve().is_relative_to(inside):
+            raise ValueError(f"{where}: shard {name!r} is outside the folder")
+    return files
+
+
+# The config.json fields our model reads, and what each must be; a missing required one, a
+# string for a number or a number for a bool is refused before anything is built.
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "max_position_embeddings",
+)
+_KINDS = {
+    **dict.fromkeys((*_REQUIRED, "num_key_value_heads", "head_dim"), "a positive integer"),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "initializer_range"), "a positive number"),
+    "tie_word_embeddings": "true or false",
+}
+
+
+def check_hf_types(folder: Path, hf: dict) -> None:
+    """Refuse, naming the field, a ``config.json`` value of the wrong type or range."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{folder}/config.json is not a JSON object")
+    for key in _REQUIRED:
+        if key not in hf:
+            raise ValueError(f"{folder}/config.json has no {key!r}")
+    for key, kind in _KINDS.items():
+        if key not in hf:
+            continue
+        value = hf[key]
+        if kind == "true or false":
+            ok = isinstance(value, bool)
+        elif kind == "a positive integer":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        else:
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value > 0
+            )
+        if not ok:
+            raise ValueError(f"{folder}/config.json: {key}={value!r} must be {kind}")
+
+
 def hf_shape(folder: str | os.PathLike) -> dict:
     """The ``ModelConfig`` fields of the network in a Hugging Face LLaMA folder (checked by
-    ``check_hf_config``): its shape, ``rope_theta`` and ``rms_norm_eps``."""
+    ``check_hf_types`` and ``check_hf_config``): its shape, ``rope_theta`` and
+    ``rms_norm_eps``."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
     hf = json.loads((folder / "config.json").read_text())
-    check_hf_config(folder, hf)
-    if "rope_theta" in (hf.get("rope_parameters") or {}):
+    if isinstance(hf, dict) and "rope_theta" in (hf.get("rope_parameters") or {}):
         hf["rope_theta"] = hf["rope_parameters"]["rope_theta"]
+    check_hf_types(folder, hf)
+    check_hf_config(folder, hf)
     kv = hf.get("num_key_value_heads", hf["num_attention_heads"])
     return {
         "num_key_value_heads": kv if kv != hf["num_attention_heads"] else None,
@@ -153,6 +213,7 @@ def load_hf(folder: str | os.PathLike, name: str = "hf") -> Llama:
     ``model.safetensors`` or its shards; grouped-query attention, any ``rope_theta`` and
     ``rms_norm_eps``; bf16 weights become float32. A config it cannot represent is refused
     naming the field."""
+    folder = Path(folder)
     cfg = ModelConfig(name=name, **hf_shape(folder))
     cfg.validate()
     with torch.device("meta"):

@@ -25,8 +25,8 @@ if __name__ == "__main__":
     rank = current().rank
     real, built = train.build_run, {}
 
-    def build(cfg, tokenizer):
-        run = real(cfg, tokenizer)
+    def build(*args):
+        run = real(*args)
         poison(run.model, run.optimizer, lambda: rank == 1 and run.step == 2)
         built["run"] = run
         return run

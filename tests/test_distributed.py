@@ -2,7 +2,9 @@
 same global batch, replicas agree bit for bit, and the low-rank all-reduce changes the traffic,
 not the weights."""
 
+import copy
 import json
+import math
 import os
 import re
 import shlex
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from models import load_hf
 from tests.conftest import ROOT, SMALL_RUN
 from tests.test_resume import losses, stop_at, wait_for_steps
@@ -81,6 +84,45 @@ PURE_RUNS = [
     ["optim=adamw", "trainer.fused=false", "dist.fsdp=false"],
     ["optim=galore8bit", "trainer.fused=true", "dist.fsdp=true", "dist.lowrank_allreduce=true"],
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The single-process runs compared here use one intra-op thread, as each torchrun
+    worker does (``OMP_NUM_THREADS=1``): on some CPUs the GEMM kernels split their sums by
+    thread count, so 2 threads round differently from 1 (measured on an Intel Xeon with
+    AVX-512: AdamW in pure bf16 4.3e-3 apart, 8-bit AdamW under FSDP2 1.1e-4, LOREN 3.5e-4;
+    equal with one thread each)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rounding_control(cfg) -> tuple[dict, dict]:
+    """The final weights and optimizer states of ``cfg``'s single-process run started from
+    weights one ulp above
+    its own: how far rounding noise alone carries this run (``bench/golden.py``'s control).
+    8-bit states turn a 1e-7 difference in a sum into another quantization code, so two
+    exact-in-theory runs differ by that much and no more."""
+    real = train.build_run
+
+    def nudged(*args):
+        run = real(*args)
+        with torch.no_grad():
+            for p in run.model.parameters():
+                p.copy_(torch.nextafter(p, torch.full_like(p, math.inf)))
+        return run
+
+    control = copy.deepcopy(cfg)
+    control.trainer.run_dir = f"{cfg.trainer.run_dir}-control"
+    train.build_run = nudged
+    try:
+        fit(control)
+    finally:
+        train.build_run = real
+    run_dir = Path(control.trainer.run_dir)
+    return final(run_dir)[0], optimizer_states(run_dir)
 
 
 def torchrun(*args, nproc=2, timeout=600):
@@ -151,13 +193,24 @@ def test_two_processes_equal_one_with_the_same_global_batch(case, two_process_ru
     fit(cfg)
     w1, _, rows1 = final(Path(cfg.trainer.run_dir))
     w2, state2, rows2 = final(two_process_runs / str(case))
-    assert max_relative_difference(w1, w2) <= 1e-6
+    o1 = optimizer_states(Path(cfg.trainer.run_dir))
+    # GaLore's SVD basis amplifies rounding (near-equal singular values) to ~2e-5
+    bounds = 1e-6, 1e-4
+    if name.endswith("8bit"):  # quantization codes flip on rounding: the measured noise
+        control = rounding_control(cfg)
+        bounds = tuple(
+            max(b, 2 * max_relative_difference(x, c))
+            for b, x, c in zip(bounds, (w1, o1), control, strict=True)
+        )
+    gap = max_relative_difference(w1, w2)
+    print(f"{CASES[case]}: weights {gap:.2e} apart (bound {bounds[0]:.2e})")
+    assert gap <= bounds[0]
     if fsdp == "true":  # the sharded checkpoint holds the single process's states
-        o1 = optimizer_states(Path(cfg.trainer.run_dir))
         o2 = optimizer_states(two_process_runs / str(case))
         assert o1.keys() == o2.keys()
-        # GaLore's SVD basis amplifies rounding (near-equal singular values) to ~2e-5
-        assert max_relative_difference(o1, o2) <= 1e-4
+        gap = max_relative_difference(o1, o2)
+        print(f"{CASES[case]}: states {gap:.2e} apart (bound {bounds[1]:.2e})")
+        assert gap <= bounds[1]
     losses1 = [r["loss"] for r in rows1 if "loss" in r]
     losses2 = [r["loss"] for r in rows2 if "loss" in r]
     assert len(losses2) == 6

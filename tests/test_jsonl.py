@@ -164,3 +164,72 @@ def test_train_py_fine_tunes_on_pairs(tmp_path, config):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     assert [s for s, _ in val] == [0, 3] and val[1][1] < val[0][1]
+
+
+def test_empty_texts_and_completions_are_skipped_warned_and_counted(tmp_path, tokenizer):
+    """A blank completion would train on the end-of-text token alone."""
+    records = [*pairs(3), {"prompt": "p", "completion": ""}, {"prompt": "q", "completion": " "}]
+    cfg = DataConfig(
+        source="jsonl",
+        path=str(write(tmp_path / "t.jsonl", records)),
+        validation=str(write(tmp_path / "v.jsonl", pairs(2))),
+        tokenizer=MODEL,
+        seq_len=32,
+        num_workers=0,
+    )
+    cfg.validate()
+    loader = build_train_loader(cfg, tokenizer, batch_size=6, seed=0)
+    with pytest.warns(UserWarning, match=r"t\.jsonl:[45] is not .* the last not empty") as w:
+        x, y = next(iter(loader))
+    assert len(w) == 1 and 2 <= loader.skipped_lines <= 4  # read two epochs in
+    assert ((y != IGNORE).sum(1) > 1).all()  # every example has completion tokens
+    blank = write(tmp_path / "blank.jsonl", [{"text": "  "}] * 5)
+    with pytest.raises(ValueError, match="none of its first 100 lines .* non-empty string"):
+        DataConfig(source="jsonl", path=str(blank), tokenizer=MODEL).validate()
+
+
+def test_partial_encodings_equal_the_whole_texts(tokenizer):
+    """``encode_head``/``encode_tail`` encode only part of a long text: their tokens must be
+    the whole encoding's first/last ones (they cut at whitespace, which pieces never cross)."""
+    from data.packing import encode_head, encode_tail
+    from data.shards import read_documents, shard_files
+
+    docs = list(itertools.islice(read_documents(shard_files("data/sample", "validation")), 200))
+    checked = 0
+    for text in docs:
+        whole = tokenizer.encode(text)
+        for n in (1, 7, 63, 255):
+            if len(text) > 8 * (n + 1):  # long enough for a part to be encoded
+                assert encode_head(tokenizer.encode, text, n) == whole[:n]
+                assert encode_tail(tokenizer.encode, text, n) == whole[-n:]
+                checked += 1
+    assert checked > 300
+
+
+def test_a_huge_record_is_encoded_only_as_far_as_its_example_needs(tmp_path, tokenizer):
+    words = " ".join(f"w{i}" for i in range(400_000))  # ~2.7 MB each
+    write(tmp_path / "t.jsonl", [{"prompt": words, "completion": words}] * 2)
+    cfg = DataConfig(
+        source="jsonl",
+        path=str(tmp_path / "t.jsonl"),
+        validation=str(write(tmp_path / "v.jsonl", pairs(2))),
+        tokenizer=MODEL,
+        seq_len=32,
+        num_workers=0,
+    )
+    lengths = []
+
+    class Spy:
+        eos_id, bos_id = tokenizer.eos_id, tokenizer.bos_id
+
+        def encode(self, text):
+            lengths.append(len(text))
+            return tokenizer.encode(text)
+
+    x, y = next(iter(build_train_loader(cfg, Spy(), batch_size=1, seed=0)))
+    assert max(lengths) < 10_000
+    packer = Packer(32, tokenizer.eos_id, packing=False)  # the example of the whole encoding
+    prompt = tokenizer.encode(words)
+    packer.add(prompt + tokenizer.encode(words), len(prompt))
+    want = packer.pop()
+    assert x[0].tolist() == want[0] and y[0].tolist() == want[1]

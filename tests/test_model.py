@@ -1,6 +1,7 @@
 """The LLaMA family: sizes equal GaLore's, logits equal Hugging Face's, HF folders round-trip."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,50 @@ def test_a_run_starts_from_an_exported_model(config, tmp_path):
     (folder / "tokenizer.model").rename(folder / "tokenizer.json")
     with pytest.raises(ValueError, match="has no tokenizer.model .*found only tokenizer.json"):
         train.fit(config(f"model.init_from={folder}"))
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings='no' must be true or false"),
+        ({"num_attention_heads": 0}, "num_attention_heads=0 must be a positive integer"),
+        ({"hidden_size": "128"}, "hidden_size='128' must be a positive integer"),
+        ({"hidden_size": 4.0}, "hidden_size=4.0 must be a positive integer"),
+        ({"num_hidden_layers": True}, "num_hidden_layers=True must be a positive integer"),
+        ({"rms_norm_eps": "tiny"}, "rms_norm_eps='tiny' must be a positive number"),
+        ({"rope_theta": -1.0}, "rope_theta=-1.0 must be a positive number"),
+        ({"vocab_size": None}, "has no 'vocab_size'"),
+    ],
+)
+def test_config_json_values_are_type_and_range_checked(tmp_path, change, needle):
+    """Before anything is built: a string for a number, a number for a bool, a missing key."""
+    save_hf(Llama(ModelConfig(name="small", **SMALL[0])), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        load_hf(str(tmp_path))  # a string path, as the README shows it
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors"])
+def test_a_shard_index_pointing_outside_the_folder_is_refused(tmp_path, shard):
+    save_hf(Llama(ModelConfig(name="small", **SMALL[0])), tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    index = {"weight_map": {"model.norm.weight": shard}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"shard '{re.escape(shard)}' is outside the folder"):
+        load_hf(tmp_path / "hf")
+
+
+def test_a_vocabulary_the_machine_cannot_hold_is_refused_before_any_work(config, tmp_path):
+    import train
+
+    save_hf(Llama(ModelConfig(name="small", **SMALL[0])), tmp_path / "hf")
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf, "vocab_size": 10**12}))
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(b"")
+    cfg = config(f"model.init_from={tmp_path / 'hf'}")
+    with pytest.raises(ValueError, match=r"needs [\d,.]+ GiB for its weights .*vocab_size=10+"):
+        train.prepare(cfg)
+    assert not Path(cfg.trainer.run_dir).exists()

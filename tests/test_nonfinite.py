@@ -140,8 +140,8 @@ def poison_run(monkeypatch, when) -> None:
     """``train.fit``'s model gets ``poison``ed; ``when(step)`` picks the steps."""
     real = train.build_run
 
-    def build(cfg, tokenizer):
-        run = real(cfg, tokenizer)
+    def build(*args):
+        run = real(*args)
         poison(run.model, run.optimizer, lambda: when(run.step))
         return run
 
@@ -151,11 +151,11 @@ def poison_run(monkeypatch, when) -> None:
 def test_stop_checkpoints_the_finite_state_before_the_nan_step(config, monkeypatch):
     cfg = config("trainer.max_steps=5", "trainer.on_nonfinite=stop", "trainer.eval_every=100")
     poison_run(monkeypatch, lambda step: step == 2)
-    with pytest.raises(TrainingStopped, match="non-finite gradients at step 3") as stop:
+    with pytest.raises(TrainingStopped, match="non-finite gradients at step 3: skipped") as stop:
         train.fit(cfg)
     assert stop.value.exit_code == EXIT_NONFINITE
     (ckpt,) = checkpoints(Path(cfg.trainer.run_dir))
-    assert ckpt.name == "step_00000002"
+    assert ckpt.name == "step_00000003"  # step 3 counted as skipped, its weights step 2's
     assert finite(load_file(str(ckpt / "model.safetensors")).values())
 
 
@@ -179,12 +179,17 @@ def test_skipping_keeps_every_checkpoint_and_the_export_finite(config, monkeypat
     assert finite(load_file(str(run_dir / "model" / "model.safetensors")).values())
 
 
-def test_non_finite_final_weights_fail_the_run_and_export_nothing(config, monkeypatch):
-    cfg = config("trainer.max_steps=3", "trainer.eval_every=100", "trainer.save_every=1")
+@pytest.mark.parametrize("save_every", [1, 0])
+def test_non_finite_final_weights_fail_the_run_and_export_nothing(config, monkeypatch, save_every):
+    """The message names the checkpoint that really is the last good state, or says the
+    folder holds none."""
+    cfg = config(
+        "trainer.max_steps=3", "trainer.eval_every=100", f"trainer.save_every={save_every}"
+    )
     real = train.build_run
 
-    def build(cfg, tokenizer):  # a bug that writes inf into a weight at the last update
-        run = real(cfg, tokenizer)
+    def build(*args):  # a bug that writes inf into a weight at the last update
+        run = real(*args)
         step = run.optimizer.step
 
         def broken_step(*args, **kwargs):
@@ -197,9 +202,16 @@ def test_non_finite_final_weights_fail_the_run_and_export_nothing(config, monkey
         return run
 
     monkeypatch.setattr(train, "build_run", build)
-    with pytest.raises(TrainingStopped, match="not finite at step 3: no checkpoint written") as e:
+    run_dir = Path(cfg.trainer.run_dir)
+    last = (
+        rf"the newest checkpoint, {run_dir}/checkpoints/step_00000002, is the last good state"
+        if save_every
+        else f"{run_dir} holds no checkpoint: no good state was saved"
+    )
+    with pytest.raises(
+        TrainingStopped, match=rf"not finite at step 3: no checkpoint written \({last}\)"
+    ) as e:
         train.fit(cfg)
     assert e.value.exit_code == EXIT_NONFINITE
-    run_dir = Path(cfg.trainer.run_dir)
-    assert checkpoints(run_dir)[-1].name == "step_00000002"
+    assert [c.name for c in checkpoints(run_dir)][-1:] == ["step_00000002"][:save_every]
     assert not (run_dir / "model").exists()

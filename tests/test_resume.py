@@ -216,10 +216,10 @@ def test_nonfinite_loss_is_skipped_and_counted(config, monkeypatch, optim):
 def test_nonfinite_loss_can_stop_with_a_checkpoint(config, monkeypatch):
     cfg = config("trainer.max_steps=5", "trainer.on_nonfinite=stop", "trainer.eval_every=100")
     nan_at_step(monkeypatch, 3)
-    with pytest.raises(TrainingStopped, match="non-finite loss .* at step 3") as stop:
+    with pytest.raises(TrainingStopped, match="non-finite loss .* at step 3: skipped") as stop:
         train.fit(cfg)
     assert stop.value.exit_code == EXIT_NONFINITE
-    assert latest_checkpoint(Path(cfg.trainer.run_dir)).name == "step_00000002"
+    assert latest_checkpoint(Path(cfg.trainer.run_dir)).name == "step_00000003"
 
 
 def test_unwritable_run_dir_is_refused_before_work(config, tmp_path):
@@ -246,3 +246,60 @@ def test_second_sigint_interrupts_at_once():
         assert stops.received == signal.SIGUSR1
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_run_whose_every_step_is_skipped_exits_non_zero(config, monkeypatch):
+    """A radius or learning rate that makes every step non-finite learns nothing: that is a
+    failure for a launcher, not exit 0."""
+    real = Llama.chunked_loss
+
+    def always_nan(self, *args, **kw):
+        loss = real(self, *args, **kw)
+        return loss * float("nan") if torch.is_grad_enabled() else loss
+
+    monkeypatch.setattr(Llama, "chunked_loss", always_nan)
+    cfg = config("trainer.max_steps=3", "trainer.eval_every=100", "trainer.save_model=false")
+    with pytest.raises(TrainingStopped, match="every one of the 3 steps was skipped") as stop:
+        train.fit(cfg)
+    assert stop.value.exit_code == EXIT_NONFINITE
+
+
+def test_resuming_a_finished_run_prints_strict_json(tmp_path):
+    """Nothing is left to run, so its loss is unknown: ``null``, never ``NaN``."""
+    first = run_cli(tmp_path, "trainer.max_steps=1")
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    again = run_cli(tmp_path, "trainer.max_steps=1", "trainer.resume=auto")
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(out.splitlines()[-1], parse_constant=strict)["loss"] is None
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
+    """The first is acknowledged at once; the second, mid-step, leaves with 130."""
+    script = (  # steps slow enough that the second Ctrl-C lands inside one
+        "import runpy, sys, time\n"
+        "from models import Llama\n"
+        "real = Llama.forward\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.3); return real(*a, **k)\n"
+        "Llama.forward = slow\n"
+        "sys.argv[0] = 'train.py'\n"
+        "runpy.run_path('train.py', run_name='__main__')\n"
+    )
+    proc = run_cli(tmp_path, "trainer.max_steps=400", program=("-c", script))
+    wait_for_steps(tmp_path / "run", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    seen = [proc.stderr.readline() for _ in range(1)]
+    while "Ctrl-C again to abort" not in seen[-1] and seen[-1] and len(seen) < 50:
+        seen.append(proc.stderr.readline())
+    assert seen[-1] == (
+        "SIGINT: stopping at the next step boundary, with a checkpoint; Ctrl-C again to abort\n"
+    ), seen
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.startswith("interrupted: the newest checkpoint"), err

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, SMALL_RUN
+import train
+from tests.conftest import ROOT, SMALL_RUN, make_config
 
 
 def run_train(*overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -54,14 +55,33 @@ def test_a_corrupt_shard_read_by_two_workers_ends_the_run_in_seconds(tmp_path):
         ("trainer.grad_clip=nan", "trainer.grad_clip=nan must be a finite number"),
         ("optim.eps=0", "optim.eps=0.0 must be positive"),
         ("trainer.resume=/nonexistent/step_1", "trainer.resume='/nonexistent/step_1' is not a"),
+        ("optim.lr=1e308", "optim.lr=1e+308 must be <= 10.0"),
+        ("optim=lorenza optim.rho_max=1e30", "optim.rho_max=1e+30 must be in [0, 10.0]"),
+        ("optim=galore optim.scale=-1", "optim.scale=-1.0 must be positive"),
+        ("seed=100000000000000000000000", "seed=100000000000000000000000 must be in [0, 2**63)"),
+        ("model.max_position_embeddings=1000000000", "needs 238.4 GiB for its weights"),
+        ("data.val_tokens=1000000000000", "target tokens at seq_len 64: set data.val_tokens="),
+        ("trainer.run_dir=", "trainer.run_dir='' is empty"),
     ],
 )
 def test_bad_numbers_are_one_line_before_any_work(tmp_path, override, needle):
-    proc = run_train(override, f"trainer.run_dir={tmp_path}/r")
-    assert proc.returncode != 0
-    assert needle in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    """...and a refused run leaves no folder and no lock (the resume refusal comes after the
+    lock is taken: its folder is removed again)."""
+    cfg = make_config(tmp_path / "r" / "run", *override.split())
+    with pytest.raises(ValueError) as refused:
+        train.prepare(cfg)
+    assert needle in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_refusal_on_the_command_line_is_one_line(tmp_path):
+    proc = run_train("trainer.resume=/nonexistent/step_1", f"trainer.run_dir={tmp_path}/r")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (
+        "error: trainer.resume='/nonexistent/step_1' is not a checkpoint folder (one holding "
+        "trainer_state.json); use none, auto, or a run's checkpoints/step_N\n"
+    )
+    assert not (tmp_path / "r").exists()
 
 
 def test_run_dir_that_is_a_file_is_one_line_before_hydra_writes(tmp_path):

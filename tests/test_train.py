@@ -19,6 +19,7 @@ from lorenza import SubspaceAdamW, module_blocks
 from lorenza.fused import FusedUpdates
 from models import Llama, load_hf
 from tests.conftest import ROOT
+from trainer import metrics
 from trainer.distributed import CommCounter
 from trainer.optimizers import FORWARD_ONLY, OPTIMIZERS, build_optimizer
 from trainer.step import StepParts, train_step
@@ -303,7 +304,8 @@ def test_a_training_step_reads_the_device_once(config, optim, fused, clip):
 
 
 def test_a_diverged_validation_loss_is_logged_with_infinite_perplexity(config, monkeypatch):
-    """exp(800) overflows a float: the run logs ``inf`` instead of crashing at evaluation."""
+    """exp(800) overflows a float: the run logs an infinite perplexity instead of crashing at
+    evaluation, as ``null`` (strict JSON, which has no ``Infinity``), read back as NaN."""
     import json
     from pathlib import Path
 
@@ -312,11 +314,14 @@ def test_a_diverged_validation_loss_is_logged_with_infinite_perplexity(config, m
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: 800.0)
     cfg = config("trainer.max_steps=1", "trainer.save_model=false")
     train.fit(cfg)
-    rows = [
-        json.loads(x)
-        for x in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert [r["val_ppl"] for r in rows if "val_ppl" in r] == [float("inf")] * 2
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    path = Path(cfg.trainer.run_dir) / "metrics.jsonl"
+    rows = [json.loads(x, parse_constant=strict) for x in path.read_text().splitlines()]
+    assert [r["val_ppl"] for r in rows if "val_ppl" in r] == [None] * 2
+    assert all(math.isnan(r["val_ppl"]) for r in metrics.read_metrics(path) if "val_ppl" in r)
 
 
 def test_profile_steps_write_a_trace_with_the_steps_parts(config):

@@ -5,15 +5,18 @@ sealed by a manifest of sizes and checksums, so that a damaged one is recognised
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
@@ -23,6 +26,11 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 
 
+class SaveFailed(Exception):
+    """A checkpoint could not be written (the message names it and the OS error); its
+    partial folder is gone and the previous checkpoint is still the newest."""
+
+
 def save_checkpoint(
     run_dir: Path, model_state: dict, optimizer_state: dict, state: dict, keep_last: int
 ) -> Path:
@@ -30,17 +38,44 @@ def save_checkpoint(
     folder, flushed, then renamed, so a crash mid-write leaves the previous checkpoint intact;
     then prune to ``keep_last``. The model and optimizer states are whole (a sharded run
     writes ``trainer/sharded_checkpoint.py``'s format instead); ``state`` is the trainer's;
-    the RNG states are added here."""
+    the RNG states are added here. A write that fails (a full disk) raises ``SaveFailed``."""
     tmp, final = staging(run_dir, state["step"])
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(
+            {k: v.detach().contiguous() for k, v in model_state.items()},
+            str(tmp / "model.safetensors"),
+        )
+        write_trainer_files(tmp, optimizer_state, state)
+        records = {f.name: file_record(f) for f in flushed(sorted(tmp.iterdir()))}
+        return seal(tmp, final, records, keep_last)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise save_failed(os_error(err), tmp, final) from None
+
+
+def save_failed(reason: str, tmp: Path, final: Path) -> SaveFailed:
+    """Remove the partial folder ``tmp`` of checkpoint ``final`` and say, in one line, why
+    (``reason``: what the file system answered, ``os_error``)."""
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(
-        {k: v.detach().contiguous() for k, v in model_state.items()},
-        str(tmp / "model.safetensors"),
+    newest = newest_intact(final.parent.parent)
+    return SaveFailed(
+        f"cannot write checkpoint {final}: {reason}; its partial folder is removed and "
+        f"the newest checkpoint is {newest if newest else 'none (none was written)'}"
     )
-    write_trainer_files(tmp, optimizer_state, state)
-    records = {f.name: file_record(f) for f in flushed(sorted(tmp.iterdir()))}
-    return seal(tmp, final, records, keep_last)
+
+
+def os_error(err: BaseException) -> str:
+    """The operating system's error inside ``err`` (an ``OSError``, one it was raised from, or
+    safetensors' and DCP's "os error N"/"[Errno N]" text), else its first line."""
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, OSError) and e.strerror:
+            return f"[Errno {e.errno}] {e.strerror}"
+    found = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(err))
+    if found:
+        code = int(found.group(1) or found.group(2))
+        return f"[Errno {code}] {os.strerror(code)}"
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def staging(run_dir: Path, step: int) -> tuple[Path, Path]:
@@ -57,15 +92,38 @@ def write_trainer_files(folder: Path, optimizer_state: dict, state: dict) -> Non
         "python_rng": json_rng(random.getstate()),
         "numpy_rng": json_rng(np.random.get_state()),
     }
-    torch.save(
-        {
-            "optimizer": optimizer_state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        folder / "optimizer.pt",
-    )
+    blob = {
+        "optimizer": optimizer_state,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    with open(folder / "optimizer.pt", "wb") as f:
+        writer = _Writes(f)
+        try:
+            torch.save(blob, writer)
+        except RuntimeError:  # torch reports a failed write as a position mismatch
+            if writer.error is not None:
+                raise writer.error from None
+            raise
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+
+class _Writes(io.RawIOBase):
+    """A file's writes, remembering the ``OSError`` one of them raised: torch's writer
+    swallows it (and reports "unexpected pos"), so the cause of a failed save would be lost."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
 
 
 def flushed(files: list[Path]) -> list[Path]:
@@ -155,17 +213,37 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / CHECKPOINTS).glob("step_*"))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest intact checkpoint; each newer damaged one is named in a warning."""
+def latest_checkpoint(run_dir: Path, refused: dict[Path, str] | None = None) -> Path | None:
+    """The newest intact checkpoint of ``run_dir`` not in ``refused`` (path -> why its
+    contents cannot be resumed), each newer damaged one named in a warning; None if the
+    folder holds no checkpoint. Raises ``ValueError`` naming every checkpoint and what is
+    wrong with it when there are some and none is usable: starting from step 0 over them
+    would silently replace a run's history."""
+    refused = refused or {}
+    problems = []
     for path in reversed(checkpoints(run_dir)):
-        problem = damage(path)
+        problem = refused.get(path) or damage(path)
         if problem is None:
             return path
-        warnings.warn(
-            f"checkpoint {path} is damaged ({problem}); falling back to an older one",
-            stacklevel=2,
+        problems.append(f"{path.name}: {problem}")
+        if path not in refused:
+            warnings.warn(
+                f"checkpoint {path} is damaged ({problem}); falling back to an older one",
+                stacklevel=2,
+            )
+    if problems:
+        raise ValueError(
+            f"trainer.resume=auto: no checkpoint in {run_dir / CHECKPOINTS} can be resumed "
+            f"({'; '.join(problems)}): repair or move them, resume one by path, or start "
+            f"afresh in another trainer.run_dir"
         )
     return None
+
+
+def newest_intact(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint of ``run_dir``, or None (no warning, no error): what a
+    message about the last good state names."""
+    return next((p for p in reversed(checkpoints(run_dir)) if damage(p) is None), None)
 
 
 def read_state(path: Path) -> dict:
@@ -175,7 +253,7 @@ def read_state(path: Path) -> dict:
 
 def restore_state(path: Path) -> dict:
     """Restore the RNG states saved in checkpoint ``path``; returns its trainer state. Whether
-    this run may resume it is ``train.resume_changes``'s to say, before any work."""
+    this run may resume it is ``trainer.resume.resume_changes``'s to say, before any work."""
     state = read_state(path)
     blob = torch.load(path / "optimizer.pt", weights_only=True, mmap=True)
     torch.set_rng_state(blob["torch_rng"])

@@ -25,6 +25,7 @@ from trainer.config import (
 )
 from trainer.distributed import Ranks, pick_device
 from trainer.optimizers import FORWARD_ONLY, OPTIMIZERS, PURE_BF16, build_optimizer, is_fused
+from trainer.plan import weights_row
 
 
 def check_config(cfg: Config) -> None:
@@ -66,10 +67,16 @@ def check_config(cfg: Config) -> None:
         backends = tuple(_dynamo.list_backends(exclude_tags=()))
         one_of("trainer.compile_backend", cfg.trainer.compile_backend, backends)
     if not cfg.trainer.plan:  # a plan writes nothing
-        check_writable(Path(cfg.trainer.run_dir))
+        check_writable(cfg.trainer.run_dir)
     for key in ("plan_gpu_gib", "plan_world", "plan_headroom"):
         if getattr(cfg.trainer, key) < 0:
             raise ValueError(f"trainer.{key}={getattr(cfg.trainer, key)} must be >= 0")
+    if cfg.optim.name in FORWARD_ONLY and cfg.trainer.compile:
+        raise ValueError(
+            f"trainer.compile=true does not work with optim.name={cfg.optim.name!r}: its probes "
+            "evaluate the model at moved weights without moving them, which compiled graphs "
+            "cannot see; leave trainer.compile unset (eager) for forward-only optimizers"
+        )
     if cfg.optim.name in FORWARD_ONLY and (is_fused(cfg) or cfg.dist.fsdp):
         raise ValueError(
             f"optim.name={cfg.optim.name!r} runs forward passes only: it has no gradients for "
@@ -87,6 +94,7 @@ def check_config(cfg: Config) -> None:
             f"trainer.keep_last={cfg.trainer.keep_last} >= 1"
         )
     positive("optim.lr", cfg.optim.lr)
+    check_bounds(cfg)
     check_sharpness(cfg)
     positive("optim.eps", cfg.optim.eps)
     for key in ("beta1", "beta2"):
@@ -118,10 +126,58 @@ def check_config(cfg: Config) -> None:
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device='cuda' but CUDA is not available")
     with torch.device("meta"):  # the optimizer checks its own arguments against real shapes
+        model = Llama(cfg.model)
         try:
-            build_optimizer(Llama(cfg.model), cfg.optim, cfg.seed)
+            build_optimizer(model, cfg.optim, cfg.seed)
         except ValueError as err:
             raise ValueError(f"optim.{err}") from None
+    if not cfg.trainer.plan:  # a plan is for another machine
+        check_fits_host(cfg, model)
+
+
+# Sanity bounds on numbers whose absurd values pass every sign check and overflow later (an lr
+# of 1e308 is not a float32; a radius of 1e30 makes every step non-finite): far above any
+# value a run of this framework has used, and each named in its refusal.
+LR_MAX = 10.0
+RHO_MAX = 10.0
+MU_MAX = 1.0
+SEED_LIMIT = 2**63  # torch's and the random streams' seeds are 64-bit
+
+
+def check_bounds(cfg: Config) -> None:
+    """Upper bounds and sanity checks of the numbers that overflow or silently misbehave."""
+    o = cfg.optim
+    if o.lr > LR_MAX:
+        raise ValueError(f"optim.lr={o.lr} must be <= {LR_MAX} (a sane learning rate is < 0.1)")
+    if not 0 <= o.rho_max <= RHO_MAX:
+        raise ValueError(
+            f"optim.rho_max={o.rho_max} must be in [0, {RHO_MAX}] (ρ is the norm of the ascent "
+            "over all perturbed weights: 0.01 to 1 in practice)"
+        )
+    if not 0 < o.mu <= MU_MAX:
+        raise ValueError(f"optim.mu={o.mu} must be in (0, {MU_MAX}] (the paper's is 1e-3)")
+    if not o.scale > 0:
+        raise ValueError(
+            f"optim.scale={o.scale} must be positive (α multiplies the low-rank update; a "
+            "negative one ascends)"
+        )
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ValueError(f"seed={cfg.seed} must be in [0, 2**63)")
+
+
+def check_fits_host(cfg: Config, model: Llama) -> None:
+    """The model's weights and rotary tables (the planner's weights row, built whole on the
+    host) must fit this machine's memory: a vocabulary or position count typed with too many
+    zeros is refused here instead of failing in the allocator."""
+    need = weights_row(model, 1).bytes
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(
+            f"model {cfg.model.name!r} needs {need / 2**30:,.1f} GiB for its weights and rotary "
+            f"tables (model.vocab_size={cfg.model.vocab_size}, model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings}), more than this machine's "
+            f"{have / 2**30:,.1f} GiB"
+        )
 
 
 def check_precision(cfg: Config) -> None:
@@ -202,13 +258,26 @@ def check_distributed(cfg: Config) -> None:
         )
 
 
-def check_writable(run_dir: Path) -> None:
-    """Fail now, not after hours of training, if the run folder cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir):
-            pass
-    except OSError as err:
+def check_writable(run_dir: str) -> None:
+    """Fail now, not after hours of training, if the run folder cannot be written; creates
+    nothing (the run's lock creates the folder once every check has passed)."""
+    if not run_dir.strip():
         raise ValueError(
-            f"trainer.run_dir={str(run_dir)!r} is not writable: {err.strerror or err}"
-        ) from None
+            "trainer.run_dir='' is empty: the run would write its checkpoints, model and "
+            "metrics into the working directory; name a folder"
+        )
+    run_dir = Path(run_dir)
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == p.parent)
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable by this user"
+    else:
+        try:  # access() trusts the mode bits: a read-only mount says yes
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            problem = err.strerror or str(err)
+    if problem:
+        raise ValueError(f"trainer.run_dir={str(run_dir)!r} is not writable: {problem}")

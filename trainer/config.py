@@ -122,7 +122,9 @@ class TrainerConfig:
     optimizers without an in-place perturbation or forward-only step (``PURE_BF16``)."""
     compile: bool | None = None
     """``torch.compile`` each decoder layer and the loss chunk (``Llama.compile_layers``);
-    ``null`` = on for CUDA, off on the CPU (where the first step compiles for minutes)."""
+    ``null`` = on for CUDA, off on the CPU (where the first step compiles for minutes) and for
+    the forward-only optimizers (their probes act outside compiled graphs; ``true`` is refused
+    for them)."""
     compile_backend: str = "inductor"
     """The ``torch.compile`` backend: ``inductor``, or ``aot_eager`` (traces, no code
     generation: for checking that compilation works, fast)."""

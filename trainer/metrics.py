@@ -3,9 +3,12 @@ version recorded beside them."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import resource
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,12 +43,52 @@ def update_run_info(run_dir: Path, **fields) -> None:
         path.write_text(json.dumps({**info, **fields}, indent=2))
 
 
+def strict_json(obj, **kwargs) -> str:
+    """``json.dumps`` that strict parsers accept: a non-finite number (a diverged loss, the
+    NaN loss of a run resumed at its end) is ``null``, not ``NaN``/``Infinity``."""
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``, with ``null`` (a non-finite number, ``strict_json``)
+    read back as NaN so that arithmetic on a column works; a line cut short by a crash is
+    left out."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        rows.append({k: math.nan if v is None else v for k, v in row.items()})
+    return rows
+
+
 class MetricsLog:
-    """Append-only ``metrics.jsonl`` (one JSON object per logged step), mirrored to wandb."""
+    """Append-only ``metrics.jsonl`` (one JSON object per logged step), mirrored to wandb. A
+    new run (not ``append``) in a folder holding an earlier run's non-empty log -- one that
+    ended before its first checkpoint -- keeps it, renamed ``metrics.<k>.jsonl``."""
 
     def __init__(self, run_dir: Path, cfg: Config, append: bool = False):
         self.path = run_dir / "metrics.jsonl"
         if not append:
+            if self.path.is_file() and self.path.stat().st_size:
+                kept = next(
+                    p
+                    for k in itertools.count(1)
+                    if not (p := run_dir / f"metrics.{k}.jsonl").exists()
+                )
+                self.path.rename(kept)
+                warnings.warn(f"{self.path} of an earlier run is kept as {kept.name}", stacklevel=2)
             self.path.write_text("")
         self.wandb = None
         if cfg.trainer.wandb_mode != "disabled":
@@ -61,7 +104,7 @@ class MetricsLog:
 
     def log(self, **row) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
@@ -77,7 +120,7 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    rows = read_metrics(metrics_path)
     train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -103,7 +146,7 @@ def plot_sharpness(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    rows = read_metrics(metrics_path)
     keys = ("val_loss", "sharp_random", "sharp_ascent", "hessian_top_eig")
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
     for ax, key in zip(axes, keys, strict=True):

@@ -4,10 +4,13 @@ tell a launcher what happened."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; rerun with resume=auto
 EXIT_NONFINITE = 65  # EX_DATAERR: stopped on a non-finite loss; the last good state is saved
+EXIT_IO_ERROR = 74  # EX_IOERR: a checkpoint could not be written (a full disk); the previous stays
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: a second Ctrl-C, no checkpoint of the step it cut
 # Written into the run folder (by rank 0) when the run stops on a signal with a checkpoint:
 # torchrun turns the workers' exit code 75 into 1, so a launcher reads this file instead
 # (launch/slurm.sbatch requeues only when it is there).
@@ -37,6 +40,13 @@ class StopRequests:
         if signum == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
+        again = "; Ctrl-C again to abort" if signum == signal.SIGINT else ""
+        print(
+            f"{signal.Signals(signum).name}: stopping at the next step boundary, with a "
+            f"checkpoint{again}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

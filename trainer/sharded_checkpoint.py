@@ -24,16 +24,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.tensor as dtensor
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.checkpoint import (
+    SaveFailed,
     file_record,
     flushed,
+    os_error,
     read_whole,
+    save_failed,
     seal,
     staging,
     write_trainer_files,
 )
-from trainer.distributed import barrier, current, gather_to_all
+from trainer.distributed import barrier, broadcast_from_main, current, gather_to_all
 
 DCP = "dcp"
 LEFT_OUT = "in dcp/"  # what optimizer.pt holds in place of each tensor written to dcp/
@@ -47,25 +51,38 @@ def save_sharded_checkpoint(
     run_dir: Path, model_state: dict, optimizer_state: dict, state: dict, keep_last: int
 ) -> Path:
     """Write ``checkpoints/step_N`` of a sharded run from its (sharded) ``state_dict``s (a
-    collective: every rank calls it)."""
+    collective: every rank calls it). A write that fails on any rank raises ``SaveFailed``
+    on every rank, with the partial folder removed."""
     ranks = current()
     tmp, final = staging(run_dir, state["step"])
-    if ranks.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted write of the same step
-        tmp.mkdir(parents=True)
-    barrier()
-    tensors, skeleton = split_optimizer_state(optimizer_state)
-    dcp.save({"model": model_state, "optimizer": tensors}, checkpoint_id=tmp / DCP)
-    # DCP's writer flushed each file; each rank checksums its own, in parallel
-    mine = {f"{DCP}/{f.name}": file_record(f) for f in (tmp / DCP).glob(f"__{ranks.rank}_*")}
-    records = {k: v for part in gather_to_all(mine) for k, v in part.items()}
-    if ranks.is_main:
-        write_trainer_files(tmp, skeleton, state)
-        common = [f"{DCP}/.metadata", "optimizer.pt", "trainer_state.json"]
-        flushed([tmp / name for name in common])
-        records |= {name: file_record(tmp / name) for name in common}
-        seal(tmp, final, records, keep_last)
-    barrier()  # nobody goes on (or exits) before the checkpoint is complete
+    error, mine = None, {}
+    try:
+        if ranks.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # an interrupted write of the same step
+            tmp.mkdir(parents=True)
+        barrier()
+        tensors, skeleton = split_optimizer_state(optimizer_state)
+        dcp.save({"model": model_state, "optimizer": tensors}, checkpoint_id=tmp / DCP)
+        # DCP's writer flushed each file; each rank checksums its own, in parallel
+        mine = {f"{DCP}/{f.name}": file_record(f) for f in (tmp / DCP).glob(f"__{ranks.rank}_*")}
+    except (OSError, RuntimeError, CheckpointException) as err:  # DCP raises on every rank
+        error = err
+    parts = gather_to_all((error and os_error(error), mine))
+    failed = next((e for e, _ in parts if e), None)
+    if ranks.is_main and failed is None:
+        try:
+            write_trainer_files(tmp, skeleton, state)
+            common = [f"{DCP}/.metadata", "optimizer.pt", "trainer_state.json"]
+            flushed([tmp / name for name in common])
+            records = {k: v for _, part in parts for k, v in part.items()}
+            records |= {name: file_record(tmp / name) for name in common}
+            seal(tmp, final, records, keep_last)
+        except (OSError, RuntimeError) as err:
+            failed = os_error(err)
+    failed = broadcast_from_main(failed)  # nobody goes on before the checkpoint is complete
+    if failed is not None:
+        message = str(save_failed(failed, tmp, final)) if ranks.is_main else None
+        raise SaveFailed(broadcast_from_main(message))
     return final
 
 
@@ -109,6 +126,16 @@ def read_sharded(path: Path) -> tuple[dict, dict]:
         dcp.load(whole, checkpoint_id=path / DCP, no_dist=not dist.is_initialized())
     skeleton = torch.load(path / "optimizer.pt", weights_only=True)["optimizer"]
     return whole["model"], join_optimizer_state(whole["optimizer"], skeleton)
+
+
+def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The whole shape of every model tensor of a sharded checkpoint, from its metadata."""
+    metadata = dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata
+    return {
+        name.split(".", 1)[1]: tuple(meta.size)
+        for name, meta in metadata.items()
+        if name.startswith("model.")
+    }
 
 
 def load_sharded_checkpoint(
