@@ -587,16 +587,21 @@ def test_norms_of_a_sharded_and_a_whole_gradient_are_each_whole_norm():
 def test_matrices_kept_by_rows_update_as_whole_ones():
     """Under FSDP2 a right-projected matrix's m x r moments and n x r basis are kept by rows,
     each rank projecting its own rows of the gradient: the same weights and states as whole
-    matrices from the same gradients, bit for bit, in 32 and 8 bits, across refresh steps and
-    a state dict round trip (8-bit: only where each rank's rows start on a quantization block;
-    a left-projected matrix stays whole). What is kept by rows takes half the bytes a rank."""
+    matrices from the same gradients, to rounding (a measured control), in 32 and 8 bits,
+    across refresh steps and a state dict round trip (8-bit: only where each rank's rows
+    start on a quantization block; a left-projected matrix stays whole). What is kept by rows
+    takes half the bytes a rank."""
     out = torchrun("tests/distributed_rows.py")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["32"]["rows"] == ["right", "right, rows off blocks"]
     assert result["8"]["rows"] == ["right"]
-    for bits in ("32", "8"):
-        assert result[bits]["weights"] == 0.0 and result[bits]["states"] == 0.0
+    for bits in ("32", "8"):  # bit for bit where the row GEMMs round as the whole one's (an
+        # AVX-512 Xeon); else within twice the control (AVX2 kernels: weights 3.0e-8 apart,
+        # control 3.0e-8; states 1.2e-7, control 1.5e-7)
+        weights, states = result[bits]["control"]
+        assert result[bits]["weights"] <= 2 * weights and result[bits]["states"] <= 2 * states
+        assert weights > 0 and states > 0  # the control itself measures something
     # 32-bit: 256 x 32 and 344 x 32 moments halved, the left one's 32 x 256 whole; 8-bit: the
     # first halved (uint8), the rest whole
     assert result["32"]["moment_bytes"] == [4 * 2 * (128 + 172 + 256) * 32, 4 * 2 * 856 * 32]
