@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
-from bench.results import markdown_table, write_section
+from bench.common import markdown_table, write_section
 from lorenza import GaLoreAdamW, lowrank_param_groups
 from lorenza.reduce import bytes_per_step
 from models import Llama, ModelConfig
-from tests.conftest import ROOT, SMALL_RUN, model_config
+from models.presets import model_config
+from trainer.config import SMALL_RUN
+from trainer.metrics import ROOT
 
 RANKS = {  # GaLore's ranks (the LORENZA paper's for 60m-350m)
     "llama_60m": 128,

@@ -27,7 +27,7 @@ import time
 
 import sentencepiece as spm
 
-from bench.results import RESULTS, markdown_table, write_section
+from bench.common import RESULTS, markdown_table, write_section
 from data import DataConfig, build_train_loader, load_tokenizer, read_documents
 from data.shards import REPO_ROOT, LocalShards, shard_files
 from data.tokenizer import Tokenizer, _lines

@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.results import markdown_table, write_section
-from tests.conftest import ROOT
+from bench.common import markdown_table, write_section
+from trainer.metrics import ROOT
 
 PARAM = ["trainer.fused=true", "trainer.fused_granularity=param"]
 BLOCK = ["trainer.fused=true", "trainer.fused_granularity=block"]

@@ -12,6 +12,6 @@ python3 -c "import torch, bitsandbytes; print(torch.__version__, torch.cuda.get_
 python3 -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_model.py
 python3 -m bench.throughput --models llama_60m llama_130m llama_350m --precisions bf16 fp32 \
     --batch 32 --steps 10 --warmup 3 --section throughput-cuda
-python3 -m bench.fused_memory --models llama_60m llama_130m llama_350m --optims lorenza adamw \
+python3 -m bench.memory fused --models llama_60m llama_130m llama_350m --optims lorenza adamw \
     --batch 16 --steps 5
 if [ -n "${OUT:-}" ]; then cp bench/RESULTS.md "$OUT/"; fi

@@ -12,6 +12,6 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv
 keep() { if [ -n "${OUT:-}" ]; then cp bench/RESULTS.md bench/ablation-*.png "$OUT/" 2>/dev/null; fi; }
 for seeds in 1 2; do
-    python3 -m bench.ablation --scale gpu-60m --seeds "$seeds" \
+    python3 -m experiments.ablation --scale gpu-60m --seeds "$seeds" \
         --names adamw-lr1e-3 galore lorenza --out /tmp/lorenza-results; keep
 done

@@ -15,6 +15,6 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -m bench.golden --precision bf16_pure --model llama_60m --device cuda --seq 256 \
     --batch 32 --rank 128 --steps 300 --gap 100 --lr 0.01 --floor
-python3 -m bench.repro --size 60m --data sample --steps 150 --optims adamw galore lorenza \
+python3 -m experiments.repro --size 60m --data sample --steps 150 --optims adamw galore lorenza \
     --out results/gpu-smoke
 if [ -n "${OUT:-}" ]; then cp bench/RESULTS.md results/gpu-smoke/table.md "$OUT/"; fi

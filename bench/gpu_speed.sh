@@ -15,5 +15,5 @@ python3 -m bench.step_time --models llama_60m --bf16 --batch 32 --vocab 32000 --
     --variants adamw adamw_2fwd galore lorenza lorenza_plus adazo_sam sam; keep
 python3 -m bench.step_time --models llama_60m --bf16 --batch 128 --accum 4 --vocab 32000 \
     --steps 6 --variants adamw adamw_2fwd lorenza lorenza_zo1 --goal 1.70; keep
-python3 -m bench.fused_memory --models llama_60m llama_130m llama_350m --optims adamw lorenza \
+python3 -m bench.memory fused --models llama_60m llama_130m llama_350m --optims adamw lorenza \
     --modes unfused block --batch 16 --steps 30 --warmup 10; keep

@@ -18,4 +18,4 @@ python3 -m bench.throughput --models llama_350m --precisions bf16 --compile both
     --batch 32 --steps 10 --warmup 3 --section throughput-cuda-350m; keep
 python3 -m bench.throughput --models llama_1b --optims adamw lorenza --precisions bf16 \
     --checkpointing none block --batch 16 --steps 3 --warmup 2 --section throughput-cuda-1b; keep
-python3 -m bench.loss_memory --tokens 8192 32768; keep
+python3 -m bench.memory loss --tokens 8192 32768; keep

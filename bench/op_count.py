@@ -25,8 +25,7 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.results import markdown_table, write_section
-from bench.step_time import Run, batches, build_llama
+from bench.common import Run, batches, build_llama, markdown_table, write_section
 from models import loss_fn
 
 GOALS = {"zo_per_block": 32, "adamw_block": 150}

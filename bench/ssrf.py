@@ -20,8 +20,7 @@ import sys
 
 import torch
 
-from bench.results import markdown_table, write_section
-from bench.step_time import build_llama, machine, median_time, timed
+from bench.common import build_llama, machine, markdown_table, median_time, timed, write_section
 from data import DataConfig, load_tokenizer, train_batches
 from lorenza import lowrank_param_groups
 from lorenza.projector import is_left, ssrf_basis

@@ -21,42 +21,28 @@ refresh. Apart from that:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from pathlib import Path
 
 import torch
-import yaml
 
-from bench.results import markdown_table, write_section
-from lorenza import (
-    AdamW,
-    AdaZoSAM,
-    GaLoreAdamW,
-    Lorenza,
-    LorenzaPlus,
-    SAMAdamW,
-    lowrank_param_groups,
-    module_blocks,
+from bench.common import (
+    DEVICE,
+    VARIANTS,
+    Run,
+    batches,
+    machine,
+    markdown_table,
+    median_time,
+    timed,
+    write_section,
 )
-from lorenza.fused import FusedUpdates
+from lorenza import (
+    lowrank_param_groups,
+)
 from lorenza.projector import compute_basis
-from models import Llama, ModelConfig, loss_fn
+from models import loss_fn
 
-VARIANTS = {  # name: (label, class, low-rank?)
-    "adamw": ("AdamW", AdamW, False),
-    "adamw_2fwd": ("AdamW + the two probe forwards (LORENZA's floor)", AdamW, False),
-    "galore": ("GaLore", GaLoreAdamW, True),
-    "lorenza": ("LORENZA", Lorenza, True),
-    "lorenza_zo1": ("LORENZA, ZO on 1 of {} micro-batches", Lorenza, True),  # zo_microbatches=1
-    "lorenza_plus": ("Lorenza+", LorenzaPlus, True),
-    "adazo_sam": ("AdaZo-SAM", AdaZoSAM, False),
-    "sam": ("SAM", SAMAdamW, False),
-}
 MODES = ("block", "param", "unfused")
 # Per model: batch size, rank (the paper's r for 60m; 32 for the CPU-sized tiny model), steps.
 SETUP = {
@@ -65,98 +51,7 @@ SETUP = {
     "llama_130m": (4, 256, 5),
     "llama_350m": (4, 256, 5),
 }
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GOALS = {"lorenza": 1.75, "lorenza_zo1": 1.3}  # x AdamW; --goal sets LORENZA's
-
-
-def build_llama(name: str, vocab: int) -> Llama:
-    """``configs/model/<name>.yaml`` with the vocabulary overridden, seeded init."""
-    with open(Path(__file__).resolve().parents[1] / "configs/model" / f"{name}.yaml") as f:
-        cfg = ModelConfig(**{**yaml.safe_load(f), "vocab_size": vocab})
-    torch.manual_seed(0)
-    return Llama(cfg)
-
-
-def machine() -> str:
-    """The CPU model and torch's thread count, for the tables' captions."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-    cpu = names[0] if names else platform.processor() or "CPU"
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def timed(fn: Callable[[], object]) -> float:
-    """Wall seconds of one call (after the GPU's queue is drained, on CUDA)."""
-    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    return statistics.median(timed(fn) for _ in range(repeats))
-
-
-class Run:
-    """One optimizer on its own copy of the model, stepped as ``train.py`` steps it.
-    ``observe``: a hook that sees every gradient before the fused updates consume it."""
-
-    def __init__(self, variant, name, vocab, rank, gap, mode, bf16, observe=None, **kw):
-        _, cls, lowrank = VARIANTS[variant]
-        self.model = build_llama(name, vocab).to(DEVICE)
-        blocks = module_blocks(self.model)
-        if observe is not None:  # registered first, so it runs before the fused update
-            for p in self.model.parameters():
-                p.register_post_accumulate_grad_hook(observe)
-        params = (
-            lowrank_param_groups(self.model, rank, update_gap=gap, scale=0.25)
-            if lowrank
-            else self.model.parameters()
-        )
-        self.opt = cls(params, lr=1e-3, blocks=blocks, **kw)
-        self.hooks = None
-        if mode != "unfused":
-            self.hooks = FusedUpdates(self.opt, blocks=blocks if mode == "block" else None)
-        self.autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        self.zo_microbatches = 1 if variant == "lorenza_zo1" else 0
-        self.probes_only = variant == "adamw_2fwd"  # the forwards, none of the ZO machinery
-
-    def step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        def closure():
-            if not torch.is_grad_enabled():  # the probes: forwards only
-                k = self.zo_microbatches or len(micro)
-                with self.autocast:
-                    losses = [self.model(x, y) for x, y in micro[:k]]
-                return losses[0] if k == 1 else torch.stack(losses).mean()
-            for i, (x, y) in enumerate(micro):
-                with self.autocast:
-                    loss = self.model(x, y) / len(micro)
-                if self.hooks is not None:
-                    self.hooks.armed = i == len(micro) - 1
-                loss.backward()
-            return loss.detach()
-
-        self.opt.perturb(closure)
-        if self.probes_only:
-            with torch.no_grad():
-                closure(), closure()
-        closure()
-        if self.hooks is not None:
-            self.hooks.finish()
-        else:
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-
-
-def batches(n: int, batch: int, seq: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    ids = [torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(DEVICE) for _ in range(n)]
-    return [(t[:, :-1], t[:, 1:]) for t in ids]
 
 
 def measure(name: str, batch: int, accum: int, rank: int, steps: int, args) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from bench.results import markdown_table, write_section
+from bench.common import markdown_table, write_section
 from lorenza import module_blocks
 from lorenza.fused import FusedUpdates
 from models import Llama

@@ -1,6 +1,6 @@
 """Data for pretraining: C4-format shards or the Hub, sentencepiece tokenizers, batches.
 
-See DESIGN.md "Data". The bundled sample corpus (`data/sample/`) is built by
+How to use it: ``docs/data.md``. The bundled sample corpus (`data/sample/`) is built by
 `python -m data.sample_corpus`.
 """
 

@@ -2,10 +2,13 @@
 
 GaLore and LORENZA use T5's tokenizer, which is only reachable from the Hugging Face Hub;
 offline runs (CI, the quickstart) need a tokenizer too, so `sample` trains a small BPE
-model on the sample corpus's training split and caches it next to the shards. Every
-tokenizer is a sentencepiece `.model` file behind the same small `Tokenizer` wrapper.
+model on the sample corpus's training split and caches it in the user's cache folder
+(`cache_dir`), keyed by the content of the shards it was trained on: nothing is written
+into the checkout, and a changed corpus gets its own tokenizer. Every tokenizer is a
+sentencepiece `.model` file behind the same small `Tokenizer` wrapper.
 """
 
+import hashlib
 import io
 import itertools
 import os
@@ -60,6 +63,26 @@ class Tokenizer:
         return self._sp.decode(list(ids))
 
 
+def cache_dir() -> Path:
+    """Where the project caches what it builds (the sample tokenizer): ``$LORENZA_CACHE``,
+    else ``$XDG_CACHE_HOME/lorenza``, else ``~/.cache/lorenza``."""
+    if os.environ.get("LORENZA_CACHE"):
+        return Path(os.environ["LORENZA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lorenza"
+
+
+def sample_tokenizer_dir(train_files: Sequence[Path]) -> Path:
+    """The cache folder of tokenizers trained on ``train_files``: named by a digest of their
+    bytes, so that another corpus (or an edited one) never reuses a tokenizer."""
+    digest = hashlib.sha256()
+    for file in sorted(train_files, key=lambda f: Path(f).name):
+        digest.update(Path(file).name.encode())
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return cache_dir() / "tokenizers" / digest.hexdigest()[:16]
+
+
 def _lines(train_files: Sequence[Path]) -> Iterator[str]:
     """The first MAX_TRAIN_LINES lines of the training documents (all of the sample's)."""
     lines = (line for doc in read_documents(train_files) for line in doc.splitlines())
@@ -75,14 +98,16 @@ def train_sample_tokenizer(
     settings are fixed (one thread, byte fallback so no text is ever `<unk>`) so the model
     is reproducible; the file is written under a temporary name and renamed, so processes
     training the same model at once (parallel tests, ranks) never read a partial file.
-    The cache is keyed by vocabulary size only: delete it after changing the corpus.
     """
     out = Path(out_dir) / f"sp_bpe_{vocab_size}.model"
     if out.exists():
         return out
+    # Read before training: a corrupt shard then fails with its own message, not as
+    # sentencepiece's wrapped iterator error.
+    lines = list(_lines(train_files))
     model = io.BytesIO()
     try:
-        _train_bpe(train_files, model, vocab_size)
+        _train_bpe(lines, model, vocab_size)
     except RuntimeError as e:  # sentencepiece's own reason, e.g. "Vocabulary size too high"
         reason = str(e).strip().splitlines()[-1].split("] ")[-1]
         raise ValueError(
@@ -96,9 +121,9 @@ def train_sample_tokenizer(
     return out
 
 
-def _train_bpe(train_files: Sequence[Path], model: io.BytesIO, vocab_size: int) -> None:
+def _train_bpe(lines: list[str], model: io.BytesIO, vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(train_files),
+        sentence_iterator=iter(lines),
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -152,13 +177,13 @@ def t5_tokenizer() -> Tokenizer:
 def load_tokenizer(name: str, vocab_size: int, data_path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer named by `data.tokenizer`: `sample`, `t5`, or a `.model` file path.
 
-    `sample` is trained on `data_path`'s training shards with `vocab_size` pieces. For the
-    others `vocab_size` is the model's embedding size, which must hold every piece.
+    `sample` is trained on `data_path`'s training shards with `vocab_size` pieces (once;
+    then read from `cache_dir`). For the others `vocab_size` is the model's embedding size,
+    which must hold every piece.
     """
     if name == "sample":
         files = shard_files(data_path, "train")
-        out_dir = repo_path(data_path) / "tokenizer"
-        return Tokenizer(train_sample_tokenizer(files, out_dir, vocab_size))
+        return Tokenizer(train_sample_tokenizer(files, sample_tokenizer_dir(files), vocab_size))
     if name == "t5":
         tokenizer = t5_tokenizer()
     elif name.endswith(".model"):

@@ -1,5 +1,7 @@
 """The one Adam core every optimizer variant shares, on full-size or projected gradients.
 
+``docs/design.md``: eqs. 3-5, and §2.5 on where ε goes (eq. 34 is torch's placement).
+
 32-bit states use GaLore's (Hugging Face ``AdamW``'s) formula: ``N = m / (sqrt(v) + eps)`` with
 step size ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``. That places ``eps`` slightly differently
 from ``torch.optim.AdamW`` and is what step-for-step parity with ``galore-torch`` needs.

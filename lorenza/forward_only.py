@@ -3,6 +3,8 @@ bad value, the parameter walk, directions regenerated from seeds, the step count
 makes the seed stream resume exactly, and the evaluation of the loss at moved weights
 without moving them.
 
+``docs/design.md`` §2.13.
+
 A direction is never stored: it is drawn again from ``(seed, tag, step, index...)`` each time it
 is needed, the same on every rank, so the memory of a step is the model's plus one
 parameter-sized temporary (MeZO's trick).

@@ -15,7 +15,7 @@ perturbation, clip, update -- and then sets ``p.grad = None``. Learning rate and
 from the param groups, which the trainer writes from pure functions of the step before the
 backward (no scheduler object per parameter).
 
-The faults of GaLore's per-layer mode are handled instead of ignored (STYLE.md):
+The faults of GaLore's per-layer mode are handled instead of ignored:
 
 - gradient accumulation: hooks fire on every micro-batch; they act only while ``armed``,
   which the trainer sets for the last micro-batch, so the update sees the summed gradient;

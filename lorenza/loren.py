@@ -3,6 +3,8 @@ are shaped by a learned, damped rank-one curvature model per weight matrix. Forw
 only; written from the paper and the authors' ``model/glue_transformer_loren.py``
 (hseung88/loren), with the differences below stated.
 
+``docs/design.md`` §1.10 and §2.14: eqs. 24-28 and 39-43.
+
 **Perturbation.** Each parameter is viewed as ``m × n`` (a matrix's rows; a vector is one row)
 and keeps ``a ∈ ℝⁿ``, shared by its rows. With ``s = ‖a‖²`` and damping ``λ``, each row of
 ``u ~ N(0, I)`` becomes
@@ -50,7 +52,7 @@ gradient of ``a`` is a different one, scaled by ``μ²`` where ours divides by i
 one derived here. The estimate is noisy: its first-order part is ``(g·ε)/μ`` in size, so
 ``a`` learns only where curvature outweighs ``‖g‖/μ`` or over many steps. Until it has, the
 learning rate must be as small as MeZO's; a warm-up lets ``a`` learn first and the full rate
-then exploit it (bench/zo_quadratic.py, on a quadratic: 0.34× MeZO's forward passes warmed
+then exploit it (``experiments/zo_quadratic``, on a quadratic: 0.34× MeZO's forward passes warmed
 up, 1.16× not).
 
 Directions are regenerated from ``(seed, step, parameter, k)``, never stored; state is ``a``

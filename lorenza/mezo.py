@@ -1,6 +1,8 @@
 """MeZO (Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes"):
 zeroth-order SGD that never runs a backward and never stores a direction.
 
+``docs/design.md`` §1.9: eqs. 22-23; the probes of §2.13.
+
 Per step one seed; ``z ~ N(0, I)`` for every parameter is regenerated from it whenever it is
 needed (in each probe, at each use of the parameter, and in the update), so the memory is the
 model's and an inference forward's, plus one parameter at its probe point. The probes never

@@ -1,6 +1,9 @@
 """``SubspaceAdamW``: the single optimizer behind every variant (GaLore, LORENZA, Lorenza+,
 AdaZo-SAM, SAM, AdamW), which differ only in their defaults (``lorenza/variants.py``).
 
+The math, equation by equation: ``docs/design.md`` §1.2 (GaLore, eqs. 1-7), §1.5 (LORENZA,
+eqs. 12-14), §1.7 (Lorenza+, eqs. 16-20) and the readings of §2.
+
 One update, ``update(params)``, for any set of parameters at once -- all of them (``step()``),
 one transformer block (per-block fused hooks) or one parameter (per-parameter hooks) -- with
 multi-tensor (``torch._foreach_*``) ops over the set:

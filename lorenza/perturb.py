@@ -2,6 +2,9 @@
 step's backward (``perturb``) and back again (``_restore``, or folded into a low-rank
 update's GEMM through ``_add_restore_terms``).
 
+``docs/design.md``: the perturbation ε (eq. 14), its one global norm (eqs. 32-33), the
+order on refresh steps (§2.4), and the restore folded into the update (eq. 49).
+
 ``perturbation="zo"`` estimates the ascent direction with two forward passes per random
 seeded direction (``zo.py``): in the subspace for the low-rank matrices (LORENZA), full size
 for the others when ``perturb_full_rank`` (AdaZo-SAM). ``"rank_r"`` is the paper's literal

@@ -1,5 +1,8 @@
 """The low-rank subspace of a weight matrix's gradient: one orthonormal basis ``Q`` per matrix.
 
+``docs/design.md``: GaLore's SVD basis (eq. 1), the SSRF sketch (eq. 12), power iterations
+(eq. 36) and oversampling (eq. 37, §2.10).
+
 ``Q`` is refreshed every ``update_gap`` steps from the current gradient ``g`` (m x n) and the
 optimizer works on ``Qᵀ g`` (left) or ``g Q`` (right). As in GaLore's ``std`` mode the smaller
 side is projected: left (``Q`` m x r) when m < n, right (``Q`` n x r) when m >= n -- GaLore

@@ -1,4 +1,7 @@
-"""Lorenza+'s use of the gradient outside the subspace (Fira's norm-based scaling)."""
+"""Lorenza+'s use of the gradient outside the subspace (Fira's norm-based scaling).
+
+``docs/design.md`` §1.7 and §2.9: eqs. 16-20, and how Fira's package differs (eq. 35).
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """Learning-rate and SAM-radius schedules as pure functions of the step.
 
+``docs/design.md``: the GSAM radius schedule, eq. 21 (§1.8, §2.8).
+
 Per-parameter optimizers updated inside backward hooks read these at the step they are at, so
 there is no scheduler object to forget to advance, step twice, or checkpoint (nanoGPT's
-``get_lr``; see STYLE.md on torchtune's and GaLore's scheduler bugs).
+``get_lr``: torchtune's scheduler never reached its in-backward optimizers, and GaLore's
+per-layer mode stepped its scheduler twice a step).
 """
 
 from __future__ import annotations

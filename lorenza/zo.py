@@ -11,8 +11,8 @@ The directions, per parameter:
 
 - low-rank, ``"gaussian"`` (LORENZA's default): ``P = Q Z`` (left) or ``P = Z Qᵀ`` (right),
   ``Z ~ N(0, 1)`` of the projected shape: an unbiased estimate of ``Q Qᵀ ∇f``, the part of the
-  gradient the update uses (DESIGN.md explains why this replaces the paper's dimensionally
-  inconsistent ``Q diag(u) R``);
+  gradient the update uses (``docs/design.md`` §2.1, eqs. 29-31, explains why this replaces
+  the paper's dimensionally inconsistent ``Q diag(u) R``);
 - low-rank, ``"rank_r"`` (the paper's literal form, an ablation): ``P = Q diag(u) R`` with
   ``u ~ N(0, I_r)`` and ``R`` the cobasis kept from the last refresh, i.e. ``Z = diag(u) R``;
 - full rank (AdaZo-SAM): ``P = Z`` of the parameter's shape.

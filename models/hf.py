@@ -148,14 +148,7 @@ def shard_files(folder: Path, weight_map) -> list[str]:
 
 # The config.json fields our model reads, and what each must be; a missing required one, a
 # string for a number or a number for a bool is refused before anything is built.
-_REQUIRED = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_hidden_layers",
-    "max_position_embeddings",
-)
+_REQUIRED = _CONFIG_KEYS[:6]  # the shape: vocabulary ... positions
 _KINDS = {
     **dict.fromkeys((*_REQUIRED, "num_key_value_heads", "head_dim"), "a positive integer"),
     **dict.fromkeys(("rms_norm_eps", "rope_theta", "initializer_range"), "a positive number"),

@@ -33,7 +33,7 @@ identity)."""
 
 @dataclass
 class ModelConfig:
-    """Shape of a LLaMA model. Defaults are llama_60m from GaLore's ``configs/llama_60m.json``."""
+    """Shape of a LLaMA model. Defaults are llama_60m, as GaLore's ``llama_60m.json`` sets it."""
 
     name: str = "llama_60m"
     """Name of the size, used in run names and error messages."""

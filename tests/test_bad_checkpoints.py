@@ -22,6 +22,8 @@ from trainer.checkpoint import MANIFEST, checkpoints, file_record
 from trainer.preemption import EXIT_IO_ERROR
 from trainer.resume import CheckpointRefused
 
+pytestmark = pytest.mark.slow  # end-to-end runs of several seconds each
+
 SHORT = ("optim=galore", "optim.rank=16", "trainer.save_model=false", "trainer.eval_every=100")
 
 

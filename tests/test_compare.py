@@ -2,9 +2,12 @@
 
 import json
 
-from bench import compare
+import pytest
+
+from trainer import compare
 
 
+@pytest.mark.slow
 def test_two_runs_give_a_table_and_a_png_and_a_bad_folder_one_line(config, tmp_path, capsys):
     import train
 

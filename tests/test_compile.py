@@ -18,6 +18,8 @@ from trainer.distributed import CommCounter
 from trainer.optimizers import build_optimizer
 from trainer.step import StepParts, train_step
 
+pytestmark = pytest.mark.slow  # end-to-end runs of several seconds each
+
 
 def graphs() -> int:
     return int(dynamo.counters["stats"]["unique_graphs"])

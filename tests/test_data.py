@@ -130,6 +130,7 @@ def test_train_batches_shapes_and_seeding(tokenizer):
     )
 
 
+@pytest.mark.slow
 def test_train_batches_is_the_in_process_loader(tokenizer):
     cfg = DataConfig(seq_len=32, num_workers=2)
     batches = train_batches(cfg, tokenizer, batch_size=2, seed=0)

@@ -26,6 +26,8 @@ from train import fit
 from trainer.checkpoint import latest_checkpoint
 from trainer.sharded_checkpoint import read_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here runs a second process or lm-eval
+
 # Rank 16 with a refresh every 3 steps: 6 steps hold refresh and in-between steps.
 RUN = [
     "trainer.max_steps=6",

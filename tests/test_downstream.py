@@ -1,20 +1,22 @@
-"""bench.downstream: EleutherAI's lm-eval harness on exported model folders, offline."""
+"""trainer.evaluate: EleutherAI's lm-eval harness on exported model folders, offline."""
 
 import json
 import shutil
 
 import pytest
 
-from bench import downstream
 from data import load_tokenizer
 from models import Llama, save_hf
+from trainer import evaluate
+
+pytestmark = pytest.mark.slow  # every test here runs a second process or lm-eval
 
 pytest.importorskip("lm_eval")  # the [eval] extra; make install includes it
 
 
 def accuracy(model_dir, capsys) -> float:
     out = model_dir.parent / "scores.json"
-    assert downstream.main(["--model", str(model_dir), "--tasks", "sample_order",
+    assert evaluate.main(["--model", str(model_dir), "--tasks", "sample_order",
                             "--limit", "120", "--out", str(out)]) == 0  # fmt: skip
     assert "| sample_order | acc |" in capsys.readouterr().out
     return json.loads(out.read_text())["results"]["sample_order"]["acc,none"]
@@ -37,7 +39,7 @@ def test_the_harness_scores_a_trained_model_above_a_random_one(config, tmp_path,
 
 
 def test_bad_model_folder_and_unknown_task_are_one_line(tmp_path, capsys):
-    assert downstream.main(["--model", str(tmp_path), "--tasks", "sample_order"]) == 2
+    assert evaluate.main(["--model", str(tmp_path), "--tasks", "sample_order"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --model {tmp_path} is not an exported model (missing ")
     assert "\n" not in err
@@ -45,6 +47,6 @@ def test_bad_model_folder_and_unknown_task_are_one_line(tmp_path, capsys):
     folder.mkdir()
     for name in ("config.json", "tokenizer.model", "model.safetensors"):
         (folder / name).write_text("")
-    assert downstream.main(["--model", str(folder), "--tasks", "no_such_task"]) == 2
+    assert evaluate.main(["--model", str(folder), "--tasks", "no_such_task"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --tasks no_such_task: not a task of lm-eval"), err

@@ -130,6 +130,7 @@ def metrics(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["lorenza", "adamw"])
 def test_batch_8x1_equals_2x4_in_fused_mode(config, optim):
     """torchtune's recipe test: the same samples as one batch or as accumulated micro-batches
@@ -152,6 +153,7 @@ def test_batch_8x1_equals_2x4_in_fused_mode(config, optim):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["lorenza", "adamw8bit"])
 def test_fused_resume_reproduces_the_uninterrupted_losses(config, optim):
     full = config(

@@ -1,8 +1,12 @@
-"""End-to-end loss parity with GaLore's stack (``bench/golden.py``; the long version is a
-benchmark): ``train.py`` and ``transformers`` + ``galore_torch`` + Hugging Face's schedule,
-from the same initial weights on the same batches, agree at every step."""
+"""End-to-end loss parity with GaLore's stack (``trainer/golden.py``; the long version is
+``bench/golden.py``): ``train.py`` and ``transformers`` + ``galore_torch`` + Hugging Face's
+schedule, from the same initial weights on the same batches, agree at every step."""
 
-from bench.golden import Setup, compare, largest_difference
+import pytest
+
+from trainer.golden import Setup, compare, largest_difference
+
+pytestmark = pytest.mark.slow  # end-to-end runs of several seconds each
 
 
 def test_train_py_loses_what_galores_loop_loses_at_every_step():

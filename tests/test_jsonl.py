@@ -11,7 +11,7 @@ from data.jsonl import held_out
 from data.packing import IGNORE, Packer
 from data.shards import REPO_ROOT
 
-MODEL = str(REPO_ROOT / "data" / "sample" / "tokenizer" / "sp_bpe_8000.model")
+MODEL = str(load_tokenizer("sample", 8000, REPO_ROOT / "data" / "sample").model_file)
 
 
 @pytest.fixture(scope="module")

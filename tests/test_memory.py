@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from bench.memory import (
+from models import Llama
+from tests.conftest import SMALL, WIDE
+from trainer.paper_memory import (
     Shapes,
     measured_state,
     shapes,
     state_bytes_8bit,
     state_elements,
 )
-from models import Llama
-from tests.conftest import SMALL, WIDE
 
 
 @pytest.mark.parametrize("method", ["full", "galore", "lorenza", "lorenza_plus"])

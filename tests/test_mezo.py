@@ -90,6 +90,7 @@ def test_bad_hyperparameters_are_refused(kw, needle):
         MeZO([torch.zeros(2)], **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,extra", [("mezo", []), ("loren", ["optim.q=3"])])
 def test_forward_only_optimizers_train_from_train_py_without_gradients_and_resume_exactly(
     config, monkeypatch, name, extra
@@ -149,10 +150,10 @@ def test_loren_with_one_query_is_refused_before_any_work(config):
 @pytest.mark.parametrize("name", ["mezo", "loren"])
 @pytest.mark.parametrize("batch,seq", [(4, 64), (1, 8)])
 def test_a_forward_only_step_peaks_like_an_inference_forward(name, batch, seq):
-    """Exact bytes from the profiler's memory timeline (bench/zo_memory.py): beyond weights
+    """Exact bytes from the profiler's memory timeline (``trainer/exact_memory.py``): beyond weights
     and states, a step's peak is the inference forward's, or one direction the size of the
     largest matrix when that is more (small batches); no activation is kept for a backward."""
-    from bench.zo_memory import peak_bytes
+    from trainer.exact_memory import peak_bytes
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="m", vocab_size=1000, hidden_size=64, intermediate_size=172,
@@ -177,6 +178,7 @@ def test_a_forward_only_step_peaks_like_an_inference_forward(name, batch, seq):
     assert step <= 1.03 * max(forward, largest) + vectors, (step, forward, largest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mezo", "loren", "lorenza"])
 def test_the_runs_seed_seeds_the_optimizers_random_streams(config, monkeypatch, name):
     """Seeds of a multi-seed comparison must differ in their zeroth-order directions too,

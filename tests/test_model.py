@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from models import Llama, ModelConfig, load_hf, save_hf
 from models.hf import to_hf_state_dict
-from tests.conftest import model_config
+from models.presets import model_config
 
 transformers = pytest.importorskip("transformers")
 

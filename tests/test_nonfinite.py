@@ -159,6 +159,7 @@ def test_stop_checkpoints_the_finite_state_before_the_nan_step(config, monkeypat
     assert finite(load_file(str(ckpt / "model.safetensors")).values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_skipping_keeps_every_checkpoint_and_the_export_finite(config, monkeypatch, fused):
     cfg = config(

@@ -1,5 +1,6 @@
 """The memory planner (trainer/plan.py) against what really runs: optimizer states to the byte,
-activations and whole steps against the profiler's exact peaks (bench/plan_memory.py)."""
+activations and whole steps against the profiler's exact peaks (``trainer/exact_memory.py``;
+at length: ``python -m bench.memory plan``)."""
 
 import subprocess
 import sys
@@ -9,11 +10,11 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from bench.plan_memory import activation_peak, step_peak
-from bench.zo_memory import peak_bytes
 from data import load_tokenizer
 from models import Llama
-from tests.conftest import ROOT, model_config
+from models.presets import model_config
+from tests.conftest import ROOT
+from trainer.exact_memory import activation_peak, peak_bytes, step_peak
 from trainer.optimizers import OPTIMIZERS, PURE_BF16
 from trainer.plan import activation_bytes, forward_bytes, memory_plan, state_bytes
 from trainer.step import train_step
@@ -27,6 +28,7 @@ VARIANTS = [[f"optim={name}", "optim.rank=32"] for name in OPTIMIZERS] + [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: " ".join(o))
 def test_state_bytes_equal_the_optimizers_state_after_real_steps(config, overrides):
     import train
@@ -107,6 +109,7 @@ def test_a_tensor_freed_on_another_thread_is_not_counted_after_it():
     assert peak_bytes(fn) == 4 * mib4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -126,6 +129,7 @@ def test_a_whole_trainer_step_is_planned_within_10_percent(overrides):
     assert abs(planned / measured - 1) < 0.10
 
 
+@pytest.mark.slow
 def test_plan_prints_a_table_and_exits_0_without_a_run_folder(tmp_path):
     def plan(*overrides):
         return subprocess.run(

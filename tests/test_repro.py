@@ -5,14 +5,14 @@ import sys
 
 import pytest
 
-from bench.repro import GALORE, OPTIMIZERS, PROTOCOLS, command, protocol_table
 from tests.conftest import ROOT, make_config
 from train import check_config
+from trainer.protocol import GALORE, OPTIMIZERS, PROTOCOLS, command, protocol_table
 
 
 def repro(*args, **kw):
     return subprocess.run(
-        [sys.executable, "-m", "bench.repro", *args],
+        [sys.executable, "-m", "experiments.repro", *args],
         cwd=ROOT, capture_output=True, text=True, **kw,
     )  # fmt: skip
 
@@ -21,7 +21,7 @@ def repro(*args, **kw):
 def test_the_paper_protocols_are_galores_item_by_item(tmp_path, size):
     """Every override of every GaLore item is in every command (a changed default cannot
     change the protocol silently), the full-rank baseline is torch's Adam, the sizes' own
-    values are GaLore's, and the README's table is the one the items make."""
+    values are GaLore's, and the docs' table is the one the items make."""
     p = PROTOCOLS[size]
     commands = {o: command(p, tmp_path, size, o, 0, 1) for o in OPTIMIZERS}
     rank, steps = {"60m": (128, 10_000), "130m": (256, 20_000), "350m": (256, 60_000)}[size]
@@ -40,7 +40,7 @@ def test_the_paper_protocols_are_galores_item_by_item(tmp_path, size):
     assert (t.batch_size * t.grad_accum, o.lr, t.grad_clip) == (512, 1e-2, 0)
     assert not cfg.data.packing
     assert o.warmup_from_zero and o.weight_decay == 0 and o.min_lr_ratio == 0.1
-    assert protocol_table() in (ROOT / "README.md").read_text()
+    assert protocol_table() in (ROOT / "docs" / "reproduce.md").read_text()
     # --numerics galore: the baselines in GaLore's pure bf16, each in its own run folder
     for name in OPTIMIZERS:
         args = command(p, tmp_path, size, name, 0, 1, numerics="galore")
@@ -53,6 +53,7 @@ def test_the_paper_protocols_are_galores_item_by_item(tmp_path, size):
         check_config(make_config(tmp_path / name, *config))
 
 
+@pytest.mark.slow
 def test_the_dry_run_prints_the_commands_and_splits_the_batch_over_processes(tmp_path):
     eight = repro("--size", "350m", "--dry-run", "--nproc", "8", check=True).stdout
     assert len(eight.splitlines()) == len(OPTIMIZERS) and "--nproc 8" in eight
@@ -69,6 +70,7 @@ def test_the_dry_run_prints_the_commands_and_splits_the_batch_over_processes(tmp
     check_config(make_config(tmp_path, *[a for a in args if "run_dir" not in a]))
 
 
+@pytest.mark.slow
 def test_a_small_repro_writes_the_table_and_curves_and_skips_finished_runs(tmp_path):
     args = ["--size", "tiny", "--optims", "lorenza", "--seeds", "2", "--steps", "4"]
     first = repro(*args, "--out", str(tmp_path), timeout=300)

@@ -38,6 +38,7 @@ def stop_at(run_dir: Path, step: int) -> None:
     (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "optim,fused,tied,precision",
     [
@@ -123,6 +124,7 @@ def wait_for_steps(run_dir: Path, n: int, proc, timeout=120) -> None:
     raise AssertionError(f"no {n} steps logged: {proc.poll()} {proc.stderr.read()}")
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resume_continues(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(tmp_path, "trainer.max_steps=400", "data.num_workers=2")
@@ -141,6 +143,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_continues(tmp_path):
     assert sorted(losses(run_dir)) == list(range(1, stopped_at + 4))  # no gap, no repeat
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     """A process killed mid-write leaves only a temporary folder; resume=auto ignores it and
     picks the last complete checkpoint."""
@@ -264,6 +267,7 @@ def test_a_run_whose_every_step_is_skipped_exits_non_zero(config, monkeypatch):
     assert stop.value.exit_code == EXIT_NONFINITE
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_prints_strict_json(tmp_path):
     """Nothing is left to run, so its loss is unknown: ``null``, never ``NaN``."""
     first = run_cli(tmp_path, "trainer.max_steps=1")
@@ -278,6 +282,7 @@ def test_resuming_a_finished_run_prints_strict_json(tmp_path):
     assert json.loads(out.splitlines()[-1], parse_constant=strict)["loss"] is None
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     """The first is acknowledged at once; the second, mid-step, leaves with 130."""
     script = (  # steps slow enough that the second Ctrl-C lands inside one

@@ -11,6 +11,8 @@ import time
 import pytest
 
 import train
+from data.shards import shard_files
+from data.tokenizer import sample_tokenizer_dir, train_sample_tokenizer
 from tests.conftest import ROOT, SMALL_RUN, make_config
 
 
@@ -24,9 +26,13 @@ def run_train(*overrides: str, timeout: float = 120) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.slow
 def test_a_corrupt_shard_read_by_two_workers_ends_the_run_in_seconds(tmp_path):
     """The workers ignore SIGTERM (the trainer decides when to stop), so a crash that left
     them running used to hang forever at exit; now the loader ends them."""
+    # The tokenizer of the intact corpus, so it is the workers that meet the damage.
+    intact = shard_files(ROOT / "data" / "sample", "train")
+    tokenizer = train_sample_tokenizer(intact, sample_tokenizer_dir(intact))
     corpus = tmp_path / "corpus"
     shutil.copytree(ROOT / "data" / "sample", corpus)
     shard = corpus / "c4-train.00001-of-00002.json.gz"
@@ -34,6 +40,7 @@ def test_a_corrupt_shard_read_by_two_workers_ends_the_run_in_seconds(tmp_path):
     start = time.monotonic()
     proc = run_train(
         f"data.path={corpus}",
+        f"data.tokenizer={tokenizer}",
         "data.num_workers=2",
         "trainer.max_steps=100000",
         "trainer.eval_every=100000",
@@ -74,6 +81,7 @@ def test_bad_numbers_are_one_line_before_any_work(tmp_path, override, needle):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_a_refusal_on_the_command_line_is_one_line(tmp_path):
     proc = run_train("trainer.resume=/nonexistent/step_1", f"trainer.run_dir={tmp_path}/r")
     assert proc.returncode == 1 and proc.stdout == ""
@@ -84,6 +92,7 @@ def test_a_refusal_on_the_command_line_is_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_run_dir_that_is_a_file_is_one_line_before_hydra_writes(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -93,6 +102,7 @@ def test_run_dir_that_is_a_file_is_one_line_before_hydra_writes(tmp_path):
     assert blocker.read_text() == ""
 
 
+@pytest.mark.slow
 def test_a_vocabulary_too_large_for_the_sample_corpus_is_one_line(tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(ROOT / "data" / "sample", corpus, ignore=shutil.ignore_patterns("tokenizer"))
@@ -104,6 +114,7 @@ def test_a_vocabulary_too_large_for_the_sample_corpus_is_one_line(tmp_path):
     assert "Please set it to a value <=" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_corpus_of_empty_texts_is_refused_before_any_work(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -44,6 +44,7 @@ def test_a_folder_with_checkpoints_is_refused_without_resume(config, finished):
     assert [c.name for c in checkpoints(run_dir)] == ["step_00000001", "step_00000002"]
 
 
+@pytest.mark.slow
 def test_a_second_job_in_the_same_folder_is_refused_and_a_dead_ones_lock_taken_over(config):
     cfg = config(*SHORT)
     run_dir = Path(cfg.trainer.run_dir)
@@ -114,6 +115,7 @@ def test_resume_applies_and_records_allowed_changes(config, finished):
     assert step3["lr"] <= 5e-4  # the new peak reaches the optimizer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate model.safetensors", "delete optimizer.pt"])
 def test_resume_auto_skips_a_damaged_newest_checkpoint(config, finished, damage):
     newest = checkpoints(Path(finished.trainer.run_dir))[-1]

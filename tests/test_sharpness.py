@@ -3,11 +3,12 @@ their promise to leave a model exactly as they found it."""
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import train
 from models import Llama
-from tests.conftest import model_config
+from models.presets import model_config
 from tests.test_train import read_metrics
 from trainer.sharpness import directions, hessian_top_eig, measure, sharp_ascent, sharp_random
 
@@ -74,6 +75,7 @@ def test_a_measurement_leaves_weights_gradients_and_rng_untouched():
     assert torch.equal(rng, torch.get_rng_state()) and model.training
 
 
+@pytest.mark.slow
 def test_train_py_logs_and_plots_sharpness_at_evaluation_steps(config):
     cfg = config(
         "trainer.max_steps=4",

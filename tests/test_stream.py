@@ -157,6 +157,7 @@ def test_a_position_moves_between_layouts_of_as_many_readers(numbered, tokenizer
         regroup([r.state_dict() for r in ranks], 0, 3, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("corpus", "packing", "workers"),
     [("sample", True, 2), ("sample", False, 2), ("numbered", True, 2), ("numbered", False, 2)]
@@ -169,6 +170,7 @@ def test_resume_is_exact(request, tokenizer, corpus, packing, workers):
     assert_resume_is_exact(cfg, tokenizer)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_stream(tokenizer):
     state = build_train_loader(DataConfig(num_workers=2), tokenizer, 2, seed=0).state_dict()
     other = build_train_loader(DataConfig(num_workers=1), tokenizer, 2, seed=0)
@@ -176,6 +178,7 @@ def test_resume_refuses_another_stream(tokenizer):
         other.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_hub_source_splits_resumes_and_validates(local_hub, tokenizer, monkeypatch):
     files = shard_files(SAMPLE, "train")
     single = first_epoch(LocalShards(files), tokenizer)
@@ -251,6 +254,7 @@ def test_readers_take_whole_shards_when_there_are_enough(four_shards, tokenizer,
     assert read == list(range(40))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [2])
 def test_whole_shard_readers_resume_exactly(four_shards, tokenizer, workers):
     """2 readers over 4 shards (whole shards each), resumed across an epoch."""

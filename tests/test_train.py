@@ -72,6 +72,7 @@ def test_validation_loss_falls(config):
     assert evals[-1] < evals[0] - 1.0
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(config):
     """batch 4 x accumulation 1 and batch 2 x accumulation 2 see the same tokens and must
     follow the same trajectory (up to float summation order)."""
@@ -122,6 +123,7 @@ def test_bf16_pure_trains_with_bfloat16_weights_and_states(config):
             train.check_config(config(f"optim={name}", "trainer.precision=bf16_pure"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override,needle",
     [
@@ -192,6 +194,7 @@ def test_zo_microbatches_probes_the_first_k_micro_batches(config, monkeypatch, k
     assert len(calls) == 2 * probes  # two steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", [o for o in OPTIMIZERS if o not in FORWARD_ONLY])
 def test_every_optimizer_trains_from_train_py(config, monkeypatch, optim):
     """Every optimizer lowers the validation loss by a margin in six steps, and a
@@ -238,6 +241,7 @@ def test_every_optimizer_trains_from_train_py(config, monkeypatch, optim):
     assert all(e == pytest.approx(r, rel=1e-3) for e, r in radii), radii
 
 
+@pytest.mark.slow
 def test_optimizer_arguments_are_checked_against_the_model(tmp_path):
     proc = subprocess.run(
         [

@@ -5,8 +5,10 @@ that an unknown key or a wrong type in a YAML file or on the command line is ref
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -73,7 +75,7 @@ class OptimConfig:
     (0: all of them, the paper's setting). Unlike ``zo_batch_fraction`` this drops whole
     forwards, so on a GPU it saves their kernel launches too."""
     perturbation: str | None = None
-    """``null``: the optimizer's own. For lorenza/lorenza8bit/lorenza_plus, ``rank_r`` swaps
+    """``null``: the optimizer's own. For lorenza, lorenza8bit and lorenza_plus, ``rank_r`` swaps
     the directions ``P = QZ`` for the paper's literal ``Q diag(u) R`` (an ablation; keeps an
     r x n cobasis ``R`` per matrix)."""
     refresh_before_ascent: bool = True
@@ -235,3 +237,24 @@ WANDB_MODES = ("disabled", "offline", "online")
 def to_config(dict_cfg) -> Config:
     """The typed ``Config`` of a composed Hydra config (types were checked by the schema)."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), dict_cfg))
+
+
+SMALL_RUN = (
+    "data.seq_len=64",
+    "data.val_tokens=2048",
+    "data.num_workers=0",  # in-process reading
+    "trainer.batch_size=4",
+    "trainer.progress=false",
+    "trainer.log_every=1",
+)
+"""Overrides of a run that takes seconds on a CPU: short sequences, few validation tokens,
+the data read in-process (for tests, benchmarks and studies that drive ``train.py``)."""
+
+
+def compose_config(*overrides: str) -> Config:
+    """The typed config ``train.py`` would run with these command-line ``overrides`` (Hydra's
+    composition of ``configs/``, without Hydra's app): for code that drives ``train.fit``
+    itself -- tests, benchmarks, studies."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        return to_config(compose("config", overrides=list(overrides)))

@@ -73,6 +73,19 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def run_rows(folder: Path) -> list[dict]:
+    """The ``metrics.jsonl`` rows of the run in ``folder`` (none if it has not started)."""
+    path = folder / "metrics.jsonl"
+    return read_metrics(path) if path.exists() else []
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table (the comparisons' and the benchmarks' output format)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl`` (one JSON object per logged step), mirrored to wandb. A
     new run (not ``append``) in a folder holding an earlier run's non-empty log -- one that

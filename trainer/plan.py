@@ -30,7 +30,7 @@ The peak of a step is the larger of its two moments: the start of the backward (
 activation, the loss working set, no gradient yet, or the accumulated ones) and, unfused, the
 update (every gradient, the update's temporaries, activations freed); fused, a unit's
 gradients and update beside the activations once the loss's working set is freed.
-``bench/plan_memory.py`` checks the activation and state terms, and whole steps, against
+``bench/memory/plan.py`` checks the activation and state terms, and whole steps, against
 measured peaks on the CPU.
 The activations are eager PyTorch's: ``torch.compile`` (on by default on CUDA) chooses what
 to save itself, usually less.

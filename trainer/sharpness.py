@@ -1,5 +1,6 @@
-"""How sharp the loss is around the weights (DESIGN.md, "Sharpness"): the instruments that
-test the paper's claim that LORENZA finds flatter minima, instead of asserting it.
+"""How sharp the loss is around the weights (``docs/design.md`` §3, eqs. 44-46): the
+instruments that test the paper's claim that LORENZA finds flatter minima, instead of
+asserting it.
 
 On a fixed batch, with the radius ``ρ`` of the metric (fixed, not the training schedule's):
 
