@@ -167,12 +167,13 @@ class FusedUpdates:
                 if low is not None:
                     lows[p] = low
         grads = [lows.get(p, p.grad) for p in params if p in lows or p.grad is not None]
+        ok = None
         if grads:
             norms, ok = zero_if_nonfinite_(grads)
             self.nonfinite = ~ok if self.nonfinite is None else self.nonfinite | ~ok
             if self.max_norm > 0:
                 clip_per_param_(grads, self.max_norm, norms)
-        self.optimizer.update(params, lows)
+        self.optimizer.update(params, lows, finite=ok)
         for p in params:
             p.grad = None
 

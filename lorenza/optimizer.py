@@ -318,13 +318,19 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
             and p not in self._fresh
         )
 
-    def _refresh(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """A new basis (and, for rank_r, cobasis) from ``grad``, the whole gradient of ``p``."""
+    def _refresh(
+        self, p: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor | None = None
+    ) -> None:
+        """A new basis (and, for rank_r, cobasis) from ``grad``, the whole gradient of ``p``;
+        ``finite``: False when ``grad`` stands for a non-finite one already replaced by zeros
+        (fused updates), whose zeros must not become the basis either."""
         group, state = self.group_of(p), self.state[p]
         gen = seeded_generator(p.device, self.seed, STREAM_SKETCH, self.step_count, self.index[p])
         # A NaN/inf gradient (the step is then skipped) must not become the basis: the
         # previous one is kept (decided on the device); the first one comes from zeros.
         ok = torch.isfinite(grad).all()
+        if finite is not None:
+            ok = ok & finite
         grad = torch.where(ok, grad, 0.0)
         out = compute_basis(
             grad,
@@ -344,12 +350,16 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
 
     @torch.no_grad()
     def update(
-        self, params: list[torch.Tensor], lows: dict[torch.Tensor, torch.Tensor] | None = None
+        self,
+        params: list[torch.Tensor],
+        lows: dict[torch.Tensor, torch.Tensor] | None = None,
+        finite: torch.Tensor | None = None,
     ) -> None:
         """Move ``params`` back from ``W + ε`` and apply this step's update to them, from
         their gradients -- or, for a parameter in ``lows``, from its already projected
         gradient ``Qᵀ g`` (when ``reduces_projected``). Parameters without either are left
-        for ``finish_step`` to restore."""
+        for ``finish_step`` to restore. ``finite`` (a device flag): False when the gradients
+        were non-finite and have been replaced by zeros; a refresh then keeps its basis."""
         lows = lows or {}
         live = [p for p in params if p.grad is not None or p in lows]
         folded = self._zo_foldable(live)
@@ -363,9 +373,9 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
                 self._update_full(group, ps)
             elif group["bits"] == 8:  # bitsandbytes goes matrix by matrix anyway: so do the
                 for p in ps:  # temporaries (projected gradient, direction, gathered gradient)
-                    self._update_lowrank(group, [p], lows, folded)
+                    self._update_lowrank(group, [p], lows, folded, finite)
             else:
-                self._update_lowrank(group, ps, lows, folded)
+                self._update_lowrank(group, ps, lows, folded, finite)
             wd = group["weight_decay"]
             decayed = [p for p in ps if not (group["rank"] is None and group["bits"] == 8)]
             if wd > 0 and decayed:  # bitsandbytes' full-rank kernel applies its own decay
@@ -411,6 +421,7 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
         ps: list[torch.Tensor],
         lows: dict[torch.Tensor, torch.Tensor],
         folded: set[torch.Tensor],
+        finite: torch.Tensor | None,
     ) -> None:
         grads, projected, bases = [], [], []
         for p in ps:
@@ -420,7 +431,7 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
             # goes now, one matrix's alive at a time rather than a unit's
             grad = None if p in lows or (rows and not due) else full(p.grad)
             if due:
-                self._refresh(p, grad)
+                self._refresh(p, grad, finite)
             grads.append(grad if group["residual"] else None)
             bases.append(self.basis(p))
             if p in lows:

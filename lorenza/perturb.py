@@ -192,10 +192,16 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def _zo_foldable(self, params: list[torch.Tensor]) -> set[torch.Tensor]:
         """The parameters whose restore can ride on their update's GEMM: perturbed low-rank
-        matrices (full-rank ones gain nothing from folding)."""
+        matrices (full-rank ones gain nothing from folding) whose basis the update keeps.
+        One due for a refresh (``refresh_before_ascent=False``) was moved along the basis
+        the update replaces, so it is restored on its own, through that basis, first."""
         if not (self._pending and "dirs" in self._pending):
             return set()
-        return {p for p in params if p in self._unrestored and self._slot_of[p][1].lowrank}
+        return {
+            p
+            for p in params
+            if p in self._unrestored and self._slot_of[p][1].lowrank and not self._refresh_due(p)
+        }
 
     def _by_block(self, params: list[torch.Tensor]) -> dict[int, list[Slot]]:
         out: dict[int, list[Slot]] = {}

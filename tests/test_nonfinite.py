@@ -120,6 +120,23 @@ def test_a_nan_refresh_gradient_keeps_the_previous_basis(config, fused):
     assert finite(snapshot(model, optimizer))
 
 
+@pytest.mark.parametrize("optim", ["galore", "galore8bit"])  # refresh from the update's gradient
+def test_fused_zeroed_nan_gradients_on_a_refresh_step_keep_the_basis(config, optim):
+    """The hooks replace a unit's NaN gradients by zeros before its update; those zeros (whose
+    basis would be the first r unit vectors) must not become the basis for update_gap steps,
+    as the skipped unfused step keeps it too."""
+    model, optimizer, parts, step = steps(config, optim, True, "block", 2, ("update",))
+    step(), step()
+    poisoned, clean = (model.layers[i].self_attn.q_proj.weight for i in (0, 2))
+    before = {p: optimizer.state[p]["basis"].clone() for p in (poisoned, clean)}
+    step()
+    assert optimizer.state[poisoned]["step"] == 3  # a refresh step
+    assert torch.equal(optimizer.state[poisoned]["basis"], before[poisoned])
+    assert not torch.equal(optimizer.state[clean]["basis"], before[clean])
+    step()
+    assert parts.zeroed  # read with the next step's statistics
+
+
 @pytest.mark.parametrize("granularity", ["block", "param"])
 @pytest.mark.parametrize("optim", ["adamw", "galore", "lorenza", "lorenza_plus", "galore8bit"])
 def test_fused_hooks_zero_nan_gradients_before_they_reach_a_weight(config, optim, granularity):

@@ -345,3 +345,12 @@ def test_profile_steps_write_a_trace_with_the_steps_parts(config):
     assert names.count("fused_update") == 2 * (cfg.model.num_hidden_layers + 3)
     with pytest.raises(ValueError, match=r"trainer.profile_steps=\[3, 9\] must be \[a, b\]"):
         train.check_config(config("trainer.max_steps=4", "trainer.profile_steps=[3,9]"))
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore", "lorenza"])
+def test_an_8bit_config_is_its_32bit_config_with_8bit_states(name, config):
+    """``configs/optim/<name>8bit.yaml`` extends ``<name>.yaml``: a default changed in one is
+    changed in both."""
+    base, eight = config(f"optim={name}").optim, config(f"optim={name}8bit").optim
+    assert (eight.name, eight.bits, base.bits) == (f"{name}8bit", 8, 32)
+    assert vars(eight) | {"name": name, "bits": 32} == vars(base)

@@ -162,6 +162,24 @@ def test_restore_is_exact_up_to_float32_rounding(name, skip_restore, monkeypatch
         assert max(drift) < 1e-5
 
 
+@pytest.mark.parametrize("before", [True, False])
+def test_restore_on_refresh_steps_is_exact_in_either_order(before):
+    """With ``refresh_before_ascent=False`` the ascent moves W along the previous basis and the
+    update refreshes it: the restore must go through the basis the ascent used, or W comes back
+    as ``W + Q_old Z − Q_new Z`` (1e-2 of its norm at lr = 0)."""
+    model, opt = build("lorenza", lr=0.0, rho_max=0.5, rho_min=0.5, update_gap=2)
+    opt.refresh_before_ascent = before
+    start = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, 256, (2, 17))
+    for _ in range(6):  # three refreshes
+        opt.step(model_closure(model, ids))
+        opt.zero_grad(set_to_none=True)
+    drift = [
+        ((p - s).norm() / s.norm()).item() for p, s in zip(model.parameters(), start, strict=True)
+    ]
+    assert max(drift) < 1e-6
+
+
 @pytest.mark.parametrize("name", ["sam", "adazo_sam"])
 def test_full_rank_update_is_made_at_w_not_at_w_plus_eps(name):
     """A sharpness-aware step is AdamW from ``W`` with the gradient taken at ``W + ε``: the
