@@ -72,7 +72,7 @@ from trainer.metrics import (
     strict_json,
     update_run_info,
 )
-from trainer.optimizers import FORWARD_ONLY, build_optimizer, is_fused
+from trainer.optimizers import build_optimizer, is_fused
 from trainer.plan import memory_plan
 from trainer.preemption import (
     EXIT_INTERRUPTED,
@@ -84,6 +84,7 @@ from trainer.preemption import (
     TrainingStopped,
 )
 from trainer.profiling import StepProfiler
+from trainer.registry import OPTIMIZERS
 from trainer.resume import CheckpointRefused, resume, resume_changes, run_identity
 from trainer.run_dir import RunLock, check_fresh
 from trainer.settings import flat_config
@@ -97,7 +98,7 @@ from trainer.sharding import (
     shard_model,
 )
 from trainer.sharpness import measure
-from trainer.step import StepParts, evaluate, train_step
+from trainer.step import StepParts, StepResult, evaluate, train_step
 
 
 @dataclass
@@ -309,7 +310,7 @@ def build_run(cfg: Config, tokenizer: Tokenizer, val: list | None = None) -> Run
     ranks = current()
     device = pick_device(t.device, ranks)
     model = Llama(cfg.model).to(device, weight_dtype(t.precision))
-    forward_only = cfg.optim.name in FORWARD_ONLY  # probes compiled graphs cannot see
+    forward_only = OPTIMIZERS[cfg.optim.name].forward_only  # probes compiled graphs cannot see
     compiled = t.compile if t.compile is not None else device.type == "cuda" and not forward_only
     if compiled:  # before any wrapping: DDP and FSDP2 then wrap compiled layers
         model.compile_layers(t.compile_backend)
@@ -421,19 +422,19 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
             tuple(v.to(run.device, non_blocking=True) for v in next(batches))
             for _ in range(t.grad_accum)
         ]
-        run.parts.stop_requested = stops.received is not None
-        loss = train_step(cfg, run.parts, micro, run.per_param_clip)
+        result = train_step(cfg, run.parts, micro, run.per_param_clip, stops.received is not None)
+        loss = result.loss
         run.step, run.tokens = step + 1, run.tokens + tokens_per_step
-        if run.parts.nonfinite or run.parts.zeroed:
-            on_nonfinite(run, loss)
+        if result.skipped:
+            on_nonfinite(run, result)
         done = run.step
         profiler.after(done)
         meter.tokens += tokens_per_step
         if done % t.log_every == 0 or done == t.max_steps:
-            meter.log(loss, lr, bar)
+            meter.log(result, lr, bar)
         if done % t.eval_every == 0 or done == t.max_steps:
             val_loss = run.evaluate(done)
-        stop = run.parts.stop  # agreed by every rank in the step's one read
+        stop = result.stop  # agreed by every rank in the step's one read
         if (t.save_every and done % t.save_every == 0) or done == t.max_steps or stop:
             run.save(done)
         if stop and done < t.max_steps:
@@ -444,7 +445,7 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
     return loss, val_loss
 
 
-def on_nonfinite(run: Run, loss: float) -> None:
+def on_nonfinite(run: Run, result: StepResult) -> None:
     """Step ``run.step`` met a non-finite loss or gradient and was skipped: count it, or stop
     (``trainer.on_nonfinite=stop``) with a checkpoint that counts it as skipped -- the
     weights and states from before it, the data stream and random streams past it, so that a
@@ -453,6 +454,7 @@ def on_nonfinite(run: Run, loss: float) -> None:
     if run.cfg.trainer.on_nonfinite == "skip":
         return
     run.save(run.step)
+    loss = result.loss
     what = (
         f"non-finite loss ({loss})"
         if math.isnan(loss) or math.isinf(loss)
@@ -460,7 +462,7 @@ def on_nonfinite(run: Run, loss: float) -> None:
     )
     zeroed = (
         f" (fused updates: step {run.step - 1}'s non-finite gradients were replaced by zeros)"
-        if run.parts.zeroed
+        if result.zeroed
         else ""
     )
     raise TrainingStopped(
@@ -492,8 +494,8 @@ class Meter:
         self.peak = peak_tflops(run.device, run.cfg.trainer.peak_tflops)
         self.start, self.tokens = time.perf_counter(), 0
 
-    def log(self, loss: float, lr: float, bar) -> None:
-        run, parts = self.run, self.run.parts
+    def log(self, result: StepResult, lr: float, bar) -> None:
+        run, parts, loss = self.run, self.run.parts, result.loss
         tok_s = self.tokens / (time.perf_counter() - self.start) / run.ranks.world  # per device
         sent, full = parts.comm.take_per_step()
         traffic = {"allreduce_bytes": sent, "allreduce_bytes_full": full}
@@ -508,7 +510,7 @@ class Meter:
             **(traffic if parts.comm.counts else {}),
             skipped=run.skipped,
             skipped_lines=run.loader.skipped_lines,
-            **({"grad_norm": float(parts.grad_norm)} if parts.grad_norm is not None else {}),
+            **({"grad_norm": float(result.grad_norm)} if result.grad_norm is not None else {}),
         )
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         if run.compiled and run.ranks.is_main:  # compiling happens in the first steps (and evals)

@@ -15,20 +15,12 @@ from pathlib import Path
 
 import torch
 
-from lorenza import (
-    AdamW,
-    AdaZoSAM,
-    GaLoreAdamW,
-    Lorenza,
-    LorenzaPlus,
-    SAMAdamW,
-    lowrank_param_groups,
-    module_blocks,
-)
+from lorenza import lowrank_param_groups, module_blocks
 from lorenza.fused import FusedUpdates
 from models import Llama
 from models.presets import model_config
 from trainer.metrics import markdown_table  # noqa: F401 (the benchmarks' table format)
+from trainer.registry import OPTIMIZERS
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = (
@@ -63,15 +55,15 @@ def write_section(name: str, markdown: str, path: Path = RESULTS, header: str = 
     path.write_text(text)
 
 
-VARIANTS = {  # name: (label, class, low-rank?)
-    "adamw": ("AdamW", AdamW, False),
-    "adamw_2fwd": ("AdamW + the two probe forwards (LORENZA's floor)", AdamW, False),
-    "galore": ("GaLore", GaLoreAdamW, True),
-    "lorenza": ("LORENZA", Lorenza, True),
-    "lorenza_zo1": ("LORENZA, ZO on 1 of {} micro-batches", Lorenza, True),  # zo_microbatches=1
-    "lorenza_plus": ("Lorenza+", LorenzaPlus, True),
-    "adazo_sam": ("AdaZo-SAM", AdaZoSAM, False),
-    "sam": ("SAM", SAMAdamW, False),
+VARIANTS = {  # name: (label, the registered optimizer it runs)
+    "adamw": ("AdamW", "adamw"),
+    "adamw_2fwd": ("AdamW + the two probe forwards (LORENZA's floor)", "adamw"),
+    "galore": ("GaLore", "galore"),
+    "lorenza": ("LORENZA", "lorenza"),
+    "lorenza_zo1": ("LORENZA, ZO on 1 of {} micro-batches", "lorenza"),  # zo_microbatches=1
+    "lorenza_plus": ("Lorenza+", "lorenza_plus"),
+    "adazo_sam": ("AdaZo-SAM", "adazo_sam"),
+    "sam": ("SAM", "sam"),
 }
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -112,7 +104,7 @@ class Run:
     ``observe``: a hook that sees every gradient before the fused updates consume it."""
 
     def __init__(self, variant, name, vocab, rank, gap, mode, bf16, observe=None, **kw):
-        _, cls, lowrank = VARIANTS[variant]
+        spec = OPTIMIZERS[VARIANTS[variant][1]]
         self.model = build_llama(name, vocab).to(DEVICE)
         blocks = module_blocks(self.model)
         if observe is not None:  # registered first, so it runs before the fused update
@@ -120,10 +112,10 @@ class Run:
                 p.register_post_accumulate_grad_hook(observe)
         params = (
             lowrank_param_groups(self.model, rank, update_gap=gap, scale=0.25)
-            if lowrank
+            if spec.lowrank
             else self.model.parameters()
         )
-        self.opt = cls(params, lr=1e-3, blocks=blocks, **kw)
+        self.opt = spec.cls(params, lr=1e-3, blocks=blocks, **kw)
         self.hooks = None
         if mode != "unfused":
             self.hooks = FusedUpdates(self.opt, blocks=blocks if mode == "block" else None)

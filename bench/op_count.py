@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import Run, batches, build_llama, markdown_table, write_section
 from models import loss_fn
+from trainer.registry import OPTIMIZERS
 
 GOALS = {"zo_per_block": 32, "adamw_block": 150}
 RANKS = {"llama_tiny": 32, "llama_60m": 128}
@@ -85,7 +86,7 @@ def main() -> None:
     }
     rows = [["forward + backward", "", base, ""], ["forward, no grad", "", probe, ""]]
     for (optim, mode), ops in steps.items():
-        extra = 2 * probe if optim == "lorenza" else 0
+        extra = 2 * probe if OPTIMIZERS[optim].ascent == "zo" else 0  # the two probes
         rows.append([f"{optim} update", mode, ops - base - extra, ""])
     for mode in ("unfused", "block", "param"):
         zo = steps["lorenza", mode] - steps["galore", mode] - 2 * probe

@@ -81,7 +81,7 @@ def measure(name: str, batch: int, accum: int, rank: int, steps: int, args) -> d
     order = {}
     for before in (True, False):  # update_gap 2: refresh steps alternate with plain ones
         run = Run("lorenza", name, args.vocab, rank, 2, args.mode, args.bf16)
-        run.opt.refresh_before_ascent = before
+        run.opt.ascent.refresh_before_ascent = before
         run.step(micro)
         run.step(micro)
         ts = [timed(lambda run=run: run.step(micro)) for _ in range(4)]

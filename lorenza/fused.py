@@ -19,9 +19,10 @@ The faults of GaLore's per-layer mode are handled instead of ignored:
 
 - gradient accumulation: hooks fire on every micro-batch; they act only while ``armed``,
   which the trainer sets for the last micro-batch, so the update sees the summed gradient;
-- the optimizer's extra backwards (``optimizer.phase``): in SAM's ascent backward the hooks
-  leave the gradients alone (its global norm needs all of them); in the refresh backward of
-  the paper's order they choose each due matrix's new basis as its gradient arrives and free
+- the optimizer's own backwards (``purpose``, a ``Backward`` that the optimizer's
+  perturbation sets while it runs one): in SAM's ascent backward the hooks leave the
+  gradients alone (its global norm needs all of them); in the refresh backward of the
+  paper's order they choose each due matrix's new basis as its gradient arrives and free
   every gradient, so that backward holds no more gradient memory than an update's;
 - clipping: a global norm cannot exist before the gradients are consumed, so fused mode
   clips each parameter's gradient to ``max_norm`` on its own (``clip_per_param_``), the same
@@ -49,6 +50,7 @@ from collections import deque
 import torch
 
 from lorenza.optimizer import SubspaceAdamW
+from lorenza.perturb import Backward
 from lorenza.reduce import GradReducer
 from lorenza.sharded import local
 from lorenza.sharded import norms as norms_of
@@ -83,7 +85,8 @@ def zero_if_nonfinite_(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 class FusedUpdates:
     """Drive ``optimizer`` from backward hooks, a unit (block or parameter) at a time.
     ``armed`` gates the hooks: set it for the last micro-batch's backward of every
-    forward/backward the step runs (``optimizer.phase`` says which kind it is)."""
+    forward/backward the step runs; ``purpose`` says what that backward is for (the
+    optimizer's perturbation sets it around a backward of its own)."""
 
     def __init__(
         self,
@@ -99,6 +102,7 @@ class FusedUpdates:
         self.reducer = reducer
         self.in_flight = in_flight
         self.armed = False
+        self.purpose = Backward.UPDATE
         self.nonfinite: torch.Tensor | None = None
         """Whether a unit had non-finite gradients since ``take_nonfinite`` last read it."""
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
@@ -116,15 +120,17 @@ class FusedUpdates:
         self._handles = (
             [p.register_post_accumulate_grad_hook(self._hook) for p in params] if register else []
         )
+        optimizer.hooks = self
 
     def _hook(self, p: torch.Tensor) -> None:
-        if not self.armed or self.optimizer.phase == "ascent":
+        if not self.armed or self.purpose is Backward.ASCENT:
             return
-        if self.optimizer.phase == "refresh":  # one parameter at a time, every update_gap steps
-            if self.reducer is not None and self.optimizer.refreshes_early(p):
+        if self.purpose is Backward.REFRESH:  # one parameter at a time, every update_gap steps
+            ascent = self.optimizer.ascent
+            if self.reducer is not None and ascent.refreshes_early(p):
                 self.reducer.launch(p)
                 self.reducer.wait(p)
-            self.optimizer.refresh_early([p])
+            ascent.refresh_early([p])
             return
         if self.reducer is not None:
             self.reducer.launch(p)
@@ -139,12 +145,12 @@ class FusedUpdates:
         them, each ``.grad`` this rank's shard (``trainer.sharding.fuse_updates`` calls this
         after every unit's post-backward): do what the hooks do once a unit is in, at once
         (``per_param``: one parameter at a time, the ``param`` granularity)."""
-        if not self.armed or self.optimizer.phase == "ascent":
+        if not self.armed or self.purpose is Backward.ASCENT:
             return
         reducer = self.reducer
         params = [p for p in params if p.grad is not None or reducer and reducer.pending(p)]
-        if self.optimizer.phase == "refresh":
-            self.optimizer.refresh_early(params)
+        if self.purpose is Backward.REFRESH:
+            self.optimizer.ascent.refresh_early(params)
             return
         for part in [[p] for p in params] if per_param else [params] if params else []:
             k = self._unit_of[part[0]]
@@ -196,3 +202,5 @@ class FusedUpdates:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.optimizer.hooks is self:
+            self.optimizer.hooks = None

@@ -2,7 +2,9 @@
 AdaZo-SAM, SAM, AdamW), which differ only in their defaults (``lorenza/variants.py``).
 
 The math, equation by equation: ``docs/design.md`` §1.2 (GaLore, eqs. 1-7), §1.5 (LORENZA,
-eqs. 12-14), §1.7 (Lorenza+, eqs. 16-20) and the readings of §2.
+eqs. 12-14), §1.7 (Lorenza+, eqs. 16-20) and the readings of §2. The same steps written to be
+read beside the papers, one matrix at a time with nothing fused, sharded or folded, are
+``lorenza/reference.py``; ``tests/test_reference.py`` holds this optimizer to them.
 
 One update, ``update(params)``, for any set of parameters at once -- all of them (``step()``),
 one transformer block (per-block fused hooks) or one parameter (per-parameter hooks) -- with
@@ -19,9 +21,9 @@ multi-tensor (``torch._foreach_*``) ops over the set:
 Each parameter's update reads only its own gradient and state, so the three granularities
 give bit-identical weights.
 
-Sharpness-aware variants first move the weights to ``W + ε`` (``perturb``, ``perturb.py``) so
-that the real backward runs at the perturbed point, and move each parameter back as part of its
-own update.
+Sharpness-aware variants hold a ``Perturbation`` (``self.ascent``, ``perturb.py``) that first
+moves the weights to ``W + ε`` (``perturb``) so that the real backward runs at the perturbed
+point; each parameter is moved back as part of its own update.
 ``perturbation="zo"`` estimates the ascent direction with two forward passes in random seeded
 directions (``zo.py``; LORENZA in the subspace, AdaZo-SAM full size); ``"rank_r"`` is the
 paper's literal ``Q diag(u) R`` (an ablation); ``"sam"`` uses one extra backward (SAM). The
@@ -45,6 +47,10 @@ The step protocol, for a trainer that wants to clip or accumulate between the ph
     opt.perturb(closure)   # no-op unless sharpness-aware; closure = forward (+ backward when
     loss = closure()       #   grad is enabled) on this step's batch, returning the loss
     opt.step()             # restore, then update
+
+``perturb(closure, backward)`` also takes a function that runs the forward/backward for a
+stated purpose (``perturb.Backward``: the step's update, the refresh at ``W_t``, SAM's ascent),
+for a trainer whose backward depends on it (which gradients to reduce, what to log).
 
 or simply ``opt.step(closure)``, which does the three. With data parallelism the closure must
 leave gradients averaged over the ranks when it runs a backward, and return the mean loss.
@@ -71,7 +77,7 @@ from lorenza.adam import (
     init_moments,
 )
 from lorenza.optimizer_state import CheckpointState
-from lorenza.perturb import PERTURBATIONS, Closure, SharpnessAware
+from lorenza.perturb import BackwardFn, Closure, Perturbation, check_arguments
 from lorenza.projector import (
     PROJECTIONS,
     STREAM_SKETCH,
@@ -94,7 +100,7 @@ from lorenza.sharded import (
 )
 
 
-class SubspaceAdamW(SharpnessAware, CheckpointState):
+class SubspaceAdamW(CheckpointState):
     """AdamW, optionally in a low-rank gradient subspace, optionally sharpness-aware.
 
     Args (group-level unless noted; a group with ``rank=None`` is full rank):
@@ -165,12 +171,8 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
             bits=bits,
         )
         super().__init__(params, defaults)
-        self.perturbation = perturbation
-        self.perturb_full_rank = perturb_full_rank
-        self.rho_max, self.rho_min, self.min_lr_ratio = rho_max, rho_min, min_lr_ratio
-        self.mu, self.q, self.seed = mu, q, seed
-        self.zo_buffer_mib = zo_buffer_mib
-        self.refresh_before_ascent = refresh_before_ascent
+        self.perturbation, self.seed = perturbation, seed
+        check_arguments(perturbation, mu, rho_max, rho_min, q, zo_buffer_mib)
         self._check()
         for group in self.param_groups:
             group.setdefault("max_lr", group["lr"])
@@ -182,19 +184,28 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
         only its rows of, projecting only its rows of the gradient, and whose n x r basis is
         split by rows too, gathered whenever it is used (``lorenza/sharded.py``)."""
         self.blocks = self._check_blocks(blocks, params)
-        self._perturbed = [p for p in params if self._is_perturbed(p)]
-        self._zo_blocks = self._zo_layout() if perturbation in ("zo", "rank_r") else []
-        self._slot_of = {s.param: (k, s) for k, b in enumerate(self._zo_blocks) for s in b}
-        self.zo_lowrank = {p for p, (_, s) in self._slot_of.items() if s.lowrank}
-        """The low-rank matrices the zeroth-order ascent perturbs inside their subspace."""
         self.step_count = 0  # completed optimizer steps: keys the random streams
-        self._pending: dict | None = None  # this step's perturbation ({} if nothing moved)
-        self._unrestored: set[torch.Tensor] = set()
         self._fresh: set[torch.Tensor] = set()  # bases already refreshed this step
-        self.phase = "update"
-        """What a backward running now is for: ``"update"`` (the step's own), ``"refresh"``
-        (choosing ``Q_t`` at ``W_t``, paper's order) or ``"ascent"`` (SAM's first backward).
-        Fused hooks read it to know what to do with a gradient."""
+        self.hooks = None
+        """The ``FusedUpdates`` driving this optimizer from backward hooks, if any: told what
+        each of the step's own backwards is for (``Backward``)."""
+        self.ascent = (
+            Perturbation(
+                self,
+                perturbation,
+                perturb_full_rank=perturb_full_rank,
+                rho_max=rho_max,
+                rho_min=rho_min,
+                min_lr_ratio=min_lr_ratio,
+                mu=mu,
+                q=q,
+                zo_buffer_mib=zo_buffer_mib,
+                refresh_before_ascent=refresh_before_ascent,
+            )
+            if perturbation is not None
+            else None
+        )
+        """The sharpness-aware perturbation (``perturb.py``), or ``None``."""
 
     # ----------------------------------------------------------------------------- checks
     def _check(self) -> None:
@@ -203,17 +214,6 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
         def bad(name, value, allowed):
             raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
 
-        if self.perturbation not in PERTURBATIONS:
-            bad("perturbation", self.perturbation, f"one of {PERTURBATIONS}")
-        if not self.mu > 0:
-            bad("mu", self.mu, "> 0")
-        for name in ("rho_max", "rho_min", "zo_buffer_mib"):
-            if not getattr(self, name) >= 0:
-                bad(name, getattr(self, name), ">= 0")
-        if self.rho_min > self.rho_max:
-            bad("rho_min", self.rho_min, f"<= rho_max={self.rho_max}")
-        if not (isinstance(self.q, int) and self.q >= 1):
-            bad("q", self.q, "an integer >= 1")
         low_precision = [
             p
             for g in self.param_groups
@@ -310,7 +310,9 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
         every rank uses each basis at the same point of the step)."""
         return full(self.state[p]["basis"])
 
-    def _refresh_due(self, p: torch.Tensor) -> bool:
+    def refresh_due(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` is a low-rank matrix whose basis this step refreshes, not refreshed
+        yet."""
         group = self.group_of(p)
         return (
             group["rank"] is not None
@@ -318,12 +320,13 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
             and p not in self._fresh
         )
 
-    def _refresh(
+    def refresh(
         self, p: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor | None = None
     ) -> None:
-        """A new basis (and, for rank_r, cobasis) from ``grad``, the whole gradient of ``p``;
-        ``finite``: False when ``grad`` stands for a non-finite one already replaced by zeros
-        (fused updates), whose zeros must not become the basis either."""
+        """A new basis (and, for rank_r, cobasis) for this step from ``grad``, the whole
+        gradient of ``p``; ``finite``: False when ``grad`` stands for a non-finite one already
+        replaced by zeros (fused updates), whose zeros must not become the basis either."""
+        self._fresh.add(p)
         group, state = self.group_of(p), self.state[p]
         gen = seeded_generator(p.device, self.seed, STREAM_SKETCH, self.step_count, self.index[p])
         # A NaN/inf gradient (the step is then skipped) must not become the basis: the
@@ -362,8 +365,9 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
         were non-finite and have been replaced by zeros; a refresh then keeps its basis."""
         lows = lows or {}
         live = [p for p in params if p.grad is not None or p in lows]
-        folded = self._zo_foldable(live)
-        self._restore([p for p in live if p in self._unrestored and p not in folded])
+        folded = self.ascent.foldable(live) if self.ascent is not None else set()
+        if self.ascent is not None:
+            self.ascent.restore([p for p in live if p not in folded])
         by_group: dict[int, list[torch.Tensor]] = {}
         for p in live:
             by_group.setdefault(self._group_of[p], []).append(p)
@@ -425,13 +429,13 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
     ) -> None:
         grads, projected, bases = [], [], []
         for p in ps:
-            rows, due = p in self.by_rows, self._refresh_due(p)
+            rows, due = p in self.by_rows, self.refresh_due(p)
             # under FSDP2 ``grad`` is gathered whole: a matrix kept by rows needs it only to
             # refresh, and only Fira's residual reads it after the projection, so otherwise it
             # goes now, one matrix's alive at a time rather than a unit's
             grad = None if p in lows or (rows and not due) else full(p.grad)
             if due:
-                self._refresh(p, grad, finite)
+                self.refresh(p, grad, finite)
             grads.append(grad if group["residual"] else None)
             bases.append(self.basis(p))
             if p in lows:
@@ -465,12 +469,20 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
         fold = [i for i, p in enumerate(ps) if p in folded]
         if fold:  # N ← alpha·N − ε's numbers: the restore rides on the update's GEMM
             torch._foreach_mul_([ns[i] for i in fold], [alphas[i] for i in fold])
-            self._add_restore_terms([ps[i] for i in fold], [ns[i] for i in fold])
-            self._unrestored.difference_update(ps[i] for i in fold)
+            self.ascent.fold_restore([ps[i] for i in fold], [ns[i] for i in fold])
             for i in fold:
                 alphas[i] = 1.0
         for p, n, q, a in zip(ps, ns, bases, alphas, strict=True):
             apply_back_(p, n, q, alpha=a, rows=p in self.by_rows)
+
+    @torch.no_grad()
+    def perturb(self, closure: Closure, backward: BackwardFn | None = None) -> dict | None:
+        """Move the weights to ``W + ε`` for this step (``Perturbation.begin``): a no-op
+        returning ``None`` unless the optimizer is sharpness-aware. ``closure`` returns this
+        step's loss (forward only when grad is disabled); ``backward(purpose)``, if given, runs
+        the step's forward/backward for a ``Backward`` purpose (default: ``closure`` with
+        grad)."""
+        return None if self.ascent is None else self.ascent.begin(closure, backward)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None):
@@ -482,7 +494,7 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
             self.perturb(closure)
             with torch.enable_grad():
                 loss = closure()
-        elif self.perturbation is not None and self._pending is None and self._needs_closure():
+        elif self.ascent is not None and not self.ascent.begun and self.ascent.needs_closure():
             raise RuntimeError(
                 f"perturbation={self.perturbation!r} needs the loss: call "
                 "step(closure) or perturb(closure) before backward"
@@ -494,8 +506,8 @@ class SubspaceAdamW(SharpnessAware, CheckpointState):
     @torch.no_grad()
     def finish_step(self) -> None:
         """End of a step: every perturbed parameter is back, the random streams advance."""
-        self._restore(list(self._unrestored))
-        self._pending = None
+        if self.ascent is not None:
+            self.ascent.end()
         self._fresh.clear()
         self.step_count += 1
 

@@ -1,27 +1,34 @@
-"""The sharpness-aware half of ``SubspaceAdamW``: moving the weights to ``W + ε`` before the
-step's backward (``perturb``) and back again (``_restore``, or folded into a low-rank
-update's GEMM through ``_add_restore_terms``).
+"""The sharpness-aware half of a step, as an object the optimizer holds (``optimizer.ascent``):
+``Perturbation`` moves the weights to ``W + ε`` before the step's backward (``begin``) and back
+again (``restore``, or folded into a low-rank update's GEMM by ``fold_restore``).
 
 ``docs/design.md``: the perturbation ε (eq. 14), its one global norm (eqs. 32-33), the
-order on refresh steps (§2.4), and the restore folded into the update (eq. 49).
+order on refresh steps (§2.4), and the restore folded into the update (eq. 49). The plain
+version, ``P_j`` built and ε moved out before the update: ``lorenza/reference.py``.
 
-``perturbation="zo"`` estimates the ascent direction with two forward passes per random
-seeded direction (``zo.py``): in the subspace for the low-rank matrices (LORENZA), full size
-for the others when ``perturb_full_rank`` (AdaZo-SAM). ``"rank_r"`` is the paper's literal
-``Q diag(u) R`` (an ablation), ``"sam"`` one extra backward (SAM). ``ε`` is never stored for
-the ZO kinds: it is regenerated from its seed to move back.
+``"zo"`` estimates the ascent direction with two forward passes per random seeded direction
+(``zo.py``): in the subspace for the low-rank matrices (LORENZA), full size for the others
+when ``perturb_full_rank`` (AdaZo-SAM). ``"rank_r"`` is the paper's literal ``Q diag(u) R``
+(an ablation), ``"sam"`` one extra backward (SAM). ``ε`` is never stored for the ZO kinds: it
+is regenerated from its seed to move back.
 
-A mixin, so that the update path and the perturbation each read in one file. It reads what
-``SubspaceAdamW`` sets up: the optimizer-level arguments (``perturbation``, ``mu``, ``q``,
-``seed``, ...), ``blocks``, ``by_rows``, ``step_count``, the per-step bookkeeping
-(``_pending``, ``_unrestored``, ``_fresh``, ``phase``), and ``group_of``, ``_refresh_due``,
-``_refresh``.
+What it asks of its optimizer, and nothing more: the param groups (``group_of``, the
+learning rate that sets ``ρ_t``), each matrix's basis (``state``), the blocks and the rows kept
+by FSDP2 (``blocks``, ``by_rows``), the step counter and seed that key the random streams, and
+the refresh of a basis (``refresh_due``, ``refresh``) for the paper's order on refresh steps.
+
+A step may run a forward/backward of its own before the step's backward: the gradient at
+``W_t`` that chooses the new bases (the paper's order) or SAM's ascent gradient. What each
+is for (``Backward``) is passed to the caller's ``backward`` function and to the fused hooks
+the optimizer carries (``FusedUpdates.purpose``), which act on it.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,79 +37,207 @@ from lorenza.schedule import rho_for_lr
 from lorenza.sharded import full, rows_of
 from lorenza.zo import Directions, Slot, full_z, layout, slot_shape
 
+if TYPE_CHECKING:
+    from lorenza.optimizer import SubspaceAdamW
+
 PERTURBATIONS = (None, "zo", "rank_r", "sam")
 
 Closure = Callable[[], torch.Tensor | float]
 
 
-class SharpnessAware(torch.optim.Optimizer):
-    """``perturb`` and the restore for ``SubspaceAdamW`` (module docstring)."""
+class Backward(enum.Enum):
+    """What a forward/backward of a step is for."""
 
+    UPDATE = "update"
+    """The step's own gradient, at ``W + ε``: the update consumes it."""
+    REFRESH = "refresh"
+    """The gradient at ``W_t`` on a refresh step (the paper's order): it chooses the new bases
+    of the perturbed low-rank matrices, then it is dropped."""
+    ASCENT = "ascent"
+    """SAM's first backward: the ascent needs every gradient, whole, for its global norm."""
+
+
+BackwardFn = Callable[[Backward], torch.Tensor | float]
+"""Runs the step's forward and backward for the given purpose and returns the loss."""
+
+
+def check_arguments(
+    kind: str | None, mu: float, rho_max: float, rho_min: float, q: int, zo_buffer_mib: float
+) -> None:
+    """``ValueError`` naming the argument and value, before any step."""
+
+    def bad(name, value, allowed):
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+    if kind not in PERTURBATIONS:
+        bad("perturbation", kind, f"one of {PERTURBATIONS}")
+    if not mu > 0:
+        bad("mu", mu, "> 0")
+    for name, value in (
+        ("rho_max", rho_max),
+        ("rho_min", rho_min),
+        ("zo_buffer_mib", zo_buffer_mib),
+    ):
+        if not value >= 0:
+            bad(name, value, ">= 0")
+    if rho_min > rho_max:
+        bad("rho_min", rho_min, f"<= rho_max={rho_max}")
+    if not (isinstance(q, int) and q >= 1):
+        bad("q", q, "an integer >= 1")
+
+
+class Perturbation:
+    """``W → W + ε`` before the step's backward and back; see the module docstring.
+
+    Args:
+        optimizer: the optimizer whose parameters, bases and steps it follows.
+        kind: ``"zo"``, ``"rank_r"`` or ``"sam"``.
+        perturb_full_rank: also perturb full-rank groups (AdaZo-SAM); otherwise the ZO kinds
+            perturb the low-rank matrices only, in their subspace (SAM perturbs everything).
+        rho_max, rho_min, min_lr_ratio: ``ρ_t`` moves from ``rho_max`` at the peak learning
+            rate to ``rho_min`` at ``min_lr_ratio`` times it (GSAM).
+        mu (μ), q: finite-difference step and number of ZO directions.
+        zo_buffer_mib: a step keeps its blocks' random numbers between its passes up to this
+            many MiB and draws the rest again in each pass.
+        refresh_before_ascent: the paper's order on refresh steps (``docs/design.md`` §2.4).
+    """
+
+    def __init__(
+        self,
+        optimizer: SubspaceAdamW,
+        kind: str,
+        *,
+        perturb_full_rank: bool = False,
+        rho_max: float = 0.01,
+        rho_min: float = 1e-6,
+        min_lr_ratio: float = 0.1,
+        mu: float = 1e-3,
+        q: int = 1,
+        zo_buffer_mib: float = 64.0,
+        refresh_before_ascent: bool = True,
+    ):
+        self.optimizer, self.kind = optimizer, kind
+        self.perturb_full_rank = perturb_full_rank
+        self.rho_max, self.rho_min, self.min_lr_ratio = rho_max, rho_min, min_lr_ratio
+        self.mu, self.q, self.zo_buffer_mib = mu, q, zo_buffer_mib
+        self.refresh_before_ascent = refresh_before_ascent
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.params = [p for p in params if self._is_perturbed(p)]
+        """The parameters it moves, in the optimizer's order."""
+        self.blocks = self._zo_layout() if kind in ("zo", "rank_r") else []
+        """Per block, where each parameter's random numbers sit (one generator call each)."""
+        self._slot_of = {s.param: (k, s) for k, b in enumerate(self.blocks) for s in b}
+        self.lowrank = {p for p, (_, s) in self._slot_of.items() if s.lowrank}
+        """The low-rank matrices the zeroth-order ascent perturbs inside their subspace."""
+        self._pending: dict | None = None  # this step's move ({} if nothing moved)
+        self._unrestored: set[torch.Tensor] = set()
+
+    # ------------------------------------------------------------------------ set-up
     def _is_perturbed(self, p: torch.Tensor) -> bool:
-        lowrank = self.group_of(p)["rank"] is not None
-        if self.perturbation == "sam":
+        if self.kind == "sam":
             return True
-        if self.perturbation in ("zo", "rank_r"):
-            return lowrank or self.perturb_full_rank
-        return False
+        return self.optimizer.group_of(p)["rank"] is not None or self.perturb_full_rank
 
     def _zo_layout(self) -> list[list[Slot]]:
-        kind = "rank_r" if self.perturbation == "rank_r" else "gaussian"
-        perturbed = set(self._perturbed)
+        kind = "rank_r" if self.kind == "rank_r" else "gaussian"
+        perturbed = set(self.params)
         blocks = []
-        for block in self.blocks:
+        for block in self.optimizer.blocks:
             entries = []
             for p in block:
                 if p in perturbed:
-                    rank = self.group_of(p)["rank"]
+                    rank = self.optimizer.group_of(p)["rank"]
                     entries.append((p, slot_shape(p, rank, kind), rank is not None))
             if entries:
                 blocks.append(entries)
         return layout(blocks)
 
+    # ------------------------------------------------------------------ what it holds
     def rho(self) -> float:
         """``ρ_t`` for the learning rate the first group has now (GSAM schedule)."""
-        g = self.param_groups[0]
+        g = self.optimizer.param_groups[0]
         return rho_for_lr(
             g["lr"], g["max_lr"], g["max_lr"] * self.min_lr_ratio, self.rho_max, self.rho_min
         )
 
-    def _needs_closure(self) -> bool:
-        return bool(self._perturbed) and self.rho() > 0
+    def needs_closure(self) -> bool:
+        """Whether this step moves anything (and so needs the loss)."""
+        return bool(self.params) and self.rho() > 0
 
+    @property
+    def begun(self) -> bool:
+        """Whether ``begin`` ran this step."""
+        return self._pending is not None
+
+    def refreshes_early(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s basis is chosen in this step's refresh backward (the paper's order:
+        a perturbed low-rank matrix due for a refresh, not refreshed yet)."""
+        return self.refresh_before_ascent and p in self.lowrank and self.optimizer.refresh_due(p)
+
+    def held_bytes(self) -> tuple[float, str]:
+        """Bytes a step holds from ``begin`` to the update, and what they are: SAM's ε, or the
+        zeroth-order random numbers ``Directions`` keeps (greedily, in block order, within
+        ``zo_buffer_mib``, plus the one block it has just drawn)."""
+        if self.kind == "sam":
+            return 4 * sum(p.numel() for p in self.params), "SAM's ε"
+        if not self.blocks:
+            return 0.0, "none"
+        sizes = [4 * sum(math.prod(s.shape) for s in b) for b in self.blocks] * self.q
+        kept, budget = 0, self.zo_buffer_mib * 2**20
+        for size in sizes:
+            kept += size if kept + size <= budget else 0
+        return kept + (max(sizes) if kept < sum(sizes) else 0), "zeroth-order random numbers"
+
+    # ---------------------------------------------------------------------- the move
     def _loss(self, closure: Closure) -> torch.Tensor:
         """The closure's loss as a float32 device scalar (no host synchronisation)."""
         f = closure()
         if isinstance(f, torch.Tensor):
             return f.detach().float().reshape(())
-        return torch.tensor(float(f), device=self._perturbed[0].device)
+        return torch.tensor(float(f), device=self.params[0].device)
+
+    def _backward(
+        self, purpose: Backward, closure: Closure, backward: BackwardFn | None
+    ) -> torch.Tensor | float:
+        """One forward/backward of the step's own, for ``purpose``: told to the caller's
+        ``backward`` and to the fused hooks the optimizer carries."""
+        hooks = self.optimizer.hooks
+        if hooks is not None:
+            hooks.purpose = purpose
+        try:
+            with torch.enable_grad():
+                return closure() if backward is None else backward(purpose)
+        finally:
+            if hooks is not None:
+                hooks.purpose = Backward.UPDATE
 
     @torch.no_grad()
-    def perturb(self, closure: Closure) -> dict | None:
+    def begin(self, closure: Closure, backward: BackwardFn | None = None) -> dict | None:
         """Move the weights to ``W + ε`` for this step, ``ε = ρ_t ĝ / ‖ĝ‖_F`` (norm over all
-        perturbed parameters). Returns what was measured, as device tensors (``c``, and
-        ``moved``: false when ``c`` was not finite or zero and the weights stayed at ``W``),
-        or ``None`` when nothing was tried (no perturbation, ``ρ_t = 0``, or no subspace yet)."""
-        if self.perturbation is None:
-            return None
+        perturbed parameters). ``closure`` returns the loss (forward only, for the probes);
+        ``backward`` runs a forward/backward for a purpose (default: ``closure`` with grad).
+        Returns what was measured, as device tensors (``c``, and ``moved``: false when ``c``
+        was not finite or zero and the weights stayed at ``W``), or ``None`` when nothing was
+        tried (``ρ_t = 0``, or no subspace yet)."""
         if self._pending is not None:
             raise RuntimeError("perturb() called twice without step() in between")
         rho = self.rho()
         self._pending = {}
-        if not self._perturbed or rho == 0:
+        if not self.params or rho == 0:
             return None
-        if self.perturbation == "sam":
-            return self._perturb_sam(closure, rho)
+        if self.kind == "sam":
+            return self._begin_sam(closure, backward, rho)
         if self.refresh_before_ascent:
-            self._refresh_before_ascent(closure)
-        if any("basis" not in self.state[s.param] for b in self._zo_blocks for s in b if s.lowrank):
+            self._refresh_first(closure, backward)
+        if any("basis" not in self.optimizer.state[p] for p in self.lowrank):
             return None  # refresh after the ascent: no subspace before the first update
-        seeds = [mix(self.seed, STREAM_ZO, self.step_count, j) for j in range(self.q)]
+        step, seed = self.optimizer.step_count, self.optimizer.seed
+        seeds = [mix(seed, STREAM_ZO, step, j) for j in range(self.q)]
         dirs = Directions(
-            self._zo_blocks,
-            self.state,
+            self.blocks,
+            self.optimizer.state,
             seeds,
-            self._perturbed[0].device,
+            self.params[0].device,
             int(self.zo_buffer_mib * 2**20),
         )
         mu, cs, norm = self.mu, [], None
@@ -132,50 +267,34 @@ class SharpnessAware(torch.optim.Optimizer):
             eps = {j: torch.where(ok, coefs[j] * scale, 0.0) for j in range(self.q)}
             dirs.move(eps)
         self._pending = {"dirs": dirs, "back": {j: -e for j, e in eps.items()}}
-        self._unrestored = set(self._perturbed)
+        self._unrestored = set(self.params)
         return {"c": c, "rho": rho, "moved": ok}
-
-    def refreshes_early(self, p: torch.Tensor) -> bool:
-        """Whether ``p``'s basis is chosen in this step's refresh backward (a perturbed
-        low-rank matrix due for a refresh, not refreshed yet)."""
-        return p in self.zo_lowrank and self._refresh_due(p)
 
     @torch.no_grad()
     def refresh_early(self, params: list[torch.Tensor]) -> None:
-        """In the refresh backward (``phase == "refresh"``): choose ``Q_t`` of those of
-        ``params`` that ``refreshes_early`` from their gradients at ``W_t``, and free every
-        gradient of ``params``. Fused hooks call it as the gradients arrive; otherwise
-        ``perturb`` does, after the backward."""
+        """In the refresh backward: choose ``Q_t`` of those of ``params`` that
+        ``refreshes_early`` from their gradients at ``W_t``, and free every gradient of
+        ``params``. Fused hooks call it as the gradients arrive; otherwise ``begin`` does,
+        after the backward."""
         for p in params:
             if p.grad is not None and self.refreshes_early(p):
-                self._refresh(p, full(p.grad))
-                self._fresh.add(p)
+                self.optimizer.refresh(p, full(p.grad))
             p.grad = None
 
-    def _refresh_before_ascent(self, closure: Closure) -> None:
+    def _refresh_first(self, closure: Closure, backward: BackwardFn | None) -> None:
         """The paper's order: on a refresh step, choose ``Q_t`` from the gradient at ``W_t``
         (an extra forward/backward) before perturbing inside it."""
-        if not any(self.refreshes_early(p) for p in self._perturbed):
+        if not any(self.refreshes_early(p) for p in self.lowrank):
             return
-        self.phase = "refresh"
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        finally:
-            self.phase = "update"
-        params = [p for g in self.param_groups for p in g["params"]]
+        loss = self._backward(Backward.REFRESH, closure, backward)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if math.isfinite(float(loss)):  # one host read every update_gap steps
             self.refresh_early(params)
-        self.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def _perturb_sam(self, closure: Closure, rho: float) -> dict:
-        self.phase = "ascent"
-        try:
-            with torch.enable_grad():
-                closure()
-        finally:
-            self.phase = "update"
-        params = [p for p in self._perturbed if p.grad is not None]
+    def _begin_sam(self, closure: Closure, backward: BackwardFn | None, rho: float) -> dict:
+        self._backward(Backward.ASCENT, closure, backward)
+        params = [p for p in self.params if p.grad is not None]
         if not params:  # the closure ran no backward (a non-finite loss): nothing to ascend
             return {"rho": rho, "moved": False}
         grads = [p.grad for p in params]
@@ -190,17 +309,18 @@ class SharpnessAware(torch.optim.Optimizer):
         self._unrestored = set(params)
         return {"grad_norm": norm, "rho": rho, "moved": True}
 
-    def _zo_foldable(self, params: list[torch.Tensor]) -> set[torch.Tensor]:
-        """The parameters whose restore can ride on their update's GEMM: perturbed low-rank
-        matrices (full-rank ones gain nothing from folding) whose basis the update keeps.
-        One due for a refresh (``refresh_before_ascent=False``) was moved along the basis
-        the update replaces, so it is restored on its own, through that basis, first."""
+    # ------------------------------------------------------------------- the way back
+    def foldable(self, params: list[torch.Tensor]) -> set[torch.Tensor]:
+        """Those of ``params`` whose restore can ride on their update's GEMM: perturbed
+        low-rank matrices (full-rank ones gain nothing from folding) whose basis the update
+        keeps. One due for a refresh (``refresh_before_ascent=False``) was moved along the
+        basis the update replaces, so it is restored on its own, through that basis, first."""
         if not (self._pending and "dirs" in self._pending):
             return set()
         return {
             p
             for p in params
-            if p in self._unrestored and self._slot_of[p][1].lowrank and not self._refresh_due(p)
+            if p in self._unrestored and p in self.lowrank and not self.optimizer.refresh_due(p)
         }
 
     def _by_block(self, params: list[torch.Tensor]) -> dict[int, list[Slot]]:
@@ -210,23 +330,27 @@ class SharpnessAware(torch.optim.Optimizer):
             out.setdefault(k, []).append(slot)
         return out
 
-    def _add_restore_terms(self, params: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        """``targets[i] += −ε``'s numbers of ``params[i]`` (in ``Z``'s shape), block by
+    def fold_restore(self, params: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+        """``targets[i] += −ε``'s numbers of ``params[i]`` (in ``Z``'s shape), which the
+        caller's update then applies through the basis: ``params`` count as restored. Block by
         block: an unfused update holds one block's numbers at a time, not the whole model's
         (at llama_1b, rank 512, 1.2 GB)."""
         dirs, back = self._pending["dirs"], self._pending["back"]
         target = dict(zip(params, targets, strict=True))
+        by_rows = self.optimizer.by_rows
         for k, slots in self._by_block(params).items():
             terms = dirs.restore_terms(k, back)
-            zs = [full_z(s, s.view(terms), self.state[s.param]) for s in slots]
+            zs = [full_z(s, s.view(terms), self.optimizer.state[s.param]) for s in slots]
             zs = [
-                rows_of(s.param, z) if s.param in self.by_rows else z
+                rows_of(s.param, z) if s.param in by_rows else z
                 for s, z in zip(slots, zs, strict=True)
             ]
             torch._foreach_add_([target[s.param] for s in slots], zs)
+        self._unrestored.difference_update(params)
 
-    def _restore(self, params: list[torch.Tensor]) -> None:
-        """Move ``params`` back from ``W + ε`` (regenerating ε from its seed; SAM keeps its ε)."""
+    def restore(self, params: list[torch.Tensor]) -> None:
+        """Move those of ``params`` still at ``W + ε`` back (regenerating ε from its seed; SAM
+        keeps its ε)."""
         params = [p for p in params if p in self._unrestored]
         if not params:
             return
@@ -237,3 +361,8 @@ class SharpnessAware(torch.optim.Optimizer):
         dirs, back = self._pending["dirs"], self._pending["back"]
         for k, slots in self._by_block(params).items():
             dirs.apply_block(slots, dirs.restore_terms(k, back))
+
+    def end(self) -> None:
+        """End of the step: every perturbed parameter is back."""
+        self.restore(list(self._unrestored))
+        self._pending = None

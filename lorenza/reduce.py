@@ -107,6 +107,7 @@ def bytes_per_step(optimizer: SubspaceAdamW) -> dict[str, int]:
             full += size
             projected = group["rank"] is not None and not group["residual"]
             lowrank += group["rank"] * max(p.shape) * p.element_size() if projected else size
-            if optimizer.refresh_before_ascent and p in optimizer.zo_lowrank:
+            ascent = optimizer.ascent
+            if ascent is not None and ascent.refresh_before_ascent and p in ascent.lowrank:
                 extra += size
     return {"full": full, "lowrank": lowrank, "refresh_extra": extra}

@@ -39,7 +39,7 @@ def trained(cfg, compiled: bool, steps: int, counts: list | None = None):
     for _ in range(steps):
         ids = torch.randint(0, cfg.model.vocab_size, (2, 4, 33), generator=gen)
         micro = [(ids[i, :, :-1], ids[i, :, 1:]) for i in range(2)]
-        losses.append(train_step(cfg, parts, micro, per_param_clip=True))
+        losses.append(train_step(cfg, parts, micro, per_param_clip=True).loss)
         if counts is not None:
             counts.append(graphs())
     return model, losses

@@ -14,21 +14,37 @@ from safetensors.torch import load_file
 import train
 from lorenza import module_blocks
 from lorenza.fused import FusedUpdates
+from lorenza.perturb import Backward
 from models import Llama
 from trainer.checkpoint import checkpoints
 from trainer.distributed import CommCounter
 from trainer.optimizers import build_optimizer
 from trainer.preemption import EXIT_NONFINITE, TrainingStopped
-from trainer.step import StepParts, train_step
+from trainer.step import StepParts, StepResult, train_step
 
 
-def poison(model: Llama, optimizer, when, phases=("update",)) -> None:
-    """Make the gradient of the backwards of ``phases`` NaN below the second decoder layer
-    whenever ``when()`` is true: layer 0 and the embedding get NaN gradients, the loss stays
-    finite."""
+def poison(model: Llama, optimizer, when, phases=(Backward.UPDATE,)) -> None:
+    """Make the gradient of the backwards of ``phases`` (their purposes) NaN below the second
+    decoder layer whenever ``when()`` is true: layer 0 and the embedding get NaN gradients, the
+    loss stays finite. A backward the optimizer runs itself is told its purpose through the
+    ``backward`` function the trainer passes to ``perturb``; the step's own is the update's."""
+    running = {"purpose": Backward.UPDATE}
+    perturb = optimizer.perturb
+
+    def perturb_told(closure, backward=None):
+        def told(purpose):
+            running["purpose"] = purpose
+            try:
+                return backward(purpose)
+            finally:
+                running["purpose"] = Backward.UPDATE
+
+        return perturb(closure, told)
+
+    optimizer.perturb = perturb_told
 
     def hook(_module, grad_input, _grad_output):
-        if optimizer.phase in phases and when():
+        if running["purpose"] in phases and when():
             return tuple(None if g is None else g * math.nan for g in grad_input)
         return None
 
@@ -46,7 +62,7 @@ def finite(tensors) -> bool:
     return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
-def steps(config, optim, fused, granularity="block", poisoned=2, phases=("update",)):
+def steps(config, optim, fused, granularity="block", poisoned=2, phases=(Backward.UPDATE,)):
     cfg = config(
         f"optim={optim}",
         "optim.rank=16",
@@ -68,10 +84,10 @@ def steps(config, optim, fused, granularity="block", poisoned=2, phases=("update
     count = {"step": 0}
     poison(model, optimizer, lambda: count["step"] == poisoned, phases)
 
-    def step() -> float:
-        loss = train_step(cfg, parts, micro, per_param_clip=fused)
+    def step() -> StepResult:
+        result = train_step(cfg, parts, micro, per_param_clip=fused)
         count["step"] += 1
-        return loss
+        return result
 
     return model, optimizer, parts, step
 
@@ -79,8 +95,11 @@ def steps(config, optim, fused, granularity="block", poisoned=2, phases=("update
 @pytest.mark.parametrize(
     "optim,poisoned,phases",
     [
-        ("galore", 2, ("update",)),  # a refresh step: GaLore's reads the update's gradient
-        *((name, 3, ("update",)) for name in ("adamw", "galore", "lorenza", "sam", "adazo_sam")),
+        ("galore", 2, (Backward.UPDATE,)),  # a refresh step: GaLore's reads the update's
+        *(
+            (name, 3, (Backward.UPDATE,))
+            for name in ("adamw", "galore", "lorenza", "sam", "adazo_sam")
+        ),
     ],
 )
 def test_unfused_step_with_nan_gradients_changes_nothing(config, optim, poisoned, phases):
@@ -91,13 +110,14 @@ def test_unfused_step_with_nan_gradients_changes_nothing(config, optim, poisoned
         step()
     weights = [p.detach().clone() for p in model.parameters()]
     before = snapshot(model, optimizer)[len(weights) :]
-    loss = step()
-    assert math.isfinite(loss) and parts.nonfinite
+    result = step()
+    assert math.isfinite(result.loss) and result.nonfinite
     after = snapshot(model, optimizer)[len(weights) :]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     for w, p in zip(weights, model.parameters(), strict=True):  # back from W + ε: ~1 ulp
         assert torch.equal(w, p) if optim in ("adamw", "galore") else torch.allclose(w, p, 3e-7)
-    assert math.isfinite(step()) and not parts.nonfinite  # and training goes on
+    result = step()
+    assert math.isfinite(result.loss) and not result.nonfinite  # and training goes on
     assert finite(snapshot(model, optimizer))
 
 
@@ -105,7 +125,7 @@ def test_unfused_step_with_nan_gradients_changes_nothing(config, optim, poisoned
 def test_a_nan_refresh_gradient_keeps_the_previous_basis(config, fused):
     """LORENZA chooses Q_t from a backward of its own, before the ascent: a matrix whose
     gradient there is NaN keeps its basis; the others take their new one."""
-    model, optimizer, parts, step = steps(config, "lorenza", fused, "block", 2, ("refresh",))
+    model, optimizer, parts, step = steps(config, "lorenza", fused, "block", 2, (Backward.REFRESH,))
     step(), step()
     bases = {
         p: optimizer.state[p]["basis"].clone()
@@ -125,7 +145,7 @@ def test_fused_zeroed_nan_gradients_on_a_refresh_step_keep_the_basis(config, opt
     """The hooks replace a unit's NaN gradients by zeros before its update; those zeros (whose
     basis would be the first r unit vectors) must not become the basis for update_gap steps,
     as the skipped unfused step keeps it too."""
-    model, optimizer, parts, step = steps(config, optim, True, "block", 2, ("update",))
+    model, optimizer, parts, step = steps(config, optim, True, "block", 2, (Backward.UPDATE,))
     step(), step()
     poisoned, clean = (model.layers[i].self_attn.q_proj.weight for i in (0, 2))
     before = {p: optimizer.state[p]["basis"].clone() for p in (poisoned, clean)}
@@ -133,8 +153,7 @@ def test_fused_zeroed_nan_gradients_on_a_refresh_step_keep_the_basis(config, opt
     assert optimizer.state[poisoned]["step"] == 3  # a refresh step
     assert torch.equal(optimizer.state[poisoned]["basis"], before[poisoned])
     assert not torch.equal(optimizer.state[clean]["basis"], before[clean])
-    step()
-    assert parts.zeroed  # read with the next step's statistics
+    assert step().zeroed  # read with the next step's statistics
 
 
 @pytest.mark.parametrize("granularity", ["block", "param"])
@@ -144,12 +163,12 @@ def test_fused_hooks_zero_nan_gradients_before_they_reach_a_weight(config, optim
     step(), step()
     head = model.lm_head.weight.detach().clone()
     embed = model.embed_tokens.weight.detach().clone()
-    assert math.isfinite(step()) and not parts.zeroed  # learnt at the next step's read
+    result = step()
+    assert math.isfinite(result.loss) and not result.zeroed  # learnt at the next step's read
     assert finite(snapshot(model, optimizer))
     assert not torch.equal(head, model.lm_head.weight)  # updated before the NaN appeared
     moved = (model.embed_tokens.weight - embed).abs().max()
-    step()
-    assert parts.zeroed and finite(snapshot(model, optimizer))
+    assert step().zeroed and finite(snapshot(model, optimizer))
     assert moved < 10 * optimizer.param_groups[0]["lr"]  # a zero-gradient step at most
 
 

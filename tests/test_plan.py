@@ -15,8 +15,8 @@ from models import Llama
 from models.presets import model_config
 from tests.conftest import ROOT
 from trainer.exact_memory import activation_peak, peak_bytes, step_peak
-from trainer.optimizers import OPTIMIZERS, PURE_BF16
 from trainer.plan import activation_bytes, forward_bytes, memory_plan, state_bytes
+from trainer.registry import OPTIMIZERS, names
 from trainer.step import train_step
 
 VARIANTS = [[f"optim={name}", "optim.rank=32"] for name in OPTIMIZERS] + [
@@ -24,7 +24,10 @@ VARIANTS = [[f"optim={name}", "optim.rank=32"] for name in OPTIMIZERS] + [
     ["optim=galore", "optim.rank=128"],  # r = the hidden size: square matrices' full rank
     ["optim=adamw", "model.tie_word_embeddings=true"],
     ["optim=galore8bit", "optim.rank=32", "model.num_key_value_heads=2"],
-    *[[f"optim={name}", "optim.rank=32", "trainer.precision=bf16_pure"] for name in PURE_BF16],
+    *[
+        [f"optim={name}", "optim.rank=32", "trainer.precision=bf16_pure"]
+        for name in names(pure_bf16=True)
+    ],
 ]
 
 

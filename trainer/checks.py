@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from lorenza import LorenzaPlus
 from lorenza.schedule import SCHEDULES
 from models import Llama
 from trainer.config import (
@@ -24,8 +23,9 @@ from trainer.config import (
     Config,
 )
 from trainer.distributed import Ranks, pick_device
-from trainer.optimizers import FORWARD_ONLY, OPTIMIZERS, PURE_BF16, build_optimizer, is_fused
+from trainer.optimizers import build_optimizer, is_fused
 from trainer.plan import weights_row
+from trainer.registry import OPTIMIZERS, names
 
 
 def check_config(cfg: Config) -> None:
@@ -71,13 +71,14 @@ def check_config(cfg: Config) -> None:
     for key in ("plan_gpu_gib", "plan_world", "plan_headroom"):
         if getattr(cfg.trainer, key) < 0:
             raise ValueError(f"trainer.{key}={getattr(cfg.trainer, key)} must be >= 0")
-    if cfg.optim.name in FORWARD_ONLY and cfg.trainer.compile:
+    spec = OPTIMIZERS[cfg.optim.name]
+    if spec.forward_only and cfg.trainer.compile:
         raise ValueError(
             f"trainer.compile=true does not work with optim.name={cfg.optim.name!r}: its probes "
             "evaluate the model at moved weights without moving them, which compiled graphs "
             "cannot see; leave trainer.compile unset (eager) for forward-only optimizers"
         )
-    if cfg.optim.name in FORWARD_ONLY and (is_fused(cfg) or cfg.dist.fsdp):
+    if spec.forward_only and (is_fused(cfg) or cfg.dist.fsdp):
         raise ValueError(
             f"optim.name={cfg.optim.name!r} runs forward passes only: it has no gradients for "
             "trainer.fused=true to consume, and moves whole weights (not dist.fsdp=true shards)"
@@ -182,13 +183,13 @@ def check_fits_host(cfg: Config, model: Llama) -> None:
 
 def check_precision(cfg: Config) -> None:
     """Pure bf16 only for the optimizers whose step never leaves the weights and comes back."""
-    if cfg.trainer.precision == "bf16_pure" and cfg.optim.name not in PURE_BF16:
+    if cfg.trainer.precision == "bf16_pure" and not OPTIMIZERS[cfg.optim.name].pure_bf16:
         raise ValueError(
             f"trainer.precision='bf16_pure' does not work with optim.name={cfg.optim.name!r}: "
             "it moves the weights away and back in place every step (a sharpness-aware "
             "perturbation or a forward-only probe), which in bfloat16 drifts by ~4e-3 of their "
             f"value per step; use trainer.precision=bf16 (float32 weights under autocast), or "
-            f"one of {', '.join(PURE_BF16)}"
+            f"one of {', '.join(names(pure_bf16=True))}"
         )
 
 
@@ -223,11 +224,12 @@ def check_distributed(cfg: Config) -> None:
     if cfg.dist.in_flight < 0:
         raise ValueError(f"dist.in_flight={cfg.dist.in_flight} must be >= 0")
     if cfg.dist.lowrank_allreduce:
-        cls, lowrank, _ = OPTIMIZERS[cfg.optim.name]
-        if not lowrank or cls is LorenzaPlus:
+        spec = OPTIMIZERS[cfg.optim.name]
+        if not spec.lowrank or spec.whole_gradient:
+            allowed = ", ".join(names(lowrank=True, whole_gradient=False))
             raise ValueError(
                 f"dist.lowrank_allreduce=true needs a low-rank optimizer whose update reads "
-                f"only Qᵀg (galore, galore8bit, lorenza, lorenza8bit), not "
+                f"only Qᵀg ({allowed}), not "
                 f"optim.name={cfg.optim.name!r}"
             )
         if not is_fused(cfg):
@@ -235,17 +237,19 @@ def check_distributed(cfg: Config) -> None:
                 "dist.lowrank_allreduce=true needs trainer.fused=true: the per-layer hook "
                 "hands the averaged Qᵀg to the update"
             )
-    if cfg.dist.fsdp and cfg.optim.name == "sam":
+    sam = OPTIMIZERS[cfg.optim.name].ascent == "sam"
+    if cfg.dist.fsdp and sam:
         raise ValueError(
-            "dist.fsdp=true does not support optim.name='sam': use adazo_sam (forward-only "
+            f"dist.fsdp=true does not support optim.name={cfg.optim.name!r} (a backward-pass "
+            "ascent): use adazo_sam (forward-only "
             "ascent) or another optimizer"
         )
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and cfg.optim.name == "sam" and is_fused(cfg):
+    if world > 1 and sam and is_fused(cfg):
         raise ValueError(
-            "optim.name='sam' with trainer.fused=true in several processes: SAM's ascent "
-            "backward runs with the hooks disarmed, so each rank would perturb along its own "
-            "gradient; use trainer.fused=false (DDP averages it)"
+            f"optim.name={cfg.optim.name!r} with trainer.fused=true in several processes: its "
+            "ascent backward runs with the hooks disarmed, so each rank would perturb along its "
+            "own gradient; use trainer.fused=false (DDP averages it)"
         )
     if (
         pick_device(cfg.trainer.device, Ranks()).type == "cuda"

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lorenza import AdamW, GaLoreAdamW, Lorenza, LorenzaPlus, lowrank_param_groups
+from lorenza import lowrank_param_groups
 from lorenza.adam import moment_bytes
 from models import Llama, ModelConfig
+from trainer.registry import OPTIMIZERS
 
 RANKS = {  # the papers' r per size (GaLore Table 2 / LORENZA Table 3; 7B from GaLore's 7B run)
     "llama_60m": 128,
@@ -163,10 +164,9 @@ def fit(all_shapes: dict[str, Shapes]) -> tuple[Convention, float]:
 def measured_state(model: Llama, method: str, rank: int) -> tuple[int, int]:
     """(elements, bytes) of every tensor in ``opt.state`` after one real step (random
     gradients)."""
-    cls = {"full": AdamW, "galore": GaLoreAdamW, "lorenza": Lorenza, "lorenza_plus": LorenzaPlus}
-    base, bits = method.removesuffix("8bit"), 8 if method.endswith("8bit") else 32
-    params = model.parameters() if base == "full" else lowrank_param_groups(model, rank)
-    opt = cls[base](params, lr=1e-3, bits=bits, rho_max=0.0, rho_min=0.0)
+    spec = OPTIMIZERS[method.replace("full", "adamw")]
+    params = lowrank_param_groups(model, rank) if spec.lowrank else model.parameters()
+    opt = spec.cls(params, lr=1e-3, bits=spec.bits, rho_max=0.0, rho_min=0.0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()

@@ -44,15 +44,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lorenza import LOREN, module_blocks
+from lorenza import module_blocks
 from lorenza.adam import moment_bytes
-from lorenza.forward_only import ForwardOnlyOptimizer
 from lorenza.loren import rows
 from lorenza.optimizer import kept_by_rows
 from models import Llama, ModelConfig
 from models.llama import Block
 from trainer.config import Config, weight_dtype
 from trainer.optimizers import build_optimizer, is_fused
+from trainer.registry import OPTIMIZERS, spec_of
 
 GIB = 2**30
 CUDA_CONTEXT = 0.5 * GIB
@@ -180,13 +180,13 @@ def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
     LOREN's curvature vector and momentum; MeZO nothing. ``world``: FSDP2 shards the
     full-rank states over the ranks, and the moments and bases of the right-projected
     matrices it can keep by rows (``kept_by_rows``); other low-rank states are whole on each."""
-    total = 0.0
+    total, kind = 0.0, spec_of(optimizer).state
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if isinstance(optimizer, LOREN):
+            if kind == "loren":
                 total += 4 * rows(p).shape[1] + (4 * p.numel() if p.ndim >= 2 else 0)
                 continue
-            if isinstance(optimizer, ForwardOnlyOptimizer):  # MeZO
+            if kind == "none":
                 continue
             size = p.element_size()
             if group["rank"] is None:
@@ -257,7 +257,7 @@ def memory_plan(cfg: Config) -> Plan:
     with torch.device("meta"):  # shapes only
         model = Llama(cfg.model).to(weight_dtype(t.precision))  # as build_run casts it
     optimizer = build_optimizer(model, cfg.optim, cfg.seed)
-    forward_only = isinstance(optimizer, ForwardOnlyOptimizer)
+    forward_only = OPTIMIZERS[cfg.optim.name].forward_only
     fused = is_fused(cfg) and not forward_only
     units = module_blocks(model)
     bits = "/".join(sorted({str(g.get("bits", 32)) for g in optimizer.param_groups}))
@@ -405,22 +405,13 @@ def activation_rows(cfg: Config, forward_only: bool) -> tuple[list[Row], str]:
 
 
 def held_extras(optimizer: torch.optim.Optimizer) -> tuple[float, str]:
-    """Bytes a step holds from its perturbation to its update: SAM's ε, or the zeroth-order
-    random numbers ``Directions`` keeps (greedily, in block order, within
-    ``optim.zo_buffer_mib``, plus the one block it has just drawn), or a forward-only
-    optimizer's noise for one parameter."""
-    if isinstance(optimizer, ForwardOnlyOptimizer):  # regenerated parameter by parameter
+    """Bytes a step holds from its perturbation to its update (``Perturbation.held_bytes``),
+    or a forward-only optimizer's noise for one parameter."""
+    if spec_of(optimizer).forward_only:  # regenerated parameter by parameter
         return 4 * max(p.numel() for g in optimizer.param_groups for p in g["params"]), "noise"
-    if getattr(optimizer, "perturbation", None) == "sam":
-        return 4 * sum(p.numel() for p in optimizer._perturbed), "SAM's ε"
-    blocks = getattr(optimizer, "_zo_blocks", [])
-    if not blocks:
+    if optimizer.ascent is None:
         return 0.0, "none"
-    sizes = [4 * sum(math.prod(s.shape) for s in b) for b in blocks] * optimizer.q
-    kept, budget = 0, optimizer.zo_buffer_mib * 2**20
-    for size in sizes:
-        kept += size if kept + size <= budget else 0
-    return kept + (max(sizes) if kept < sum(sizes) else 0), "zeroth-order random numbers"
+    return optimizer.ascent.held_bytes()
 
 
 def update_temporaries(
@@ -437,7 +428,7 @@ def update_temporaries(
     gathered). Under FSDP2 a low-rank matrix's gradient is also gathered whole (one kept by
     rows: on refresh steps only): one at a time, or all of them when Fira's residual reads
     them again. 8-bit low-rank matrices are updated one by one: the largest one's."""
-    if isinstance(optimizer, ForwardOnlyOptimizer):
+    if spec_of(optimizer).forward_only:
         return 0.0
 
     def temporaries(ps: list[torch.Tensor]) -> float:

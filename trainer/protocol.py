@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.metrics import markdown_table, run_rows
-from trainer.optimizers import PURE_BF16
+from trainer.registry import OPTIMIZERS as REGISTRY
 
 OPTIMIZERS = ("adamw", "galore", "lorenza", "lorenza_plus")
-NUMERICS = ("autocast", "galore")  # --numerics: galore runs PURE_BF16's optimizers in pure bf16
+NUMERICS = ("autocast", "galore")  # --numerics: galore runs pure-bf16 optimizers in pure bf16
 PUBLISHED_PPL = {  # GaLore Table 2 (adamw, galore) and LORENZA Table 3 (lorenza, lorenza_plus)
     "60m": {"adamw": 34.06, "galore": 34.88, "lorenza": 34.29},
     "130m": {"adamw": 25.08, "galore": 25.36, "lorenza": 24.92},
@@ -126,7 +126,7 @@ def protocol_table() -> str:
 def precision(optim: str, numerics: str) -> str:
     """``bf16_pure`` for the optimizers that allow it under ``--numerics galore``, else
     ``bf16`` (autocast)."""
-    return "bf16_pure" if numerics == "galore" and optim in PURE_BF16 else "bf16"
+    return "bf16_pure" if numerics == "galore" and REGISTRY[optim].pure_bf16 else "bf16"
 
 
 def run_dir(out: Path, size: str, optim: str, seed: int, numerics: str = "autocast") -> Path:

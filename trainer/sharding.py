@@ -25,6 +25,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from lorenza.fused import FusedUpdates
+from lorenza.perturb import Backward
 from models import Llama
 
 
@@ -77,7 +78,7 @@ def fuse_updates(model: Llama, hooks: FusedUpdates, per_param: bool = False) -> 
         original = group.post_backward
 
         def post_backward(*args, original=original, group=group, params=params) -> None:
-            if reducer is not None and hooks.armed and hooks.optimizer.phase == "update":
+            if reducer is not None and hooks.armed and hooks.purpose is Backward.UPDATE:
                 for fsdp_param, p in zip(group.fsdp_params, params, strict=True):
                     unsharded = getattr(fsdp_param, "_unsharded_param", None)
                     grad = None if unsharded is None else unsharded.grad

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from lorenza.fused import FusedUpdates, clip_per_param_
+from lorenza.perturb import Backward
 from lorenza.sharded import full
 from models import Llama
 from trainer.config import Config
@@ -55,24 +56,38 @@ class StepParts:
     hooks: FusedUpdates | None
     autocast: AbstractContextManager
     comm: CommCounter
-    stop_requested: bool = False
-    """A stop signal reached this process (its vote for stopping after this step)."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one update reports, agreed by every rank in the step's one read."""
+
+    loss: float
+    """The mean loss over the micro-batches and the ranks."""
     stop: bool = False
-    """Set by the step: some rank asked to stop (every rank sees the same)."""
+    """Some rank asked to stop after this step."""
     nonfinite: bool = False
-    """Set by the step: a loss or gradient was NaN/inf on some rank, and no weight moved
-    (fused mode: see ``zeroed``)."""
+    """A loss or gradient was NaN/inf on some rank, and no weight moved (fused: see
+    ``zeroed``)."""
     zeroed: bool = False
-    """Set by a fused step: the previous step's backward met non-finite gradients and
-    replaced them by zeros, unit by unit (``FusedUpdates``); learnt with this step's read."""
+    """Fused: the previous step's backward met non-finite gradients and replaced them by
+    zeros, unit by unit (``FusedUpdates``); learnt with this step's read."""
     grad_norm: torch.Tensor | None = None
     """The global gradient norm before clipping (unfused runs), left on the device: read it
     when logging."""
 
+    @property
+    def skipped(self) -> bool:
+        """Whether this step, or the fused update before it, met non-finite numbers."""
+        return self.nonfinite or self.zeroed
 
-def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool) -> float:
+
+def train_step(
+    cfg: Config, parts: StepParts, micro: list, per_param_clip: bool, stop_requested: bool = False
+) -> StepResult:
     """One update from the micro-batches ``micro``: the sharpness-aware perturbation (if any),
-    forward/backward, clipping, update. Returns the mean loss (over micro-batches and ranks).
+    forward/backward, clipping, update. ``stop_requested``: a stop signal reached this process
+    (its vote for stopping after this step).
 
     Nothing non-finite reaches a weight. Unfused, the step reads the device once, after the
     backward: the loss, whether the global gradient norm is finite, and the ranks' stop
@@ -87,8 +102,7 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
     model, ddp, optimizer, hooks = parts.model, parts.ddp, parts.optimizer, parts.hooks
     forward = ddp or model
     parts.comm.steps += 1
-    parts.nonfinite = parts.zeroed = False
-    read = {"loss": math.nan}
+    read: dict = {"loss": math.nan, "stop": False, "nonfinite": False, "zeroed": False}
 
     def probe() -> torch.Tensor:
         """The zeroth-order probe loss, forward only: the mean over the first
@@ -107,21 +121,17 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
     def fused_read(total: torch.Tensor) -> bool:
         """The fused step's read, before its last backward; True: skip that backward."""
         zeroed = hooks.take_nonfinite(total.device)
-        mean, parts.stop, bad = read_step_stats(total, parts.stop_requested, zeroed)
-        parts.nonfinite = not math.isfinite(mean)
-        parts.zeroed = bad and not parts.nonfinite
-        read["loss"] = mean
-        return parts.nonfinite or (parts.zeroed and t.on_nonfinite == "stop")
+        mean, stop, bad = read_step_stats(total, stop_requested, zeroed)
+        nonfinite = not math.isfinite(mean)
+        read.update(loss=mean, stop=stop, nonfinite=nonfinite, zeroed=bad and not nonfinite)
+        return nonfinite or (read["zeroed"] and t.on_nonfinite == "stop")
 
-    def closure() -> torch.Tensor:
-        """Mean loss of this step's batch (a device scalar); backward too when grad is
-        enabled (the sharpness-aware optimizers also call it without grad, for forward-only
-        losses, and with grad for SAM's ascent or a refresh). In fused mode the hooks act
-        during the last micro-batch's backward, as ``optimizer.phase`` says (update,
-        refresh, or nothing)."""
-        if not torch.is_grad_enabled():
-            return probe()
-        update = getattr(optimizer, "phase", "update") == "update"
+    def backward(purpose: Backward = Backward.UPDATE) -> torch.Tensor:
+        """Forward and backward over this step's micro-batches, for ``purpose``: the step's
+        own (its loss read before the last backward when fused), or one the optimizer runs
+        first (the refresh at ``W_t``, SAM's ascent), whose loss stays on the device. Fused,
+        the hooks act during the last micro-batch's backward, as ``purpose`` says."""
+        update = purpose is Backward.UPDATE
         total = None
         for i, (x, y) in enumerate(micro):
             last = i == len(micro) - 1
@@ -141,50 +151,54 @@ def train_step(cfg: Config, parts: StepParts, micro: list, per_param_clip: bool)
                     loss.backward()
                 if ddp is not None and last:
                     parts.comm.synced_backward()
-        # an extra backward of the optimizer's (SAM's ascent, a refresh): its loss stays put
         return total if update else mean_tensor_over_ranks(total)
+
+    def closure() -> torch.Tensor:
+        """Mean loss of this step's batch (a device scalar): the probes' forward without grad,
+        the step's forward and backward with it."""
+        return probe() if not torch.is_grad_enabled() else backward()
 
     if not hasattr(optimizer, "perturb"):  # forward-only (MeZO): its own two forwards
         loss = optimizer.step(probe)
-        mean, parts.stop, parts.nonfinite = read_step_stats(
-            loss, parts.stop_requested, ~torch.isfinite(loss)
-        )
-        return mean
+        mean, stop, nonfinite = read_step_stats(loss, stop_requested, ~torch.isfinite(loss))
+        return StepResult(mean, stop, nonfinite)
     with record_function("perturb"):  # W → W + ε for SAM-type optimizers, else nothing
-        optimizer.perturb(closure)
-    total = closure()
+        optimizer.perturb(closure, backward)
+    total = backward()
     if hooks is not None:
-        if parts.nonfinite or (parts.zeroed and t.on_nonfinite == "stop"):
-            return skip(optimizer, read["loss"])
-        hooks.finish()
-        return read["loss"]
-    return update_unfused(parts, total, t.grad_clip if per_param_clip else 0.0, t.grad_clip)
+        result = StepResult(read["loss"], read["stop"], read["nonfinite"], read["zeroed"])
+        if result.nonfinite or (result.zeroed and t.on_nonfinite == "stop"):
+            skip(optimizer)
+        else:
+            hooks.finish()
+        return result
+    clip = t.grad_clip if per_param_clip else 0.0
+    return update_unfused(parts, total, stop_requested, clip, t.grad_clip)
 
 
-def update_unfused(parts: StepParts, loss: torch.Tensor, per_param: float, clip: float) -> float:
+def update_unfused(
+    parts: StepParts, loss: torch.Tensor, stop_requested: bool, per_param: float, clip: float
+) -> StepResult:
     """The unfused step's end: its one read (the loss, whether the global gradient norm is
     finite, the stop votes), then -- if all is finite -- clipping (each gradient to
     ``per_param``, else the global norm to ``clip``; 0 disables) and the update."""
     params = [p for p in parts.model.parameters() if p.grad is not None]
     local_norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # sharded: a DTensor
     norm = full(local_norm)
-    mean, parts.stop, parts.nonfinite = read_step_stats(
-        loss, parts.stop_requested, ~torch.isfinite(norm)
-    )
-    if parts.nonfinite:
-        return skip(parts.optimizer, mean)
+    mean, stop, nonfinite = read_step_stats(loss, stop_requested, ~torch.isfinite(norm))
+    if nonfinite:
+        skip(parts.optimizer)
+        return StepResult(mean, stop, nonfinite)
     if per_param > 0:
         clip_per_param_([p.grad for p in params], per_param)
     elif clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, clip, local_norm)
-    parts.grad_norm = norm
     parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
-    return mean
+    return StepResult(mean, stop, grad_norm=norm)
 
 
-def skip(optimizer: torch.optim.Optimizer, loss: float) -> float:
+def skip(optimizer: torch.optim.Optimizer) -> None:
     """End a step without an update: drop partial gradients, undo the perturbation."""
     optimizer.zero_grad(set_to_none=True)
     optimizer.finish_step()
-    return loss

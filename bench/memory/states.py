@@ -21,20 +21,21 @@ import sys
 import torch
 
 from bench.common import build_llama, markdown_table, write_section
-from lorenza import AdamW, GaLoreAdamW, Lorenza, LorenzaPlus, lowrank_param_groups
+from lorenza import lowrank_param_groups
+from trainer.registry import OPTIMIZERS
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256}  # GaLore's / the paper's r
 NO_RHO = {"rho_max": 0.0, "rho_min": 0.0}
-VARIANTS = {  # label: (class, bits, low-rank, extra kwargs)
-    "AdamW 32-bit": (AdamW, 32, False, {}),
-    "AdamW 8-bit": (AdamW, 8, False, {}),
-    "GaLore 32-bit": (GaLoreAdamW, 32, True, {}),
-    "GaLore 8-bit": (GaLoreAdamW, 8, True, {}),
-    "LORENZA 32-bit": (Lorenza, 32, True, NO_RHO),
-    "LORENZA 8-bit": (Lorenza, 8, True, NO_RHO),
-    "Lorenza+ 32-bit": (LorenzaPlus, 32, True, NO_RHO),
+VARIANTS = {  # label: (the registered optimizer, extra kwargs)
+    "AdamW 32-bit": ("adamw", {}),
+    "AdamW 8-bit": ("adamw8bit", {}),
+    "GaLore 32-bit": ("galore", {}),
+    "GaLore 8-bit": ("galore8bit", {}),
+    "LORENZA 32-bit": ("lorenza", NO_RHO),
+    "LORENZA 8-bit": ("lorenza8bit", NO_RHO),
+    "Lorenza+ 32-bit": ("lorenza_plus", NO_RHO),
     # the paper's literal directions Q diag(u) R keep the cobasis R (r x n) per matrix
-    "LORENZA rank_r 32-bit": (Lorenza, 32, True, {**NO_RHO, "perturbation": "rank_r"}),
+    "LORENZA rank_r 32-bit": ("lorenza", {**NO_RHO, "perturbation": "rank_r"}),
 }
 
 
@@ -53,13 +54,14 @@ def measure(name: str, rank: int, vocab: int) -> dict[str, int]:
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     out = {}
-    for label, (cls, bits, lowrank, kwargs) in VARIANTS.items():
+    for label, (name, kwargs) in VARIANTS.items():
+        spec = OPTIMIZERS[name]
         params = (
             lowrank_param_groups(model, rank, update_gap=200, scale=0.25)
-            if lowrank
+            if spec.lowrank
             else model.parameters()
         )
-        opt = cls(params, lr=1e-3, bits=bits, **kwargs)
+        opt = spec.cls(params, lr=1e-3, bits=spec.bits, **kwargs)
         opt.step()
         out[label] = state_bytes(opt)
         print(f"{name} {label}: {out[label] / 2**20:.2f} MiB", flush=True)

@@ -32,7 +32,7 @@ def gradient(opt: SubspaceAdamW, closure) -> list[torch.Tensor]:
     """The step's gradient at the current weights (the closure's backward), then cleared."""
     with torch.enable_grad():
         closure()
-    grads = [p.grad.detach().clone() if p.grad is not None else None for p in opt._perturbed]
+    grads = [p.grad.detach().clone() if p.grad is not None else None for p in opt.ascent.params]
     opt.zero_grad(set_to_none=True)
     return grads
 
@@ -46,17 +46,17 @@ def run(optim: str, rho: float, steps: int, out: Path) -> dict[str, list[float]]
     records: dict[str, list[float]] = {k: [] for k in ("eps_w", "df", "cos", "dg")}
     perturb = SubspaceAdamW.perturb
 
-    def recorded(self, closure):
-        if self.perturbation is None:
-            return perturb(self, closure)
+    def recorded(self, closure, backward=None):
+        if self.ascent is None:
+            return perturb(self, closure, backward)
         g0 = gradient(self, closure)
         with torch.no_grad():
             f0 = float(closure())
-            before = [p.detach().clone() for p in self._perturbed]
-        result = perturb(self, closure)
+            before = [p.detach().clone() for p in self.ascent.params]
+        result = perturb(self, closure, backward)
         with torch.no_grad():
             f1 = float(closure())
-            eps = [p - b for p, b in zip(self._perturbed, before, strict=True)]
+            eps = [p - b for p, b in zip(self.ascent.params, before, strict=True)]
         g1 = gradient(self, closure)
         pairs = [(a, b) for a, b in zip(g0, g1, strict=True) if a is not None]
         pairs = [(a.double(), b.double()) for a, b in pairs]

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench.common import markdown_table, study_results, write_section
-from trainer.optimizers import OPTIMIZERS
+from trainer.registry import OPTIMIZERS
 
 
 def main() -> None:

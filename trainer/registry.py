@@ -1,0 +1,83 @@
+"""Every optimizer ``optim.name`` can name, declared once with what it is.
+
+The config checks, the trainer, the memory planner, the paper-memory table and the
+benchmarks ask this table instead of testing names or classes. Adding an optimizer is its
+class in ``lorenza/``, one entry here and one ``configs/optim/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorenza import LOREN, AdamW, AdaZoSAM, GaLoreAdamW, Lorenza, LorenzaPlus, MeZO, SAMAdamW
+
+ASCENTS = (None, "zo", "sam")
+STATES = ("adam", "loren", "none")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What an optimizer is, as the rest of the project needs to know it."""
+
+    cls: type[torch.optim.Optimizer]
+    lowrank: bool = False
+    """GaLore's split: attention and MLP matrices in rank ``optim.rank``, the rest full rank
+    (``lowrank_param_groups``); the trainer fuses its updates by default."""
+    bits: int = 32
+    """Its states' bits: 8 for bitsandbytes' blockwise states."""
+    ascent: str | None = None
+    """How it perturbs the weights before the step's backward: ``None``, ``"zo"`` (two
+    forward probes, LORENZA and AdaZo-SAM) or ``"sam"`` (one extra backward)."""
+    directions: tuple[str, ...] = ()
+    """The zeroth-order directions ``optim.perturbation`` may choose for it."""
+    forward_only: bool = False
+    """No backward at all (MeZO, LOREN): ``train_step``'s forward-only path, no fused hooks."""
+    whole_gradient: bool = False
+    """Its update reads the whole gradient, not only ``Qᵀg`` (Lorenza+'s residual), so the
+    ranks cannot average the projected gradient instead."""
+    state: str = "adam"
+    """What it keeps per parameter: ``"adam"`` (two moments, low-rank ones in the subspace,
+    plus the basis), ``"loren"`` (a curvature vector and a momentum), ``"none"``."""
+
+    @property
+    def pure_bf16(self) -> bool:
+        """Whether ``trainer.precision=bf16_pure`` may train it: optimizers that move the
+        weights away and back in place every step (a perturbation, a forward-only probe)
+        cannot undo the move exactly on bfloat16 weights."""
+        return self.ascent is None and not self.forward_only
+
+
+_LORENZA = dict(lowrank=True, ascent="zo", directions=("zo", "rank_r"))
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec(AdamW),
+    "adamw8bit": OptimizerSpec(AdamW, bits=8),
+    "galore": OptimizerSpec(GaLoreAdamW, lowrank=True),
+    "galore8bit": OptimizerSpec(GaLoreAdamW, lowrank=True, bits=8),
+    "lorenza": OptimizerSpec(Lorenza, **_LORENZA),
+    "lorenza8bit": OptimizerSpec(Lorenza, bits=8, **_LORENZA),
+    "lorenza_plus": OptimizerSpec(LorenzaPlus, whole_gradient=True, **_LORENZA),
+    "adazo_sam": OptimizerSpec(AdaZoSAM, ascent="zo"),
+    "sam": OptimizerSpec(SAMAdamW, ascent="sam"),
+    "mezo": OptimizerSpec(MeZO, forward_only=True, state="none"),
+    "loren": OptimizerSpec(LOREN, forward_only=True, state="loren"),
+}
+
+
+def spec_of(optimizer: torch.optim.Optimizer) -> OptimizerSpec:
+    """The entry of ``optimizer``'s class (its 8-bit twin differs only in ``bits``, which the
+    optimizer's groups hold)."""
+    for spec in OPTIMIZERS.values():
+        if type(optimizer) is spec.cls:
+            return spec
+    raise ValueError(
+        f"{type(optimizer).__name__} is not a registered optimizer: must be one of "
+        f"{', '.join(sorted({s.cls.__name__ for s in OPTIMIZERS.values()}))}"
+    )
+
+
+def names(**facts) -> list[str]:
+    """The registered names whose entries have every one of ``facts`` (attribute=value)."""
+    return [n for n, s in OPTIMIZERS.items() if all(getattr(s, k) == v for k, v in facts.items())]
