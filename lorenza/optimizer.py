@@ -172,7 +172,17 @@ class SubspaceAdamW(CheckpointState):
         )
         super().__init__(params, defaults)
         self.perturbation, self.seed = perturbation, seed
-        check_arguments(perturbation, mu, rho_max, rho_min, q, zo_buffer_mib)
+        ascent = dict(
+            perturb_full_rank=perturb_full_rank,
+            rho_max=rho_max,
+            rho_min=rho_min,
+            min_lr_ratio=min_lr_ratio,
+            mu=mu,
+            q=q,
+            zo_buffer_mib=zo_buffer_mib,
+            refresh_before_ascent=refresh_before_ascent,
+        )
+        check_arguments(perturbation, **ascent)
         self._check()
         for group in self.param_groups:
             group.setdefault("max_lr", group["lr"])
@@ -189,22 +199,7 @@ class SubspaceAdamW(CheckpointState):
         self.hooks = None
         """The ``FusedUpdates`` driving this optimizer from backward hooks, if any: told what
         each of the step's own backwards is for (``Backward``)."""
-        self.ascent = (
-            Perturbation(
-                self,
-                perturbation,
-                perturb_full_rank=perturb_full_rank,
-                rho_max=rho_max,
-                rho_min=rho_min,
-                min_lr_ratio=min_lr_ratio,
-                mu=mu,
-                q=q,
-                zo_buffer_mib=zo_buffer_mib,
-                refresh_before_ascent=refresh_before_ascent,
-            )
-            if perturbation is not None
-            else None
-        )
+        self.ascent = Perturbation(self, perturbation, **ascent) if perturbation else None
         """The sharpness-aware perturbation (``perturb.py``), or ``None``."""
 
     # ----------------------------------------------------------------------------- checks
@@ -427,6 +422,30 @@ class SubspaceAdamW(CheckpointState):
         folded: set[torch.Tensor],
         finite: torch.Tensor | None,
     ) -> None:
+        """GaLore's (1)-(7) and Lorenza+'s (16)-(20) for the low-rank matrices ``ps`` of
+        ``group``, a line of the math each; FSDP2 rows, 8-bit states and the restore folded
+        into the update are the helpers' (``lorenza/reference.py`` has it all written plainly)."""
+        grads, projected, bases = self._project(group, ps, lows, finite)  # Q (1)/(12), ĝ (2)
+        steps = self._advance(ps)
+        ns = self._adam_directions(group, ps, projected, steps)  # N = M / (√V + ε) (3)-(4)
+        beta1, beta2 = group["betas"]
+        etas = [group["lr"] * (math.sqrt(1 - beta2**t) / (1 - beta1**t)) for t in steps]  # (5)
+        if group["residual"]:  # Lorenza+: W −= η S (16)-(20), from N before it is scaled
+            for p, g, q, low, n, eta in zip(ps, grads, bases, projected, ns, etas, strict=True):
+                add_full_(p, fira_residual(g, q, low, n, self.state[p]).to(p.dtype), alpha=-eta)
+        alphas = [-eta * group["scale"] for eta in etas]
+        self._apply_back(ps, ns, bases, alphas, folded)  # W −= η α Q N (6), (49)
+
+    def _project(
+        self,
+        group: dict,
+        ps: list[torch.Tensor],
+        lows: dict[torch.Tensor, torch.Tensor],
+        finite: torch.Tensor | None,
+    ) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
+        """Each matrix's basis (refreshed when due), its projected gradient (``lows``' if it
+        was reduced in projected form; its rows' if it is kept by rows), and its whole
+        gradient where Fira's residual reads it (``None`` elsewhere)."""
         grads, projected, bases = [], [], []
         for p in ps:
             rows, due = p in self.by_rows, self.refresh_due(p)
@@ -444,9 +463,15 @@ class SubspaceAdamW(CheckpointState):
                 low = project(local(p.grad) if rows else grad, bases[-1], rows)
             projected.append(low)
             del grad
-        steps = self._advance(ps)
+        return grads, projected, bases
+
+    def _adam_directions(
+        self, group: dict, ps: list[torch.Tensor], projected: list[torch.Tensor], steps: list[int]
+    ) -> list[torch.Tensor]:
+        """Adam's moments updated with the projected gradients, and the directions ``N``:
+        32-bit multi-tensor, or bitsandbytes' 8-bit matrix by matrix."""
         beta1, beta2 = group["betas"]
-        lr, eps, bits = group["lr"], group["eps"], group["bits"]
+        eps, bits = group["eps"], group["bits"]
         for p, low in zip(ps, projected, strict=True):
             if "exp_avg" not in self.state[p]:
                 init_moments(self.state[p], rows_like(p, low) if p in self.by_rows else low, bits)
@@ -454,24 +479,27 @@ class SubspaceAdamW(CheckpointState):
         # rank's rows of them (views: in place, they change the DTensors)
         states = [{k: local(v) for k, v in self.state[p].items()} for p in ps]
         if bits == 8:
-            ns = [
+            return [
                 adam8bit_direction(s, low, t, beta1, beta2, eps)
                 for s, low, t in zip(states, projected, steps, strict=True)
             ]
-        else:
-            ns = adam_directions(states, projected, beta1, beta2, eps)
-        factors = [math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
-        if group["residual"]:  # Lorenza+: reads N before it is scaled below
-            for p, grad, q, low, n, f in zip(ps, grads, bases, projected, ns, factors, strict=True):
-                s = fira_residual(grad, q, low, n, self.state[p])
-                add_full_(p, s.to(p.dtype), alpha=-lr * f)
-        alphas = [-lr * f * group["scale"] for f in factors]
+        return adam_directions(states, projected, beta1, beta2, eps)
+
+    def _apply_back(
+        self,
+        ps: list[torch.Tensor],
+        ns: list[torch.Tensor],
+        bases: list[torch.Tensor],
+        alphas: list[float],
+        folded: set[torch.Tensor],
+    ) -> None:
+        """``W += alpha · Q N`` in one GEMM per matrix; for those in ``folded`` the restore
+        ``−ε`` rides on the same GEMM: ``N ← alpha·N − ε's numbers``, applied with alpha 1."""
         fold = [i for i, p in enumerate(ps) if p in folded]
-        if fold:  # N ← alpha·N − ε's numbers: the restore rides on the update's GEMM
+        if fold:
             torch._foreach_mul_([ns[i] for i in fold], [alphas[i] for i in fold])
             self.ascent.fold_restore([ps[i] for i in fold], [ns[i] for i in fold])
-            for i in fold:
-                alphas[i] = 1.0
+            alphas = [1.0 if i in fold else a for i, a in enumerate(alphas)]
         for p, n, q, a in zip(ps, ns, bases, alphas, strict=True):
             apply_back_(p, n, q, alpha=a, rows=p in self.by_rows)
 

@@ -62,9 +62,17 @@ BackwardFn = Callable[[Backward], torch.Tensor | float]
 
 
 def check_arguments(
-    kind: str | None, mu: float, rho_max: float, rho_min: float, q: int, zo_buffer_mib: float
+    kind: str | None,
+    *,
+    mu: float,
+    rho_max: float,
+    rho_min: float,
+    q: int,
+    zo_buffer_mib: float,
+    **_,
 ) -> None:
-    """``ValueError`` naming the argument and value, before any step."""
+    """``ValueError`` naming the argument and value, before any step (the arguments of
+    ``Perturbation``; the others pass through)."""
 
     def bad(name, value, allowed):
         raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
@@ -107,15 +115,16 @@ class Perturbation:
         optimizer: SubspaceAdamW,
         kind: str,
         *,
-        perturb_full_rank: bool = False,
-        rho_max: float = 0.01,
-        rho_min: float = 1e-6,
-        min_lr_ratio: float = 0.1,
-        mu: float = 1e-3,
-        q: int = 1,
-        zo_buffer_mib: float = 64.0,
-        refresh_before_ascent: bool = True,
+        perturb_full_rank: bool,
+        rho_max: float,
+        rho_min: float,
+        min_lr_ratio: float,
+        mu: float,
+        q: int,
+        zo_buffer_mib: float,
+        refresh_before_ascent: bool,
     ):
+        """The defaults are ``SubspaceAdamW``'s (one place)."""
         self.optimizer, self.kind = optimizer, kind
         self.perturb_full_rank = perturb_full_rank
         self.rho_max, self.rho_min, self.min_lr_ratio = rho_max, rho_min, min_lr_ratio
