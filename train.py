@@ -73,6 +73,7 @@ from trainer.metrics import (
     update_run_info,
 )
 from trainer.optimizers import build_optimizer, is_fused
+from trainer.overrides import check_overrides
 from trainer.plan import memory_plan
 from trainer.preemption import (
     EXIT_INTERRUPTED,
@@ -623,4 +624,7 @@ def run(cfg: Config, stops: StopRequests) -> None:
 
 
 if __name__ == "__main__":
+    problem = check_overrides(sys.argv[1:], Path(__file__).resolve().parent / "configs")
+    if problem:  # before Hydra: one line with the closest names, not Hydra's page
+        sys.exit(f"error: {problem}")
     main()

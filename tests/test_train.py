@@ -135,9 +135,9 @@ def test_bf16_pure_trains_with_bfloat16_weights_and_states(config):
         ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_position_embeddings=1024"),
         ("data.path=/nonexistent/c4", "data.path='/nonexistent/c4'"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not one of fp32, bf16"),
-        ("model=llama_nope", "Could not find 'model/llama_nope'"),
-        ("model=llama_nope", "llama_60m"),  # the allowed names are listed
-        ("optim=nope", "Could not find 'optim/nope'"),
+        ("model=llama_nope", "model=llama_nope is not one of llama_130m, llama_1b, llama_350m"),
+        ("optim=lorenzza", "optim=lorenzza is not one of adamw, "),
+        ("trainer.max_step=10", "did you mean trainer.max_steps?"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, override, needle):
