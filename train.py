@@ -22,7 +22,6 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from data import (
     ResumableLoader,
@@ -46,6 +45,7 @@ from trainer.checkpoint import (
 )
 from trainer.checks import check_config
 from trainer.config import Config, to_config, weight_dtype
+from trainer.console import CPU_WARNING_PARAMS, Console, cpu_flops_per_second, duration
 from trainer.distributed import (
     CommCounter,
     Ranks,
@@ -59,7 +59,7 @@ from trainer.distributed import (
     shutdown,
     to_host,
 )
-from trainer.init_from import adopt_init_from, load_pretrained
+from trainer.init_from import adopt_init_from, copy_tokenizer_files, export_dtype, load_pretrained
 from trainer.metrics import (
     MFU_FORMULA,
     MetricsLog,
@@ -219,6 +219,7 @@ class Run:
     compiled: bool
     per_param_clip: bool
     log: MetricsLog | None = None
+    console: Console | None = None
     step: int = 0
     tokens: int = 0
     skipped: int = 0
@@ -240,6 +241,8 @@ class Run:
             self.model, self.val_set, self.parts.autocast, self.device, reduce=not self.sharded
         )
         self.record(step=step, tokens=self.tokens, val_loss=val_loss, val_ppl=perplexity(val_loss))
+        if self.console is not None:
+            self.console.evaluation(step, val_loss, perplexity(val_loss))
         t = self.cfg.trainer
         if t.sharpness_every and (step % t.sharpness_every == 0 or step == t.max_steps):
             sharp = measure(
@@ -394,6 +397,32 @@ def open_logs(run: Run, start: Start) -> None:
     (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
+def banner(run: Run, tokens_per_step: int, evaluate_first: bool) -> list[str]:
+    """What is about to run, said before the first evaluation (which can take minutes): the
+    model, device, precision, optimizer, batch and run folder; a warning with the time a step
+    will take when a model larger than llama_60m runs on a CPU."""
+    cfg, t = run.cfg, run.cfg.trainer
+    params = run.model.num_params()
+    device = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
+    lines = [
+        f"{cfg.model.name} ({params / 1e6:,.1f}M parameters) on {device} x {run.ranks.world}, "
+        f"{t.precision}, optim={cfg.optim.name} (lr {cfg.optim.lr:g}), {tokens_per_step:,} "
+        f"tokens per step, steps {run.step} to {t.max_steps}, run folder {run.run_dir}"
+    ]
+    if run.device.type == "cpu" and params > CPU_WARNING_PARAMS:
+        flops = run.model.flops_per_token(cfg.data.seq_len) * tokens_per_step / run.ranks.world
+        seconds = flops / cpu_flops_per_second()
+        lines.append(
+            f"warning: a {params / 1e6:,.0f}M-parameter model on a CPU: at least "
+            f"{duration(seconds)} per step (its training FLOPs at this CPU's measured matmul "
+            "rate); use a GPU, or model=llama_tiny / llama_60m to try things out"
+        )
+    if evaluate_first:
+        tokens = sum(y.numel() for _, y in run.val_set)
+        lines.append(f"evaluating step 0 on {tokens:,} validation tokens...")
+    return lines
+
+
 def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> tuple[float, float]:
     """Steps from ``run.step`` to ``trainer.max_steps``: learning rate, micro-batches, the
     update, then logging, evaluation, checkpoints and stops at their cadences. Returns the
@@ -401,18 +430,20 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
     cfg, t = run.cfg, run.cfg.trainer
     warmup = int(cfg.optim.warmup_ratio * t.max_steps)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * run.ranks.world
+    run.console = Console(
+        t.progress and run.ranks.is_main,
+        t.log_format,
+        run.step,
+        t.max_steps,
+        f"{cfg.model.name}/{cfg.optim.name}",
+    )
+    for line in banner(run, tokens_per_step, evaluate_first):
+        run.console.say(line)
     val_loss = run.evaluate(0) if evaluate_first else float("nan")
     loss = float("nan")  # stays so when resuming a finished run
     meter = Meter(run)
-    bar = tqdm(
-        range(run.step, t.max_steps),
-        initial=run.step,
-        total=t.max_steps,
-        disable=not (t.progress and run.ranks.is_main),
-        desc=f"{cfg.model.name}/{cfg.optim.name}",
-    )
     profiler = StepProfiler(t.profile_steps, run.run_dir, run.device, run.ranks)
-    for step in bar:
+    for step in range(run.step, t.max_steps):
         profiler.before(step + 1)
         o = cfg.optim
         lr = lr_at(o.schedule, step, o.lr, warmup, t.max_steps, o.min_lr_ratio,
@@ -431,8 +462,8 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
         done = run.step
         profiler.after(done)
         meter.tokens += tokens_per_step
-        if done % t.log_every == 0 or done == t.max_steps:
-            meter.log(result, lr, bar)
+        logged = done % t.log_every == 0 or done == t.max_steps
+        run.console.step(done, meter.log(result, lr) if logged else {})
         if done % t.eval_every == 0 or done == t.max_steps:
             val_loss = run.evaluate(done)
         stop = result.stop  # agreed by every rank in the step's one read
@@ -440,7 +471,7 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
             run.save(done)
         if stop and done < t.max_steps:
             stop_on_signal(run, stops)
-    bar.close()
+    run.console.close()
     if run.parts.hooks is not None:  # the last step's zeroed gradients, if any
         run.skipped += int(to_host(run.parts.hooks.take_nonfinite(run.device).reshape(1))[0])
     return loss, val_loss
@@ -495,12 +526,13 @@ class Meter:
         self.peak = peak_tflops(run.device, run.cfg.trainer.peak_tflops)
         self.start, self.tokens = time.perf_counter(), 0
 
-    def log(self, result: StepResult, lr: float, bar) -> None:
+    def log(self, result: StepResult, lr: float) -> dict:
+        """Record a metrics line for the step just made; returns it."""
         run, parts, loss = self.run, self.run.parts, result.loss
         tok_s = self.tokens / (time.perf_counter() - self.start) / run.ranks.world  # per device
         sent, full = parts.comm.take_per_step()
         traffic = {"allreduce_bytes": sent, "allreduce_bytes_full": full}
-        run.record(
+        row = dict(
             step=run.step,
             loss=loss,
             lr=lr,
@@ -513,10 +545,11 @@ class Meter:
             skipped_lines=run.loader.skipped_lines,
             **({"grad_norm": float(result.grad_norm)} if result.grad_norm is not None else {}),
         )
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        run.record(**row)
         if run.compiled and run.ranks.is_main:  # compiling happens in the first steps (and evals)
             update_run_info(run.run_dir, **compile_stats())
         self.start, self.tokens = time.perf_counter(), 0
+        return row
 
 
 def export(run: Run, tokenizer: Tokenizer) -> None:
@@ -541,8 +574,10 @@ def export(run: Run, tokenizer: Tokenizer) -> None:
                 f"the final weights are not finite: nothing exported to {run.run_dir / 'model'}",
                 EXIT_NONFINITE,
             )
-        save_hf(model, run.run_dir / "model", tokenizer.bos_id, tokenizer.eos_id)
-        shutil.copy(tokenizer.model_file, run.run_dir / "model" / "tokenizer.model")
+        folder = run.run_dir / "model"
+        save_hf(model, folder, tokenizer.bos_id, tokenizer.eos_id, export_dtype(run.cfg))
+        shutil.copy(tokenizer.model_file, folder / "tokenizer.model")
+        copy_tokenizer_files(run.cfg, folder)  # a pretrained folder's tokenizer configuration
 
 
 def load_tokenizer_in_turn(cfg: Config, ranks: Ranks) -> Tokenizer:
@@ -576,7 +611,7 @@ def plan(cfg: Config) -> None:
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     result = memory_plan(cfg)
-    print(f"memory plan: {cfg.model.name}, {cfg.optim.name}, {result.world} process(es)")
+    print(f"memory plan: {result.assumptions}")
     print(result.table())
 
 

@@ -65,14 +65,21 @@ def save_hf(
     folder: str | os.PathLike,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``folder/config.json`` and ``folder/model.safetensors`` for ``from_pretrained``."""
+    """Write ``folder/config.json``, ``folder/model.safetensors`` (in ``dtype``; default: the
+    model's) and ``folder/generation_config.json`` for ``from_pretrained`` and ``generate``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
     dtype = next(iter(state.values())).dtype
     with open(folder / "config.json", "w") as f:
         json.dump(hf_config(model.cfg, bos_token_id, eos_token_id, dtype), f, indent=2)
+    generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    with open(folder / "generation_config.json", "w") as f:
+        json.dump({k: v for k, v in generation.items() if v is not None and v >= 0}, f, indent=2)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 

@@ -405,7 +405,7 @@ def test_slurm_dry_run_prints_the_commands_inside_and_outside_an_allocation(tmp_
         "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
         "--rdzv_endpoint=gpu-a01:29500", "--rdzv_id=4242",
         "train.py", "trainer.run_dir=runs/lorenza-4242", "trainer.resume=auto",
-        "model=llama_1b", "optim=lorenza",
+        "trainer.log_format=lines", "model=llama_1b", "optim=lorenza",
     ]  # fmt: skip
     assert lines["on USR1"] == [
         "srun", "--overlap", "--nodes=2", "--ntasks-per-node=1",

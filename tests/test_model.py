@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,56 @@ def test_a_run_starts_from_an_exported_model(config, tmp_path):
     (folder / "tokenizer.model").rename(folder / "tokenizer.json")
     with pytest.raises(ValueError, match="has no tokenizer.model .*found only tokenizer.json"):
         train.fit(config(f"model.init_from={folder}"))
+
+
+def test_an_export_from_a_bf16_folder_keeps_its_dtype_and_tokenizer_files(config, tmp_path):
+    """``trainer.export_dtype=auto``: a run from a bf16 folder exports bf16, with
+    ``generation_config.json`` and the folder's tokenizer configuration; ``transformers``
+    loads it."""
+    import train
+    from trainer.init_from import export_dtype
+
+    pretrain = config("trainer.max_steps=1", "trainer.eval_every=1")
+    train.fit(pretrain)
+    source = Path(pretrain.trainer.run_dir) / "model"
+    assert json.loads((source / "config.json").read_text())["torch_dtype"] == "float32"
+    model = load_hf(source)
+    save_hf(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    shutil.copy(source / "tokenizer.model", tmp_path / "bf16")
+    (tmp_path / "bf16" / "tokenizer_config.json").write_text('{"add_bos_token": true}')
+    tune = config(f"model.init_from={tmp_path / 'bf16'}", "trainer.max_steps=1")
+    tune.trainer.run_dir = str(tmp_path / "tune")
+    train.fit(tune)
+    out = tmp_path / "tune" / "model"
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2}
+    assert (out / "tokenizer_config.json").read_text() == '{"add_bos_token": true}'
+    hf = transformers.LlamaForCausalLM.from_pretrained(out)
+    assert hf.dtype == torch.bfloat16 and hf.generation_config.eos_token_id == 2
+    tune.trainer.export_dtype = "float32"  # asked for: kept whatever the folder's
+    assert export_dtype(tune) == torch.float32
+
+
+def test_a_run_from_a_folder_is_labelled_with_it_and_caps_a_rank_that_does_not_fit(
+    config, tmp_path, capsys
+):
+    """A GQA folder whose smallest managed matrix side is 32 (k and v: 2 heads of 16): the
+    pretraining rank 128 becomes 32 with a one-line notice; the run takes the folder's name."""
+    from trainer.init_from import adopt_init_from
+
+    shape = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4)
+    save_hf(Llama(ModelConfig(num_key_value_heads=2, **shape)), tmp_path / "tiny-gqa")
+    (tmp_path / "tiny-gqa" / "tokenizer.model").write_bytes(b"")
+    cfg = config("optim=lorenza", "optim.rank=128", f"model.init_from={tmp_path / 'tiny-gqa'}")
+    adopt_init_from(cfg)
+    assert cfg.optim.rank == 32 and cfg.model.name == "tiny-gqa"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "optim.rank=128 is above the smallest" in err
+    assert "(32): using optim.rank=32" in err
+    kept = config("optim=lorenza", "optim.rank=16", f"model.init_from={tmp_path / 'tiny-gqa'}")
+    adopt_init_from(kept)
+    assert kept.optim.rank == 16 and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(

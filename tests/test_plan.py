@@ -144,7 +144,11 @@ def test_plan_prints_a_table_and_exits_0_without_a_run_folder(tmp_path):
     proc = plan("model=llama_7b", "optim=lorenza8bit", "trainer.plan_gpu_gib=24")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "memory plan: llama_7b, lorenza8bit, 1 process(es)"
+    assert lines[0] == (  # every assumption the figures depend on
+        "memory plan: llama_7b (6,541.8M parameters, vocabulary 8,000), lorenza8bit (8-bit "
+        "states, rank 128), fused updates, fp32, micro-batch 8 x 256 tokens, 1 process(es), "
+        "checkpointing none"
+    )
     for what in ("weights", "gradients", "optimizer states", "activations saved for backward",
                  "backward working set", "allocator headroom"):  # fmt: skip
         assert any(x.startswith(what) for x in lines), what
@@ -153,6 +157,7 @@ def test_plan_prints_a_table_and_exits_0_without_a_run_folder(tmp_path):
     assert not (tmp_path / "r").exists()
     fits = plan("trainer.plan_world=4", "dist.fsdp=true", "trainer.plan_gpu_gib=1")
     assert "fp32 shard (1/4)" in fits.stdout and " fits in 1 GiB" in fits.stdout, fits.stderr
+    assert "4 process(es) (FSDP2)" in fits.stdout.splitlines()[0]
     bad = plan("trainer.plan_headroom=-1")
     assert (
         bad.returncode == 1

@@ -16,12 +16,14 @@ from models import Llama
 from trainer.config import (
     CLIP_MODES,
     DEVICES,
+    EXPORT_DTYPES,
     GRANULARITIES,
     NONFINITE,
     PRECISIONS,
     WANDB_MODES,
     Config,
 )
+from trainer.console import LOG_FORMATS
 from trainer.distributed import Ranks, pick_device
 from trainer.optimizers import build_optimizer, is_fused
 from trainer.plan import weights_row
@@ -61,6 +63,8 @@ def check_config(cfg: Config) -> None:
     one_of("trainer.grad_clip_mode", cfg.trainer.grad_clip_mode, CLIP_MODES)
     one_of("trainer.on_nonfinite", cfg.trainer.on_nonfinite, NONFINITE)
     one_of("trainer.fused_granularity", cfg.trainer.fused_granularity, GRANULARITIES)
+    one_of("trainer.log_format", cfg.trainer.log_format, LOG_FORMATS)
+    one_of("trainer.export_dtype", cfg.trainer.export_dtype, EXPORT_DTYPES)
     if cfg.trainer.compile is not False:
         from torch import _dynamo  # (``import torch._dynamo`` would make ``torch`` local here)
 

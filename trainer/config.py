@@ -138,9 +138,16 @@ class TrainerConfig:
     log_every: int = 10
     """Write a metrics.jsonl line every this many updates."""
     progress: bool = True
-    """Show a progress bar with loss, lr and tokens/s."""
+    """Print the run's progress on stderr (a banner, then a bar or lines, ``log_format``);
+    false: nothing but errors."""
+    log_format: str = "auto"
+    """``bar`` (tqdm), ``lines`` (one line per logged step and evaluation: files, SLURM
+    output, ``| tee``) or ``auto`` (a bar when stderr is a terminal, else lines)."""
     save_model: bool = True
     """Export the final model to ``run_dir/model`` in Hugging Face format."""
+    export_dtype: str = "auto"
+    """The exported weights' dtype: ``float32``, ``bfloat16``, ``float16``, or ``auto``: the
+    ``model.init_from`` folder's own (its ``config.json``), float32 otherwise."""
     save_every: int = 0
     """Write a checkpoint every this many updates (0: only at the end)."""
     keep_last: int = 2
@@ -220,6 +227,7 @@ class Config:
 ConfigStore.instance().store(name="config_schema", node=Config)
 
 PRECISIONS = ("fp32", "bf16", "bf16_pure")
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def weight_dtype(precision: str) -> torch.dtype:

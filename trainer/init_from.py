@@ -3,6 +3,9 @@ folder decides the model's shape, vocabulary and tokenizer, before any check or 
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -10,6 +13,8 @@ import torch
 from models import Llama
 from models.hf import hf_shape, hf_weights
 from trainer.config import Config
+from trainer.distributed import current
+from trainer.registry import OPTIMIZERS
 from trainer.sharding import is_sharded, load_model_state
 
 
@@ -34,8 +39,58 @@ def adopt_init_from(cfg: Config) -> None:
         )
     for key, value in shape.items():
         setattr(cfg.model, key, value)
+    cfg.model.name = path.resolve().name  # the run is labelled with the folder it started from
     cfg.data.vocab_size = shape["vocab_size"]
     cfg.data.tokenizer = str(tokenizer.resolve())
+    cap_rank(cfg)
+
+
+def cap_rank(cfg: Config) -> None:
+    """A low-rank optimizer's ``optim.rank`` lowered, with a one-line notice, to the smallest
+    dimension of the matrices it manages (attention and MLP projections): a pretrained folder
+    decides those, and the rank that suits one model need not fit another."""
+    m = cfg.model
+    smallest = min(
+        m.hidden_size,
+        m.intermediate_size,
+        (m.num_key_value_heads or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads),
+    )
+    if OPTIMIZERS[cfg.optim.name].lowrank and cfg.optim.rank > smallest:
+        if current().is_main:
+            print(
+                f"notice: optim.rank={cfg.optim.rank} is above the smallest low-rank matrix "
+                f"dimension of {cfg.model.init_from} ({smallest}): using optim.rank={smallest}",
+                file=sys.stderr,
+            )
+        cfg.optim.rank = smallest
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+"""Besides ``tokenizer.model`` (which every export holds): what an export from a pretrained
+folder carries over from it."""
+
+
+def export_dtype(cfg: Config) -> torch.dtype:
+    """``trainer.export_dtype``: ``auto`` keeps the ``model.init_from`` folder's dtype (its
+    ``config.json``'s ``torch_dtype``, or ``dtype``), float32 otherwise."""
+    name = cfg.trainer.export_dtype
+    if name == "auto":
+        name = "float32"
+        if cfg.model.init_from:
+            hf = json.loads((Path(cfg.model.init_from) / "config.json").read_text())
+            found = hf.get("torch_dtype", hf.get("dtype"))
+            name = found if found in ("float32", "bfloat16", "float16") else "float32"
+    return getattr(torch, name)
+
+
+def copy_tokenizer_files(cfg: Config, folder: Path) -> None:
+    """The ``model.init_from`` folder's tokenizer files, beside an export from it."""
+    if not cfg.model.init_from:
+        return
+    for name in TOKENIZER_FILES:
+        source = Path(cfg.model.init_from) / name
+        if source.is_file():
+            shutil.copy(source, folder / name)
 
 
 @torch.no_grad()

@@ -100,6 +100,22 @@ def activation_bytes(
     - with checkpointing, a recomputed layer and its gradients (2 f in the activations' dtype
       and d float32 per token) beside the kept inputs.
     """
+    saved, moments = _activation_moments(c, batch, seq, precision, checkpointing)
+    return saved, max(moments.values())
+
+
+def working_set_holds(
+    c: ModelConfig, batch: int, seq: int, precision: str, checkpointing: str
+) -> str:
+    """What the backward working set of ``activation_bytes`` is, at its largest moment."""
+    _, moments = _activation_moments(c, batch, seq, precision, checkpointing)
+    return max(moments, key=moments.get)
+
+
+def _activation_moments(
+    c: ModelConfig, batch: int, seq: int, precision: str, checkpointing: str
+) -> tuple[float, dict[str, float]]:
+    """``activation_bytes``' saved bytes, and its working-set moments by what they hold."""
     n, d, f, h, v = (
         batch * seq,
         c.hidden_size,
@@ -118,26 +134,30 @@ def activation_bytes(
     outside = n * ((8 if pure else 12) * d + 4 + 16)  # final norm, 1/rms, int64 ids, targets
     k = min(c.loss_chunk or n, n)
     if math.ceil(n / k) == 1:
-        moments = [12 * k * v + (2 * v * d if bf16 else 0)]
+        loss = [12 * k * v + (2 * v * d if bf16 else 0)]
     elif bf16:
-        moments = [12 * k * v + 4 * v * d, 3 * k * v + 6 * v * d]
+        loss = [12 * k * v + 4 * v * d, 3 * k * v + 6 * v * d]
     elif pure:
-        moments = [12 * k * v + 2 * v * d, 8 * k * v + 4 * v * d, 6 * v * d]
+        loss = [12 * k * v + 2 * v * d, 8 * k * v + 4 * v * d, 6 * v * d]
     else:
-        moments = [4 * max(3 * k * v + v * d, 2 * k * v + 2 * v * d, 3 * v * d)]
+        loss = [4 * max(3 * k * v + v * d, 2 * k * v + 2 * v * d, 3 * v * d)]
+    moments = {f"the loss chunk's backward ({k:,} tokens)": max(loss)}
     layers = c.num_hidden_layers
     if checkpointing != "block":
-        return layers * (n * per_layer + copies) + outside, max(moments)
+        return layers * (n * per_layer + copies) + outside, moments
     inputs = layers * n * residual * d
     saved = inputs + outside
     if bf16:
-        moments.append(layers * copies + loss_forward(k, v, d, bf16))
+        what = "the forward's end: autocast's bf16 copies of every layer's weights + the loss"
+        moments[what] = layers * copies + loss_forward(k, v, d, bf16)
     # a recomputed layer and its gradients, once the final norm's tensors are gone: the
     # MLP's two in the activations' dtype, the residual's in its own; the kept input is one
     # of the tensors the layer saves (bf16_pure saves RMSNorm's float32 copy of it instead)
     grads = n * (act * 2 * f + residual * d)
-    moments.append(inputs + n * (per_layer - (0 if pure else 4 * d)) + copies + grads - saved)
-    return saved, max(moments)
+    moments["a recomputed layer and its gradients"] = (
+        inputs + n * (per_layer - (0 if pure else 4 * d)) + copies + grads - saved
+    )
+    return saved, moments
 
 
 def weight_copies(c: ModelConfig) -> int:
@@ -218,6 +238,8 @@ class Plan:
     world: int
     alternative: str
     """The activation line of the other checkpointing choice, for comparison."""
+    assumptions: str = ""
+    """Every setting the figures depend on, for the header."""
 
     @property
     def fits(self) -> bool:
@@ -296,7 +318,34 @@ def memory_plan(cfg: Config) -> Plan:
     headroom = t.plan_headroom * allocated + context
     how = f"{100 * t.plan_headroom:g}% + {context / GIB:g} GiB"
     rows.append(Row("allocator headroom + CUDA context", headroom, how))
-    return Plan(rows, allocated, allocated + headroom, plan_gpu_gib(cfg), world, alternative)
+    return Plan(
+        rows, allocated, allocated + headroom, plan_gpu_gib(cfg), world, alternative,
+        assumptions(cfg, model, optimizer, world, fused),
+    )  # fmt: skip
+
+
+def assumptions(
+    cfg: Config, model: Llama, optimizer: torch.optim.Optimizer, world: int, fused: bool
+) -> str:
+    """The plan's header: every setting its figures depend on."""
+    c, t, o = cfg.model, cfg.trainer, cfg.optim
+    spec = OPTIMIZERS[o.name]
+    bits = "/".join(sorted({str(g.get("bits", 32)) for g in optimizer.param_groups}))
+    optim = f"{o.name} ({bits}-bit states{f', rank {o.rank}' if spec.lowrank else ''})"
+    layout = "FSDP2" if cfg.dist.fsdp and world > 1 else "data parallel" if world > 1 else ""
+    return ", ".join(
+        x
+        for x in (
+            f"{c.name} ({model.num_params() / 1e6:,.1f}M parameters, vocabulary {c.vocab_size:,})",
+            optim,
+            f"{'fused' if fused else 'unfused'} updates",
+            t.precision,
+            f"micro-batch {t.batch_size} x {cfg.data.seq_len} tokens"
+            + (f" x {t.grad_accum} accumulated" if t.grad_accum > 1 else ""),
+            f"{world} process(es)" + (f" ({layout})" if layout else ""),
+            f"checkpointing {c.activation_checkpointing}",
+        )
+    )
 
 
 def nbytes(params) -> int:
@@ -397,9 +446,12 @@ def activation_rows(cfg: Config, forward_only: bool) -> tuple[list[Row], str]:
         f"(with model.activation_checkpointing={other}: activations {alternative / GIB:.3f} "
         f"GiB instead of {(saved + working) / GIB:.3f})"
     )
+    copies = (
+        ", with autocast's bf16 weight copies" if precision == "bf16" and ckpt != "block" else ""
+    )
     rows = [
-        Row("activations saved for backward", saved, f"{shape}, checkpointing {ckpt}"),
-        Row("backward working set", working, "loss chunk / recomputed layer"),
+        Row("activations saved for backward", saved, f"{shape}, checkpointing {ckpt}{copies}"),
+        Row("backward working set", working, working_set_holds(c, batch, seq, precision, ckpt)),
     ]
     return rows, note
 
