@@ -576,7 +576,7 @@ def export(run: Run, tokenizer: Tokenizer) -> None:
             )
         folder = run.run_dir / "model"
         save_hf(model, folder, tokenizer.bos_id, tokenizer.eos_id, export_dtype(run.cfg))
-        shutil.copy(tokenizer.model_file, folder / "tokenizer.model")
+        shutil.copy(tokenizer.model_file, folder / tokenizer.file_name)
         copy_tokenizer_files(run.cfg, folder)  # a pretrained folder's tokenizer configuration
 
 

@@ -5,7 +5,8 @@ offline runs (CI, the quickstart) need a tokenizer too, so `sample` trains a sma
 model on the sample corpus's training split and caches it in the user's cache folder
 (`cache_dir`), keyed by the content of the shards it was trained on: nothing is written
 into the checkout, and a changed corpus gets its own tokenizer. Every tokenizer is a
-sentencepiece `.model` file behind the same small `Tokenizer` wrapper.
+sentencepiece `.model` file behind the same small `Tokenizer` wrapper, or a Hugging Face
+`tokenizer.json` behind one with the same methods (`data/hf_tokenizer.py`).
 """
 
 import hashlib
@@ -20,11 +21,12 @@ from urllib.parse import urlparse
 
 import sentencepiece as spm
 
+from data.hf_tokenizer import HFTokenizer
 from data.shards import read_documents, repo_path, shard_files
 
 T5_REPO, T5_FILE = "google-t5/t5-base", "spiece.model"
 TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads boolean variables
-NAMES = ("sample", "t5", "<path to a sentencepiece .model file>")
+NAMES = ("sample", "t5", "<path to a sentencepiece .model file>", "<path to a tokenizer.json>")
 # Lines a `sample` tokenizer is trained on: ~100 MB of C4 text (part of one shard), where all 1024
 # shards would take hours and more memory than a node has; the sample corpus has fewer.
 MAX_TRAIN_LINES = 500_000
@@ -39,6 +41,8 @@ class Tokenizer:
 
     `bos_id` is -1 for models without a BOS piece (T5's); packing only uses `eos_id`.
     """
+
+    file_name = "tokenizer.model"  # what an exported model folder calls it
 
     def __init__(self, model_file: str | os.PathLike[str]) -> None:
         self.model_file = Path(model_file)
@@ -174,8 +178,11 @@ def t5_tokenizer() -> Tokenizer:
     return Tokenizer(path)
 
 
-def load_tokenizer(name: str, vocab_size: int, data_path: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer named by `data.tokenizer`: `sample`, `t5`, or a `.model` file path.
+def load_tokenizer(
+    name: str, vocab_size: int, data_path: str | os.PathLike[str]
+) -> Tokenizer | HFTokenizer:
+    """The tokenizer named by `data.tokenizer`: `sample`, `t5`, a sentencepiece `.model` file
+    or a Hugging Face `tokenizer.json` (`data/hf_tokenizer.py`).
 
     `sample` is trained on `data_path`'s training shards with `vocab_size` pieces (once;
     then read from `cache_dir`). For the others `vocab_size` is the model's embedding size,
@@ -186,10 +193,18 @@ def load_tokenizer(name: str, vocab_size: int, data_path: str | os.PathLike[str]
         return Tokenizer(train_sample_tokenizer(files, sample_tokenizer_dir(files), vocab_size))
     if name == "t5":
         tokenizer = t5_tokenizer()
-    elif name.endswith(".model"):
+    elif name.endswith((".model", ".json")):
         if not repo_path(name).is_file():
             raise FileNotFoundError(f"data.tokenizer={name!r}: no such file {repo_path(name)}")
-        tokenizer = Tokenizer(repo_path(name))
+        if name.endswith(".model"):
+            tokenizer = Tokenizer(repo_path(name))
+        else:
+            tokenizer = HFTokenizer(repo_path(name))
+            if tokenizer.eos_id < 0:
+                raise ValueError(
+                    f"data.tokenizer={name!r} has no EOS token (eos_token in the "
+                    "tokenizer_config.json beside it), which joins the documents"
+                )
     else:
         raise ValueError(f"data.tokenizer={name!r} is not one of: {', '.join(NAMES)}")
     if tokenizer.vocab_size > vocab_size:

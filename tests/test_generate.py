@@ -92,4 +92,4 @@ def test_bad_arguments_are_named(exported, capsys, args, message):
 def test_a_folder_without_a_tokenizer_is_one_line(hf_folder, capsys):
     assert main([str(hf_folder), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "has no tokenizer.model" in err
+    assert err.count("\n") == 1 and "has no tokenizer: neither tokenizer.model" in err

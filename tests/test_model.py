@@ -218,8 +218,8 @@ def test_a_run_starts_from_an_exported_model(config, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "tune" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 0 and rows[0]["val_loss"] == pytest.approx(done["val_loss"], abs=1e-6)
     assert tune.model.num_hidden_layers == pretrain.model.num_hidden_layers
-    (folder / "tokenizer.model").rename(folder / "tokenizer.json")
-    with pytest.raises(ValueError, match="has no tokenizer.model .*found only tokenizer.json"):
+    (folder / "tokenizer.model").rename(folder / "spiece.model")
+    with pytest.raises(ValueError, match="has no tokenizer: neither tokenizer.model"):
         train.fit(config(f"model.init_from={folder}"))
 
 

@@ -1,5 +1,5 @@
 """Sample text from a trained model: a run's exported folder (``<run_dir>/model``) or any
-Hugging Face LLaMA-architecture folder with a sentencepiece ``tokenizer.model``::
+Hugging Face LLaMA-architecture folder with a ``tokenizer.model`` or ``tokenizer.json``::
 
     python -m trainer.generate runs/demo/model --prompt "The history of" --max-new-tokens 40
     python -m trainer.generate runs/demo/model --prompt "Once" --temperature 0.8 --top-p 0.95
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from data.hf_tokenizer import HFTokenizer, folder_tokenizer
 from data.tokenizer import Tokenizer
 from models import Llama, load_hf
 
@@ -74,15 +75,16 @@ def generate(
     return out
 
 
-def load(folder: Path, device: str) -> tuple[Llama, Tokenizer]:
-    """The model of ``folder`` (float32, on ``device``) and its sentencepiece tokenizer."""
-    tokenizer = folder / "tokenizer.model"
-    if not tokenizer.is_file():
+def load(folder: Path, device: str) -> tuple[Llama, Tokenizer | HFTokenizer]:
+    """The model of ``folder`` (float32, on ``device``) and its tokenizer."""
+    tokenizer = folder_tokenizer(folder)
+    if tokenizer is None:
         raise FileNotFoundError(
-            f"{folder} has no tokenizer.model (a sentencepiece model, which a run's exported "
-            "folder holds)"
+            f"{folder} has no tokenizer: neither tokenizer.model (sentencepiece, which a run's "
+            "export holds) nor tokenizer.json"
         )
-    return load_hf(folder).to(device), Tokenizer(tokenizer)
+    wrapper = Tokenizer if tokenizer.name == "tokenizer.model" else HFTokenizer
+    return load_hf(folder).to(device), wrapper(tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from data.hf_tokenizer import folder_tokenizer
 from models import Llama
 from models.hf import hf_shape, hf_weights
 from trainer.config import Config
@@ -21,7 +22,7 @@ from trainer.sharding import is_sharded, load_model_state
 def adopt_init_from(cfg: Config) -> None:
     """Set ``cfg``'s model shape, ``data.vocab_size`` and ``data.tokenizer`` from the folder
     ``model.init_from`` names; refuses, naming the field or file, a folder our model cannot
-    represent or whose tokenizer is not a sentencepiece ``tokenizer.model``."""
+    represent or that has no tokenizer (``tokenizer.model`` or ``tokenizer.json``)."""
     folder = cfg.model.init_from
     if not folder:
         return
@@ -30,12 +31,11 @@ def adopt_init_from(cfg: Config) -> None:
         shape = hf_shape(path)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"model.init_from={folder!r}: {err}") from None
-    tokenizer = path / "tokenizer.model"
-    if not tokenizer.is_file():
-        found = "only tokenizer.json" if (path / "tokenizer.json").is_file() else "none"
+    tokenizer = folder_tokenizer(path)
+    if tokenizer is None:
         raise ValueError(
-            f"model.init_from={folder!r} has no tokenizer.model (sentencepiece; found "
-            f"{found}): the data pipeline tokenizes with sentencepiece"
+            f"model.init_from={folder!r} has no tokenizer: neither tokenizer.model "
+            "(sentencepiece) nor tokenizer.json"
         )
     for key, value in shape.items():
         setattr(cfg.model, key, value)

@@ -1,0 +1,67 @@
+"""A Hugging Face folder that ships only ``tokenizer.json`` (most current checkpoints):
+fine-tuned from, exported with its tokenizer files, and sampled from."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import train
+from data.hf_tokenizer import HFTokenizer
+from data.shards import read_documents, shard_files
+from models import Llama, ModelConfig, save_hf
+from tests.conftest import ROOT
+from trainer.generate import main as generate
+
+
+@pytest.fixture(scope="module")
+def gqa_folder(tmp_path_factory):
+    """A small GQA model with a BPE ``tokenizer.json`` trained on the sample corpus, and a
+    ``tokenizer_config.json`` naming BOS and EOS, as Hugging Face checkpoints ship them."""
+    folder = tmp_path_factory.mktemp("tiny-gqa")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    docs = read_documents(shard_files(ROOT / "data" / "sample", "train"))
+    texts = list(itertools.islice(docs, 300))
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=64,
+                              intermediate_size=160, num_attention_heads=4,
+                              num_key_value_heads=2, num_hidden_layers=2))  # fmt: skip
+    save_hf(model, folder, 1, 2, dtype=torch.bfloat16)
+    return folder
+
+
+def test_bos_and_eos_come_from_the_tokenizer_config(gqa_folder):
+    tok = HFTokenizer(gqa_folder / "tokenizer.json")
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    ids = tok.encode("The history of the world")
+    assert 1 not in ids and 2 not in ids and tok.decode(ids) == "The history of the world"
+
+
+def test_a_folder_with_only_tokenizer_json_fine_tunes_exports_and_samples(
+    gqa_folder, config, tmp_path, capsys
+):
+    cfg = config(f"model.init_from={gqa_folder}", "optim=lorenza", "trainer.max_steps=2")
+    out = train.fit(cfg)
+    assert cfg.data.tokenizer == str(gqa_folder / "tokenizer.json") and cfg.optim.rank == 32
+    assert out["val_loss"] == out["val_loss"]  # finite: the data went through the tokenizer
+    export = tmp_path / "run" / "model"
+    assert (export / "tokenizer.json").read_bytes() == (gqa_folder / "tokenizer.json").read_bytes()
+    assert json.loads((export / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert generate([str(export), "--prompt", "The history of", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("The history of")
+
+
+def test_a_tokenizer_json_without_eos_is_refused(gqa_folder, tmp_path, config):
+    for name in ("tokenizer.json", "config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((gqa_folder / name).read_bytes())
+    with pytest.raises(ValueError, match="has no EOS token"):
+        train.prepare(config(f"model.init_from={tmp_path}"))
