@@ -53,7 +53,7 @@ ablation: install  ## is LORENZA flatter and better? 5 seeds of every method and
 	$(PY) -m experiments.ablation
 	$(PY) -m experiments.ablation --regime repeat --names adamw-lr1e-3 adamw-lr3e-3 galore lorenza lorenza_plus adazo_sam sam
 
-repro: install  ## the paper's table: SIZE=tiny (CPU, ~25 min, 3 seeds) or 60m/130m/350m (GPU, C4); NUMERICS=galore: baselines in pure bf16 (experiments/repro)
+repro: install  ## the paper's table: SIZE=tiny (CPU, ~25 min, 3 seeds) or 60m/130m/350m/1b (GPU, C4); NUMERICS=galore: baselines in pure bf16 (experiments/repro)
 	$(PY) -m experiments.repro --size $(SIZE) --numerics $(NUMERICS)
 
 lint: install  ## ruff, and the import contracts of pyproject.toml (tests never import bench...)

@@ -1,5 +1,6 @@
 """``make repro``: the paper's protocol as train.py commands, and a small real run."""
 
+import shlex
 import subprocess
 import sys
 
@@ -17,14 +18,16 @@ def repro(*args, **kw):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("size", ["60m", "130m", "350m"])
+@pytest.mark.parametrize("size", ["60m", "130m", "350m", "1b"])
 def test_the_paper_protocols_are_galores_item_by_item(tmp_path, size):
     """Every override of every GaLore item is in every command (a changed default cannot
     change the protocol silently), the full-rank baseline is torch's Adam, the sizes' own
     values are GaLore's, and the docs' table is the one the items make."""
     p = PROTOCOLS[size]
     commands = {o: command(p, tmp_path, size, o, 0, 1) for o in OPTIMIZERS}
-    rank, steps = {"60m": (128, 10_000), "130m": (256, 20_000), "350m": (256, 60_000)}[size]
+    rank, steps = {
+        "60m": (128, 10_000), "130m": (256, 20_000), "350m": (256, 60_000), "1b": (512, 100_000)
+    }[size]  # fmt: skip
     for name, args in commands.items():
         for item in GALORE:
             for override in item.overrides:
@@ -61,6 +64,24 @@ def test_the_dry_run_prints_the_commands_and_splits_the_batch_over_processes(tmp
     bad = repro("--size", "60m", "--dry-run", "--nproc", "3")
     assert bad.returncode != 0 and "not a multiple" in bad.stderr
     tiny = command(PROTOCOLS["tiny"], ROOT, "tiny", "lorenza", 0, 1)
+    assert "data.packing=false" not in tiny  # the CPU demo packs the short sample documents
+    # SLURM: a submit script per run, through launch/slurm.sbatch, outside the checkout
+    out = tmp_path / "scratch"
+    cluster = repro("--size", "1b", "--nodes", "2", "--optims", "lorenza", "galore",
+                    "--out", str(out), check=True).stdout  # fmt: skip
+    scripts = sorted((out / "1b" / "sbatch").glob("*.sh"))
+    assert [s.name for s in scripts] == ["1b-galore-seed0.sh", "1b-lorenza-seed0.sh"]
+    assert "submit them with" in cluster
+    submit = scripts[1].read_text().splitlines()
+    assert f"mkdir -p {out}/1b/lorenza-seed0" in submit
+    line = shlex.split(submit[-1])
+    assert line[:3] == [f"RUN_DIR={out}/1b/lorenza-seed0", "GPUS_PER_NODE=8", "sbatch"]
+    assert {"--nodes=2", f"--output={out}/1b/lorenza-seed0/slurm-%j.out"} <= set(line)
+    assert "launch/slurm.sbatch" in line and "trainer.grad_accum=2" in line  # 2 x 8 x 16 x 2
+    assert not any(a.startswith(("trainer.run_dir", "trainer.progress")) for a in line)
+    dry = repro("--size", "1b", "--nodes", "2", "--optims", "lorenza", "--dry-run",
+                "--out", str(tmp_path / "dry"), check=True).stdout  # fmt: skip
+    assert "sbatch --nodes=2" in dry and not (tmp_path / "dry").exists()
     assert "data.packing=false" not in tiny  # the CPU demo packs the short sample documents
     # the GPU smoke run (bench/gpu_repro.sh): GaLore's items on the bundled corpus, whose
     # validation split cannot hold C4's 10M tokens, so that item takes the default

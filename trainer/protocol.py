@@ -12,11 +12,12 @@ launches, resumes and tabulates the runs is ``experiments/repro``.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.metrics import markdown_table, run_rows
+from trainer.metrics import ROOT, markdown_table, run_rows
 from trainer.registry import OPTIMIZERS as REGISTRY
 
 OPTIMIZERS = ("adamw", "galore", "lorenza", "lorenza_plus")
@@ -25,6 +26,7 @@ PUBLISHED_PPL = {  # GaLore Table 2 (adamw, galore) and LORENZA Table 3 (lorenza
     "60m": {"adamw": 34.06, "galore": 34.88, "lorenza": 34.29},
     "130m": {"adamw": 25.08, "galore": 25.36, "lorenza": 24.92},
     "350m": {"adamw": 18.80, "galore": 18.95, "lorenza": 18.87},
+    "1b": {"adamw": 15.56, "galore": 15.64},
 }
 
 
@@ -76,8 +78,8 @@ GALORE = (
     Item("batch", "512 sequences per update (60m: `--batch_size 256 --total_batch_size 512`)",
          "scripts", (), "the micro-batch is sized to the GPU (`trainer.batch_size` x "
          "`trainer.grad_accum` x processes = 512): the same update"),
-    Item("subspace", "rank 128 (60m) / 256 (130m, 350m), refresh every 200 updates, scale "
-         "0.25, SVD", "scripts `--rank --update_proj_gap 200 --galore_scale 0.25`",
+    Item("subspace", "rank 128 (60m) / 256 (130m, 350m) / 512 (1b), refresh every 200 "
+         "updates, scale 0.25, SVD", "scripts `--rank --update_proj_gap 200 --galore_scale 0.25`",
          ("optim.update_gap=200", "optim.scale=0.25")),
     Item("learning rate", "0.01 (GaLore); 0.001 (full-rank Adam)", "scripts `--lr 0.01`; "
          "GaLore paper, appendix", (), "each `configs/optim` default: 0.01 for the low-rank "
@@ -85,7 +87,7 @@ GALORE = (
     Item("full-rank baseline", "`torch.optim.Adam`, ε 1e-8", "`torchrun_main.py --optimizer "
          "adam`", (), "`optim=adamw optim.eps=1e-8`: AdamW without weight decay is Adam"),
     Item("Adam ε, low-rank", "1e-6", "`galore_torch/adamw.py` default", ()),
-    Item("length", "10k / 20k / 60k updates (60m / 130m / 350m)",
+    Item("length", "10k / 20k / 60k / 100k updates (60m / 130m / 350m / 1b)",
          "scripts `--num_training_steps`", (), "GaLore's loop makes one update more (it stops "
          "when `update_step > num_training_steps`)"),
     Item("evaluation", "10M non-padding tokens of C4 validation (shuffled, seed 42); the mean "
@@ -110,6 +112,7 @@ PROTOCOLS = {
     "60m": Protocol("llama_60m", 128, 10_000, 200, 512, 128, PAPER_DATA, 1, 1000, True),
     "130m": Protocol("llama_130m", 256, 20_000, 200, 512, 64, PAPER_DATA, 1, 1000, True),
     "350m": Protocol("llama_350m", 256, 60_000, 200, 512, 32, PAPER_DATA, 1, 2000, True),
+    "1b": Protocol("llama_1b", 512, 100_000, 200, 512, 16, PAPER_DATA, 1, 5000, True),
 }
 
 
@@ -143,21 +146,37 @@ def command(
     nproc: int,
     numerics: str = "autocast",
 ) -> list[str]:
+    """The command line of one run on one node (``launcher``)."""
+    return [*launcher(nproc), *overrides(p, out, size, optim, seed, nproc, numerics)]
+
+
+def launcher(nproc: int) -> list[str]:
+    """``train.py``, or ``launch/torchrun.sh`` for ``nproc`` GPUs of one node."""
+    if nproc > 1:
+        return ["bash", "launch/torchrun.sh", "--nproc", str(nproc)]
+    return [sys.executable, "train.py"]
+
+
+def overrides(
+    p: Protocol,
+    out: Path,
+    size: str,
+    optim: str,
+    seed: int,
+    nproc: int,
+    numerics: str = "autocast",
+) -> list[str]:
+    """``train.py``'s overrides for one run of the protocol over ``nproc`` processes in all."""
     if p.batch % (p.micro_batch * nproc):
         raise ValueError(
-            f"--nproc={nproc}: the batch of {p.batch} sequences is not a multiple of "
+            f"{nproc} processes: the batch of {p.batch} sequences is not a multiple of "
             f"{p.micro_batch} per process x {nproc} processes"
         )
-    launcher = (
-        ["bash", "launch/torchrun.sh", "--nproc", str(nproc)]
-        if nproc > 1
-        else [sys.executable, "train.py"]
-    )
     galore = [o for item in GALORE for o in item.overrides] if p.galore else []
     if "data=sample" in p.data:  # its validation split is far below C4's 10M tokens
         galore = [o for o in galore if not o.startswith("data.val_tokens=")]
     baseline = ["optim.eps=1e-8"] if p.galore and optim == "adamw" else []  # torch's Adam
-    overrides = [
+    args = [
         f"model={p.model}",
         f"optim={optim}",
         *p.data,
@@ -184,8 +203,34 @@ def command(
     ]
     if precision(optim, numerics) == "bf16_pure":  # GaLore's --dtype bfloat16, not autocast
         pure = "trainer.precision=bf16_pure"
-        overrides = [pure if o == "trainer.precision=bf16" else o for o in overrides]
-    return [*launcher, *dict.fromkeys(overrides)]  # each once, in order
+        args = [pure if o == "trainer.precision=bf16" else o for o in args]
+    return list(dict.fromkeys(args))  # each once, in order
+
+
+def submit_script(args: list[str], nodes: int, gpus_per_node: int, job: str) -> str:
+    """A script that submits one run of the protocol to SLURM on ``nodes`` nodes through
+    ``launch/slurm.sbatch`` (which resumes and requeues it), from any folder: the run folder
+    and the job's output live where ``args``' ``trainer.run_dir`` says, created first (SLURM
+    opens the output file before the job starts)."""
+    run = next(a.split("=", 1)[1] for a in args if a.startswith("trainer.run_dir="))
+    set_by_launcher = ("trainer.run_dir=", "trainer.resume=", "trainer.progress=")  # lines on
+    rest = [a for a in args if not a.startswith(set_by_launcher)]
+    sbatch = [
+        "sbatch", f"--nodes={nodes}", f"--gpus-per-node={gpus_per_node}", f"--job-name={job}",
+        f"--output={run}/slurm-%j.out", f"--chdir={ROOT}", "launch/slurm.sbatch", *rest,
+    ]  # fmt: skip
+    return "\n".join(
+        [
+            "#!/usr/bin/env bash",
+            f"# {job}: one run of the paper's protocol on {nodes} x {gpus_per_node} GPUs; "
+            "submit it with `bash <this file>` (again after a failure: it resumes)",
+            "set -euo pipefail",
+            f"mkdir -p {shlex.quote(run)}",
+            f"RUN_DIR={shlex.quote(run)} GPUS_PER_NODE={gpus_per_node} "
+            + " ".join(shlex.quote(a) for a in sbatch),
+            "",
+        ]
+    )
 
 
 def finished(folder: Path, steps: int) -> bool:

@@ -4,9 +4,17 @@
     python -m experiments.repro --size 60m               # GPU: the paper's protocol on C4
     python -m experiments.repro --size 60m --nproc 8     # through launch/torchrun.sh
     python -m experiments.repro --size 60m --dry-run     # print the train.py commands
+    python -m experiments.repro --size 1b --nodes 4 --out /scratch/me/repro   # SLURM: one
+        # submit script per run, written (or with --dry-run printed); then bash each one
 
 The protocol (GaLore's, item by item, and a CPU-sized ``tiny`` one) is
 ``trainer/protocol.py``.
+
+With ``--nodes N`` each run is a SLURM job of N nodes x ``--gpus-per-node`` GPUs through
+``launch/slurm.sbatch`` (resumed and requeued on preemption): the script writes one submit
+script per run to ``<out>/<size>/sbatch/`` instead of running anything, and ``--out``
+defaults to ``$SCRATCH/lorenza-results`` (or ``~/lorenza-results``), outside the checkout.
+Run the same command again once the jobs are done for the table.
 
 Each run is ``train.py`` with ``trainer.resume=auto`` in ``results/<size>/<optim>-seed<k>``:
 after a preemption (or Ctrl-C, exit 75) the same command continues every unfinished run
@@ -41,10 +49,12 @@ from trainer.protocol import (
     PROTOCOLS,
     PUBLISHED_PPL,
     Protocol,
-    command,
     finished,
+    launcher,
+    overrides,
     precision,
     run_dir,
+    submit_script,
 )
 
 
@@ -141,6 +151,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the protocol's")
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
     ap.add_argument(
+        "--nodes", type=int, default=0,
+        help="SLURM: write a submit script per run, each a job of this many nodes (0: run here)",
+    )  # fmt: skip
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="with --nodes")
+    ap.add_argument(
         "--data", default="c4", choices=["c4", "c4_local", "sample"],
         help="GPU sizes: C4 from the Hub, local shards (data.path=... in --extra), or the "
         "bundled corpus (a smoke run where C4 cannot be reached)",
@@ -150,14 +165,23 @@ def main() -> None:
         help="galore: adamw and galore in pure bf16 (trainer.precision=bf16_pure), as GaLore",
     )  # fmt: skip
     ap.add_argument("--extra", nargs="*", default=[], help="more train.py overrides")
-    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument(
+        "--out", type=Path, default=None,
+        help="default: results/ here; with --nodes, $SCRATCH/lorenza-results or ~/lorenza-results",
+    )  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = ap.parse_args()
     p = PROTOCOLS[args.size]
-    for key in ("seeds", "steps"):
+    for key in ("seeds", "steps", "gpus_per_node"):
         value = getattr(args, key)
         if value is not None and value < 1:
-            sys.exit(f"error: --{key}={value} must be >= 1")
+            sys.exit(f"error: --{key.replace('_', '-')}={value} must be >= 1")
+    if args.nodes < 0 or (args.nodes and args.nproc != 1):
+        sys.exit(f"error: --nodes={args.nodes} must be >= 0, and is not used with --nproc")
+    if args.out is None:
+        scratch = Path(os.environ.get("SCRATCH", Path.home())) / "lorenza-results"
+        args.out = scratch if args.nodes else ROOT / "results"
+    nproc = args.nodes * args.gpus_per_node if args.nodes else args.nproc
     if args.size != "tiny":
         data = ["data=sample"] if args.data == "sample" else [f"data={args.data}", *p.data[1:]]
         p = Protocol(**{**p.__dict__, "data": data})
@@ -167,17 +191,19 @@ def main() -> None:
         p = Protocol(**{**p.__dict__, "seeds": args.seeds or p.seeds, "steps": steps,
                         "eval_every": eval_every})  # fmt: skip
     try:
-        commands = [
+        runs = [
             (
                 run_dir(args.out, args.size, o, k, args.numerics),
-                command(p, args.out, args.size, o, k, args.nproc, args.numerics) + args.extra,
+                overrides(p, args.out, args.size, o, k, nproc, args.numerics) + args.extra,
             )
             for o in args.optims
             for k in range(p.seeds)
         ]
     except ValueError as err:
         sys.exit(f"error: {err}")
-    for folder, cmd in commands:
+    if args.nodes and submit(args, p, runs):
+        return
+    for folder, cmd in ((f, launcher(nproc) + a) for f, a in runs):
         if args.dry_run:
             print(" ".join(cmd))
             continue
@@ -207,6 +233,29 @@ def main() -> None:
     header = "# Reproduction of the perplexity/memory table\n\nWritten by `make repro`.\n"
     section = f"repro-{args.size}" + ("" if args.numerics == "autocast" else "-galore-numerics")
     write_section(section, text, path=args.out / "table.md", header=header)
+
+
+def submit(args: argparse.Namespace, p: Protocol, runs: list[tuple[Path, list[str]]]) -> bool:
+    """``--nodes``: the submit script of every unfinished run, written under
+    ``<out>/<size>/sbatch/`` (``--dry-run``: printed). False when every run has finished:
+    the table is made instead."""
+    todo = [(f, a) for f, a in runs if args.dry_run or not finished(f, p.steps)]
+    if not todo:
+        return False
+    folder = args.out / args.size / "sbatch"
+    for run, overrides_ in todo:
+        job = f"{args.size}-{run.name}"
+        script = submit_script(overrides_, args.nodes, args.gpus_per_node, job)
+        if args.dry_run:
+            print(f"# {folder / job}.sh\n{script}")
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{job}.sh").write_text(script)
+        print(f"written: {folder / job}.sh")
+    if not args.dry_run:
+        print(f"submit them with: for f in {folder}/*.sh; do bash $f; done; then run this command "
+              "again for the table once the jobs have finished")  # fmt: skip
+    return True
 
 
 if __name__ == "__main__":
