@@ -48,6 +48,7 @@ class HFTokenizer:
         special = json.loads(config.read_text()) if config.is_file() else {}
         self._bos = self._id(_token(special.get("bos_token")))
         self._eos = self._id(_token(special.get("eos_token")))
+        self._add_bos: bool | None = special.get("add_bos_token")
 
     def _id(self, token: str | None) -> int:
         found = self._tok.token_to_id(token) if token else None
@@ -64,6 +65,16 @@ class HFTokenizer:
     @property
     def eos_id(self) -> int:
         return self._eos
+
+    @property
+    def prefix_id(self) -> int | None:
+        """BOS, when ``transformers`` would start every text with it: ``add_bos_token`` in
+        the folder's ``tokenizer_config.json`` if it says, else the tokenizer's own
+        post-processor (LLaMA 3's template, for one); ``None`` otherwise."""
+        if self._add_bos is None:
+            first = self._tok.encode("a", add_special_tokens=True).ids[:1]
+            self._add_bos = first == [self._bos]
+        return self._bos if self._add_bos and self._bos >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -171,7 +171,7 @@ def validation_batches(
         encode_document(tokenizer.encode, doc, None if packs and isinstance(doc, str) else n)
         for doc in docs
     )
-    for example in pack(encoded, n, tokenizer.eos_id, packs):
+    for example in pack(encoded, n, tokenizer.eos_id, packs, bos_id=tokenizer.prefix_id):
         examples.append(example)
         available += sum(t != IGNORE for t in example[1])
         if available >= num_tokens:

@@ -1,5 +1,9 @@
 """Turning tokenized documents into fixed-length language-modelling examples.
 
+A tokenizer whose checkpoint starts documents with BOS (``prefix_id``: a pretrained folder's
+tokenizer configuration says so) gets BOS before every document, kept when a document is cut
+and, in a prompt/completion example, not trained on (it is part of the prompt).
+
 Packing (the default): documents are joined into one stream, each followed by EOS (so the
 model learns where a document ends and never sees padding), and cut into blocks of
 `seq_len + 1` tokens: input = block[:-1], target = block[1:]. Consecutive blocks overlap by
@@ -85,25 +89,34 @@ class Packer:
     """
 
     def __init__(
-        self, seq_len: int, eos_id: int, packing: bool = True, tokens: Sequence[int] = ()
+        self,
+        seq_len: int,
+        eos_id: int,
+        packing: bool = True,
+        tokens: Sequence[int] = (),
+        bos_id: int | None = None,
     ) -> None:
         self.seq_len, self.eos_id, self.packing = seq_len, eos_id, packing
+        self.head = [] if bos_id is None else [bos_id]
+        """What every document starts with: BOS, for a tokenizer whose checkpoint was trained
+        that way (``prefix_id``), else nothing; a truncated document keeps it."""
         self.tokens = list(tokens)
         self.prompt: int | None = None  # a pending pair's prompt tokens (not trained on)
 
     def add(self, ids: list[int], prompt: int = 0) -> None:
         """Take the next document's token ids, the first `prompt` of them a prompt (only
         when `pop` returned None)."""
+        room = self.seq_len - 1 - len(self.head)  # beside the head and the final EOS
         if prompt:  # a pair: one example of its own, whatever `packing` says
-            keep = max(self.seq_len - 1 - (len(ids) - prompt), 0)  # prompt tokens that fit
+            keep = max(room - (len(ids) - prompt), 0)  # prompt tokens that fit
             kept = ids[max(prompt - keep, 0) :]
-            self.tokens, self.prompt = [*kept[: self.seq_len - 1], self.eos_id], min(prompt, keep)
+            self.tokens = [*self.head, *kept[:room], self.eos_id]
+            self.prompt = len(self.head) + min(prompt, keep)  # the head is not trained on
             return
         if self.packing:
-            self.tokens += ids
-            self.tokens.append(self.eos_id)
+            self.tokens += [*self.head, *ids, self.eos_id]
         else:
-            self.tokens = [*ids[: self.seq_len - 1], self.eos_id]
+            self.tokens = [*self.head, *ids[:room], self.eos_id]
 
     def pop(self) -> Example | None:
         """The next example, or None if another document is needed first."""
@@ -125,11 +138,15 @@ class Packer:
 
 
 def pack(
-    docs: Iterable[Encoded], seq_len: int, eos_id: int, packing: bool = True
+    docs: Iterable[Encoded],
+    seq_len: int,
+    eos_id: int,
+    packing: bool = True,
+    bos_id: int | None = None,
 ) -> Iterator[Example]:
     """The examples of a finite stream of encoded documents (a final partial block is
     dropped)."""
-    packer = Packer(seq_len, eos_id, packing)
+    packer = Packer(seq_len, eos_id, packing, bos_id=bos_id)
     for ids, prompt in docs:
         packer.add(ids, prompt)
         while example := packer.pop():

@@ -80,7 +80,9 @@ class Reader:
     ) -> None:
         self.source, self.tokenizer, self.seed = source, tokenizer, seed
         self.state = dataclasses.replace(state, tokens=[])
-        self.packer = Packer(seq_len, tokenizer.eos_id, packing, state.tokens)
+        self.packer = Packer(
+            seq_len, tokenizer.eos_id, packing, state.tokens, bos_id=tokenizer.prefix_id
+        )
 
     def documents(self) -> Iterator:
         """This reader's documents forever, advancing `state` past each one it yields."""

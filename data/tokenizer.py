@@ -12,6 +12,7 @@ sentencepiece `.model` file behind the same small `Tokenizer` wrapper, or a Hugg
 import hashlib
 import io
 import itertools
+import json
 import os
 import socket
 import tempfile
@@ -59,6 +60,14 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return self._sp.eos_id()
+
+    @property
+    def prefix_id(self) -> int | None:
+        """BOS, when the ``tokenizer_config.json`` beside the model file (a pretrained
+        folder's) says ``add_bos_token``; else ``None`` (the sample tokenizer, T5)."""
+        config = self.model_file.parent / "tokenizer_config.json"
+        add = config.is_file() and json.loads(config.read_text()).get("add_bos_token", False)
+        return self.bos_id if add and self.bos_id >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)

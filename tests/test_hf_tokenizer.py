@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import train
+from data import load_tokenizer, validation_batches
 from data.hf_tokenizer import HFTokenizer
 from data.shards import read_documents, shard_files
 from models import Llama, ModelConfig, save_hf
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_config
 from trainer.generate import main as generate
 
 
@@ -65,3 +66,30 @@ def test_a_tokenizer_json_without_eos_is_refused(gqa_folder, tmp_path, config):
         (tmp_path / name).write_bytes((gqa_folder / name).read_bytes())
     with pytest.raises(ValueError, match="has no EOS token"):
         train.prepare(config(f"model.init_from={tmp_path}"))
+
+
+def test_bos_is_added_as_the_checkpoint_was_trained(gqa_folder, tmp_path):
+    """``add_bos_token`` where the tokenizer config says; else a ``tokenizer.json`` whose
+    post-processor starts texts with BOS (LLaMA 3's template); else none. Every document
+    then starts with it, validation's too."""
+    assert HFTokenizer(gqa_folder / "tokenizer.json").prefix_id == 1
+    for template, want in ((processors.TemplateProcessing(single="<s> $A", special_tokens=[
+            ("<s>", 1)]), 1), (None, None)):  # fmt: skip
+        folder = tmp_path / str(want)
+        folder.mkdir()
+        tok = Tokenizer.from_file(str(gqa_folder / "tokenizer.json"))
+        if template is not None:
+            tok.post_processor = template
+        tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+        assert HFTokenizer(folder / "tokenizer.json").prefix_id == want
+    cfg = make_config(tmp_path / "run", f"model.init_from={gqa_folder}")
+    train.adopt_init_from(cfg)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.path)
+    batches = validation_batches(cfg.data, tokenizer, 8, 16384)
+    x = torch.cat([x for x, _ in batches])
+    assert x[0, 0] == 1  # the first document's start
+    after_eos = x[:, 1:][x[:, :-1] == 2]
+    assert len(after_eos) > 3 and (after_eos == 1).all()  # every next document's too
+    sample = load_tokenizer("sample", 8000, ROOT / "data" / "sample")
+    assert sample.bos_id >= 0 and sample.prefix_id is None  # pretraining from scratch: none

@@ -50,6 +50,26 @@ def test_a_long_pair_loses_the_prompts_start_then_the_completions_end():
     assert x == [21, 22, 23, 24, 25, 0] and y == [22, 23, 24, 25, 0, IGNORE]
 
 
+def test_bos_starts_every_document_and_survives_every_cut():
+    """A tokenizer whose checkpoint starts documents with BOS (9 here): a pair keeps it when
+    its prompt loses its start, and never trains on it; packed texts get it each; a cut text
+    keeps it."""
+    packer = Packer(seq_len=6, eos_id=0, bos_id=9)
+    packer.add([1, 2, 3, 4, 5, 21, 22], prompt=5)
+    x, y = packer.pop()
+    assert x == [9, 4, 5, 21, 22, 0] and y == [IGNORE, IGNORE, 21, 22, 0, IGNORE]
+    packer.add([1, 2, *range(21, 30)], prompt=2)  # the completion alone is too long
+    x, y = packer.pop()
+    assert x == [9, 21, 22, 23, 24, 0] and y == [21, 22, 23, 24, 0, IGNORE]
+    packed = Packer(seq_len=4, eos_id=0, bos_id=9)
+    packed.add([1, 2])
+    packed.add([3])
+    assert packed.pop() == ([9, 1, 2, 0], [1, 2, 0, 9]) and packed.tokens == [9, 3, 0]
+    cut = Packer(seq_len=4, eos_id=0, packing=False, bos_id=9)
+    cut.add([1, 2, 3, 4, 5])
+    assert cut.pop() == ([9, 1, 2, 0], [1, 2, 0, IGNORE])
+
+
 def test_pairs_from_the_loader_train_on_completion_tokens_only(tmp_path, tokenizer):
     cfg = DataConfig(
         source="jsonl",
@@ -238,7 +258,7 @@ def test_a_huge_record_is_encoded_only_as_far_as_its_example_needs(tmp_path, tok
     lengths = []
 
     class Spy:
-        eos_id, bos_id = tokenizer.eos_id, tokenizer.bos_id
+        eos_id, bos_id, prefix_id = tokenizer.eos_id, tokenizer.bos_id, None
 
         def encode(self, text):
             lengths.append(len(text))

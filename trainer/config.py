@@ -25,6 +25,9 @@ class OptimConfig:
     """One of ``OPTIMIZERS`` (configs/optim/<name>.yaml)."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warm-up."""
+    finetune_lr: float = 3e-4
+    """The learning rate ``+preset=finetune`` sets (each ``configs/optim`` file says where its
+    value was measured)."""
     weight_decay: float = 0.0
     """Decoupled weight decay ``W ← W − lr·wd·W`` on every parameter, as GaLore."""
     beta1: float = 0.9
