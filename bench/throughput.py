@@ -40,6 +40,7 @@ from trainer.config import Config, to_config
 from trainer.distributed import CommCounter
 from trainer.metrics import compile_stats, peak_tflops
 from trainer.optimizers import build_optimizer, is_fused
+from trainer.registry import OPTIMIZERS
 from trainer.step import StepParts, train_step
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -116,7 +117,9 @@ def measure(args, name: str, optim: str, precision: str, compiled: bool, ckpt: s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama_tiny", "llama_60m"])
-    ap.add_argument("--optims", nargs="+", default=["adamw", "galore", "lorenza"])
+    ap.add_argument(
+        "--optims", nargs="+", default=["adamw", "galore", "lorenza"], choices=OPTIMIZERS
+    )
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--compile", default="off", choices=["off", "on", "both"])
     ap.add_argument("--backend", default="inductor", help="torch.compile backend")

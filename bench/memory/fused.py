@@ -31,7 +31,16 @@ import sys
 
 import torch
 
-from bench.common import DEVICE, Run, batches, machine, markdown_table, timed, write_section
+from bench.common import (
+    DEVICE,
+    VARIANTS,
+    Run,
+    batches,
+    machine,
+    markdown_table,
+    timed,
+    write_section,
+)
 
 RANKS = {"llama_tiny": 32, "llama_60m": 128}  # 256 for the larger sizes
 MODES = ("unfused", "block", "param")
@@ -95,7 +104,7 @@ def in_child(*args: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama_60m", "llama_130m"])
-    ap.add_argument("--optims", nargs="+", default=["lorenza", "adamw"])
+    ap.add_argument("--optims", nargs="+", default=["lorenza", "adamw"], choices=list(VARIANTS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
