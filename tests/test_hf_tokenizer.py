@@ -14,7 +14,9 @@ from data.hf_tokenizer import HFTokenizer
 from data.shards import read_documents, shard_files
 from models import Llama, ModelConfig, save_hf
 from tests.conftest import ROOT, make_config
+from trainer.config import compose_config
 from trainer.generate import main as generate
+from trainer.metrics import run_rows
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +95,24 @@ def test_bos_is_added_as_the_checkpoint_was_trained(gqa_folder, tmp_path):
     assert len(after_eos) > 3 and (after_eos == 1).all()  # every next document's too
     sample = load_tokenizer("sample", 8000, ROOT / "data" / "sample")
     assert sample.bos_id >= 0 and sample.prefix_id is None  # pretraining from scratch: none
+
+
+@pytest.mark.slow
+def test_the_documented_fine_tuning_command_lowers_the_validation_loss(gqa_folder, tmp_path):
+    """docs/finetune.md's command as written (a run folder aside), on that GQA folder and a
+    JSONL of sample-corpus texts: +preset=finetune's learning rate, the rank capped to the
+    folder, the held-out 5% for validation."""
+    docs = itertools.islice(read_documents(shard_files(ROOT / "data" / "sample", "train")), 1500)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    command = ["+preset=finetune", f"model.init_from={gqa_folder}", "data=jsonl",
+               f"data.path={data}", "optim=lorenza", "trainer.max_steps=200"]  # fmt: skip
+    documented = " ".join((ROOT / "docs" / "finetune.md").read_text().split())
+    assert (
+        "+preset=finetune model.init_from=runs/demo/model data=jsonl \\ "
+        "data.path=/abs/train.jsonl optim=lorenza trainer.max_steps=200" in documented
+    )
+    train.fit(compose_config(*command, f"trainer.run_dir={tmp_path / 'run'}"))
+    rows = run_rows(tmp_path / "run")
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 3 and val[-1] < val[0] - 0.5, val
