@@ -504,6 +504,8 @@ def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
     out, err = job.communicate(timeout=180)
     assert job.returncode == 0, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+    # the job's output, in the submit folder (where SLURM writes it), linked from the run's
+    assert os.readlink(run_dir / "slurm.out") == f"{ROOT}/slurm-lorenza-77.out"
     stopped = int(latest_checkpoint(run_dir).name.split("_")[1])
     assert sorted(losses(run_dir)) == list(range(1, stopped + 1))
 
