@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Is LORENZA flatter and better at llama_60m? Prepared for a GPU session (about 9 minutes on
+# Is LORENZA flatter and better at llama_60m? Sized for one GPU run (about 9 minutes on
 # an H100/H200): GaLore's llama_60m protocol (512 x 256 per step as 128 x 4, rank 128,
 # refresh every 200, bf16) on the bundled sample corpus -- NOT the paper's C4 protocol --
 # for 150 steps, AdamW (lr 1e-3) / GaLore / LORENZA, 2 seeds each, with validation

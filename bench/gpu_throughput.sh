@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of train.py's throughput, prepared for a GPU session (about 8 minutes
+# The GPU measurements of train.py's throughput, sized for one GPU run (about 8 minutes
 # on an H100/H200): bf16 MFU of AdamW, GaLore and LORENZA at llama_60m and llama_350m,
 # eager and compiled, at the largest micro-batch that fits (128 x 256 and 32 x 256, stated
 # in the table); peak memory of llama_1b with and without activation checkpointing; the
