@@ -48,6 +48,8 @@ class Tokenizer:
     def __init__(self, model_file: str | os.PathLike[str]) -> None:
         self.model_file = Path(model_file)
         self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        config = self.model_file.parent / "tokenizer_config.json"
+        self._add_bos = config.is_file() and json.loads(config.read_text()).get("add_bos_token")
 
     @property
     def vocab_size(self) -> int:
@@ -65,9 +67,7 @@ class Tokenizer:
     def prefix_id(self) -> int | None:
         """BOS, when the ``tokenizer_config.json`` beside the model file (a pretrained
         folder's) says ``add_bos_token``; else ``None`` (the sample tokenizer, T5)."""
-        config = self.model_file.parent / "tokenizer_config.json"
-        add = config.is_file() and json.loads(config.read_text()).get("add_bos_token", False)
-        return self.bos_id if add and self.bos_id >= 0 else None
+        return self.bos_id if self._add_bos and self.bos_id >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from data.hf_tokenizer import folder_tokenizer
+from lorenza import lowrank_param_groups
 from models import Llama
 from models.hf import hf_shape, hf_weights
 from trainer.config import Config
@@ -49,13 +50,12 @@ def cap_rank(cfg: Config) -> None:
     """A low-rank optimizer's ``optim.rank`` lowered, with a one-line notice, to the smallest
     dimension of the matrices it manages (attention and MLP projections): a pretrained folder
     decides those, and the rank that suits one model need not fit another."""
-    m = cfg.model
-    smallest = min(
-        m.hidden_size,
-        m.intermediate_size,
-        (m.num_key_value_heads or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads),
-    )
-    if OPTIMIZERS[cfg.optim.name].lowrank and cfg.optim.rank > smallest:
+    if not OPTIMIZERS[cfg.optim.name].lowrank:
+        return
+    with torch.device("meta"):  # shapes only: the matrices lowrank_param_groups manages
+        managed = lowrank_param_groups(Llama(cfg.model), cfg.optim.rank)[0]["params"]
+    smallest = min(min(p.shape) for p in managed)
+    if cfg.optim.rank > smallest:
         if current().is_main:
             print(
                 f"notice: optim.rank={cfg.optim.rank} is above the smallest low-rank matrix "
