@@ -30,17 +30,38 @@ from trainer.plan import weights_row
 from trainer.registry import OPTIMIZERS, names
 
 
+def positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{key}={value} must be positive")
+
+
+def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def check_choices(cfg: Config) -> None:
+    """The ``trainer.*`` keys that name one of a few choices (precision, device, modes, the
+    compile backend)."""
+    t = cfg.trainer
+    one_of("trainer.precision", t.precision, PRECISIONS)
+    check_precision(cfg)
+    one_of("trainer.device", t.device, DEVICES)
+    one_of("trainer.wandb_mode", t.wandb_mode, WANDB_MODES)
+    one_of("trainer.grad_clip_mode", t.grad_clip_mode, CLIP_MODES)
+    one_of("trainer.on_nonfinite", t.on_nonfinite, NONFINITE)
+    one_of("trainer.fused_granularity", t.fused_granularity, GRANULARITIES)
+    one_of("trainer.log_format", t.log_format, LOG_FORMATS)
+    one_of("trainer.export_dtype", t.export_dtype, EXPORT_DTYPES)
+    if t.compile is not False:
+        from torch import _dynamo  # (``import torch._dynamo`` would make ``torch`` local here)
+
+        backends = tuple(_dynamo.list_backends(exclude_tags=()))
+        one_of("trainer.compile_backend", t.compile_backend, backends)
+
+
 def check_config(cfg: Config) -> None:
     """Refuse a config that cannot run, with one line naming the key and value, before any work."""
-
-    def positive(key: str, value: float) -> None:
-        if not value > 0:
-            raise ValueError(f"{key}={value} must be positive")
-
-    def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-        if value not in allowed:
-            raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-
     check_finite(cfg)
     cfg.model.validate()
     cfg.data.validate(reach=not cfg.trainer.plan)
@@ -56,20 +77,7 @@ def check_config(cfg: Config) -> None:
         )
     if not 0 < cfg.optim.decay_fraction <= 1:
         raise ValueError(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
-    one_of("trainer.precision", cfg.trainer.precision, PRECISIONS)
-    check_precision(cfg)
-    one_of("trainer.device", cfg.trainer.device, DEVICES)
-    one_of("trainer.wandb_mode", cfg.trainer.wandb_mode, WANDB_MODES)
-    one_of("trainer.grad_clip_mode", cfg.trainer.grad_clip_mode, CLIP_MODES)
-    one_of("trainer.on_nonfinite", cfg.trainer.on_nonfinite, NONFINITE)
-    one_of("trainer.fused_granularity", cfg.trainer.fused_granularity, GRANULARITIES)
-    one_of("trainer.log_format", cfg.trainer.log_format, LOG_FORMATS)
-    one_of("trainer.export_dtype", cfg.trainer.export_dtype, EXPORT_DTYPES)
-    if cfg.trainer.compile is not False:
-        from torch import _dynamo  # (``import torch._dynamo`` would make ``torch`` local here)
-
-        backends = tuple(_dynamo.list_backends(exclude_tags=()))
-        one_of("trainer.compile_backend", cfg.trainer.compile_backend, backends)
+    check_choices(cfg)
     if not cfg.trainer.plan:  # a plan writes nothing
         check_writable(cfg.trainer.run_dir)
     for key in ("plan_gpu_gib", "plan_world", "plan_headroom"):
