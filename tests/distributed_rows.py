@@ -1,25 +1,17 @@
-"""Run by tests/test_distributed.py under torchrun with 2 gloo processes: the low-rank update
+"""On 2 gloo ranks (run by ``tests/distributed_checks.py``): the low-rank update
 of matrices sharded by rows (FSDP2's layout) against the same update of whole matrices, from
 the same gradients, in 32 and 8 bits -- through refresh steps, a checkpoint round trip and
-steps after it. Rank 0 prints, per bits, which matrices were kept by rows, the largest
+steps after it. ``rows_result`` gives, per bits, which matrices were kept by rows, the largest
 differences of weights and of (gathered) states, the same for the whole run against itself
 with one ulp added to every projected gradient (the control), and the bytes of the moments
 and bases on one rank beside the whole run's."""
 
-import json
-import sys
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lorenza import GaLoreAdamW  # noqa: E402
-from lorenza import optimizer as optimizer_module  # noqa: E402
-from lorenza.sharded import local  # noqa: E402
+from lorenza import GaLoreAdamW
+from lorenza import optimizer as optimizer_module
+from lorenza.sharded import local
 
 # right-projected 256 x 64 (rows 0-127 | 128-255: at rank 32 each rank's 128 x 32 moments start
 # on a 256-value block), right-projected 344 x 64 (172 x 32 apart: not on a block, so 8-bit
@@ -119,9 +111,5 @@ def run(bits, mesh):
     }
 
 
-dist.init_process_group("gloo")
-mesh = init_device_mesh("cpu", (2,))
-result = {bits: run(bits, mesh) for bits in (32, 8)}
-if dist.get_rank() == 0:
-    print(json.dumps(result))
-dist.destroy_process_group()
+def rows_result(mesh) -> dict:
+    return {bits: run(bits, mesh) for bits in (32, 8)}

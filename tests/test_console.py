@@ -32,7 +32,7 @@ def test_a_run_not_on_a_terminal_prints_a_line_per_logged_step_and_evaluation(co
         and "parameters) on cpu x 1, fp32, optim=adamw" in lines[0]
     )
     assert f"run folder {cfg.trainer.run_dir}" in lines[0]
-    assert lines[1] == "evaluating step 0 on 2,048 validation tokens..."
+    assert lines[1] == "evaluating step 0 on 512 validation tokens..."
     steps = [x for x in lines if " | loss " in x]
     assert [x.split(" | ")[0] for x in steps] == ["step 2/4", "step 4/4"]
     assert all("tok/s" in x and "elapsed, eta" in x and "mem " in x for x in steps)

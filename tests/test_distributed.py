@@ -561,43 +561,52 @@ def test_fsdp2_resumes_its_own_and_a_single_process_checkpoint(two_process_runs,
     assert all(torch.equal(exported[k], weights[k]) for k in weights)
 
 
-def test_nan_gradients_on_one_rank_are_skipped_by_every_rank(tmp_path):
+# Rank 1 alone gets NaN gradients at step 3: DDP unfused, GaLore's fused hooks, FSDP2
+NONFINITE = [("adamw", "false", "false"), ("galore", "true", "false"), ("adamw", "false", "true")]
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    """``tests/distributed_checks.py``'s results: the sharded norms, the matrices kept by rows,
+    and the NONFINITE runs, from one 2-process torchrun job."""
+    root = tmp_path_factory.mktemp("checks")
+    runs = [
+        [*SMALL_RUN, *RUN, *TWO_PROCS, *case_overrides(*case), f"dist.fsdp={case[2]}"]
+        for case in NONFINITE
+    ]
+    out = torchrun("tests/distributed_checks.py", str(root), json.dumps(runs))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+def test_nan_gradients_on_one_rank_are_skipped_by_every_rank(checks):
     """Rank 1 alone gets NaN gradients at step 3, with a finite loss: DDP and the fused
     hooks average them into every rank's gradient, FSDP2's global norm is all-reduced, so
     every rank skips (or zeroes) alike and the replicas stay identical and finite."""
-    cases = [("adamw", "false", "false"), ("galore", "true", "false"), ("adamw", "false", "true")]
-    runs = [
-        [*SMALL_RUN, *RUN, *TWO_PROCS, *case_overrides(*case), f"dist.fsdp={case[2]}"]
-        for case in cases
-    ]
-    out = torchrun("tests/distributed_nonfinite.py", str(tmp_path), json.dumps(runs))
-    assert out.returncode == 0, out.stderr[-3000:]
-    for i in range(len(cases)):
-        ranks = [json.loads((tmp_path / str(i) / f"rank{r}.json").read_text()) for r in (0, 1)]
-        assert all(r["finite"] and r["skipped"] == 1 for r in ranks), (cases[i], ranks)
-        if cases[i][2] == "false":  # FSDP2: one sharded model, gathered on rank 0 only
-            assert ranks[0]["digest"] == ranks[1]["digest"], cases[i]
+    for i, case in enumerate(NONFINITE):
+        run = checks / "nonfinite" / str(i)
+        ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert all(r["finite"] and r["skipped"] == 1 for r in ranks), (case, ranks)
+        if case[2] == "false":  # FSDP2: one sharded model, gathered on rank 0 only
+            assert ranks[0]["digest"] == ranks[1]["digest"], case
 
 
-def test_norms_of_a_sharded_and_a_whole_gradient_are_each_whole_norm():
+def test_norms_of_a_sharded_and_a_whole_gradient_are_each_whole_norm(checks):
     """Fused FSDP2 with the low-rank reduction clips a unit's sharded gradients and its
     averaged ``Qᵀg`` (whole on every rank) together: only the shards' squares are summed over
     the ranks (summing all of them made a whole tensor's norm √world too large)."""
-    out = torchrun("tests/distributed_norms.py")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == pytest.approx([3.0, 4.0, 6.0])
+    norms = json.loads((checks / "norms.json").read_text())
+    assert norms == pytest.approx([3.0, 4.0, 6.0])
 
 
-def test_matrices_kept_by_rows_update_as_whole_ones():
+def test_matrices_kept_by_rows_update_as_whole_ones(checks):
     """Under FSDP2 a right-projected matrix's m x r moments and n x r basis are kept by rows,
     each rank projecting its own rows of the gradient: the same weights and states as whole
     matrices from the same gradients, to rounding (a measured control), in 32 and 8 bits,
     across refresh steps and a state dict round trip (8-bit: only where each rank's rows
     start on a quantization block; a left-projected matrix stays whole). What is kept by rows
     takes half the bytes a rank."""
-    out = torchrun("tests/distributed_rows.py")
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads((checks / "rows.json").read_text())
     assert result["32"]["rows"] == ["right", "right, rows off blocks"]
     assert result["8"]["rows"] == ["right"]
     for bits in ("32", "8"):  # bit for bit where the row GEMMs round as the whole one's (an

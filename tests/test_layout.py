@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from trainer.config import SMALL_RUN
+from tests.conftest import ROOT, SMALL_RUN
 
 
 @pytest.mark.slow

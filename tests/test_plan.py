@@ -10,10 +10,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import train
 from data import load_tokenizer
 from models import Llama
 from models.presets import model_config
 from tests.conftest import ROOT
+from trainer.config import compose_config
 from trainer.exact_memory import activation_peak, peak_bytes, step_peak
 from trainer.plan import activation_bytes, forward_bytes, memory_plan, state_bytes
 from trainer.registry import OPTIMIZERS, names
@@ -133,15 +135,13 @@ def test_a_whole_trainer_step_is_planned_within_10_percent(overrides):
 
 
 @pytest.mark.slow
-def test_plan_prints_a_table_and_exits_0_without_a_run_folder(tmp_path):
-    def plan(*overrides):
-        return subprocess.run(
-            [sys.executable, "train.py", "trainer.plan=true", f"trainer.run_dir={tmp_path}/r",
-             *overrides],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-
-    proc = plan("model=llama_7b", "optim=lorenza8bit", "trainer.plan_gpu_gib=24")
+def test_plan_prints_a_table_and_exits_0_without_a_run_folder(tmp_path, capsys):
+    """The command line once (exit 0, no folder); the other cases in this process."""
+    proc = subprocess.run(
+        [sys.executable, "train.py", "trainer.plan=true", f"trainer.run_dir={tmp_path}/r",
+         "model=llama_7b", "optim=lorenza8bit", "trainer.plan_gpu_gib=24"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == (  # every assumption the figures depend on
@@ -155,14 +155,13 @@ def test_plan_prints_a_table_and_exits_0_without_a_run_folder(tmp_path):
     assert "does NOT fit in 24 GiB" in proc.stdout  # 7B's float32 weights alone are 25 GiB
     assert "model.activation_checkpointing=block" in proc.stdout
     assert not (tmp_path / "r").exists()
-    fits = plan("trainer.plan_world=4", "dist.fsdp=true", "trainer.plan_gpu_gib=1")
-    assert "fp32 shard (1/4)" in fits.stdout and " fits in 1 GiB" in fits.stdout, fits.stderr
-    assert "4 process(es) (FSDP2)" in fits.stdout.splitlines()[0]
-    bad = plan("trainer.plan_headroom=-1")
-    assert (
-        bad.returncode == 1
-        and bad.stderr.strip() == "error: trainer.plan_headroom=-1.0 must be >= 0"
-    )
+    train.plan(compose_config("trainer.plan_world=4", "dist.fsdp=true", "trainer.plan_gpu_gib=1"))
+    fits = capsys.readouterr().out
+    assert "fp32 shard (1/4)" in fits and " fits in 1 GiB" in fits, fits
+    assert "4 process(es) (FSDP2)" in fits.splitlines()[0]
+    with pytest.raises(SystemExit) as bad:
+        train.plan(compose_config("trainer.plan_headroom=-1"))
+    assert bad.value.code == "error: trainer.plan_headroom=-1.0 must be >= 0"
 
 
 def test_fsdp_divides_weights_gradients_and_full_rank_states(config):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import train
 from models import Llama
-from tests.conftest import ROOT, SMALL_RUN
+from tests.conftest import ROOT, SMALL_RUN, make_config
 from trainer.checkpoint import latest_checkpoint
 from trainer.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequests, TrainingStopped
 from trainer.settings import compare_settings
@@ -95,6 +95,9 @@ def test_resume_refuses_a_precision_into_or_out_of_bf16_pure():
         assert refused == [f"trainer.precision: {old!r} -> {new!r}"]
 
 
+CLI_RUN = ("trainer.eval_every=1000", "trainer.save_model=false")
+
+
 def run_cli(tmp_path, *overrides, program=("train.py",), **kw):
     """train.py (or ``program``, e.g. ``("-c", script)``) as a process on a small run."""
     return subprocess.Popen(
@@ -103,8 +106,7 @@ def run_cli(tmp_path, *overrides, program=("train.py",), **kw):
             *program,
             *SMALL_RUN,
             f"trainer.run_dir={tmp_path}/run",
-            "trainer.eval_every=1000",
-            "trainer.save_model=false",
+            *CLI_RUN,
             *overrides,
         ],
         cwd=ROOT,
@@ -113,6 +115,12 @@ def run_cli(tmp_path, *overrides, program=("train.py",), **kw):
         text=True,
         **kw,
     )
+
+
+def fit_in_process(tmp_path, *overrides) -> None:
+    """The run ``run_cli`` starts, in this process: the steps of a test that need no signal,
+    no stdout and no process of their own."""
+    train.fit(make_config(tmp_path / "run", *CLI_RUN, *overrides))
 
 
 def wait_for_steps(run_dir: Path, n: int, proc, timeout=120) -> None:
@@ -135,11 +143,9 @@ def test_sigterm_checkpoints_exits_75_and_resume_continues(tmp_path):
     assert "SIGTERM at step" in err and "Traceback" not in err
     stopped_at = max(losses(run_dir))
     assert latest_checkpoint(run_dir).name == f"step_{stopped_at:08d}"
-    proc = run_cli(
+    fit_in_process(
         tmp_path, f"trainer.max_steps={stopped_at + 3}", "trainer.resume=auto", "data.num_workers=2"
     )
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
     assert sorted(losses(run_dir)) == list(range(1, stopped_at + 4))  # no gap, no repeat
 
 
@@ -148,8 +154,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     """A process killed mid-write leaves only a temporary folder; resume=auto ignores it and
     picks the last complete checkpoint."""
     run_dir = tmp_path / "run"
-    first = run_cli(tmp_path, "trainer.max_steps=2")
-    assert first.wait(timeout=120) == 0, first.stderr.read()
+    fit_in_process(tmp_path, "trainer.max_steps=2")
     # A writer that stalls inside save_file, so that it can be killed in the act.
     script = (
         "import runpy, sys, time\n"
@@ -167,9 +172,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     proc.wait()
     assert (run_dir / "checkpoints" / ".tmp_step_00000003").exists()
     assert latest_checkpoint(run_dir).name == "step_00000002"
-    done = run_cli(tmp_path, "trainer.max_steps=3", "trainer.resume=auto")
-    _, err = done.communicate(timeout=120)
-    assert done.returncode == 0, err
+    fit_in_process(tmp_path, "trainer.max_steps=3", "trainer.resume=auto")
     assert latest_checkpoint(run_dir).name == "step_00000003"
 
 
@@ -270,8 +273,7 @@ def test_a_run_whose_every_step_is_skipped_exits_non_zero(config, monkeypatch):
 @pytest.mark.slow
 def test_resuming_a_finished_run_prints_strict_json(tmp_path):
     """Nothing is left to run, so its loss is unknown: ``null``, never ``NaN``."""
-    first = run_cli(tmp_path, "trainer.max_steps=1")
-    assert first.wait(timeout=120) == 0, first.stderr.read()
+    fit_in_process(tmp_path, "trainer.max_steps=1")
     again = run_cli(tmp_path, "trainer.max_steps=1", "trainer.resume=auto")
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
