@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import ExitStack, closing, nullcontext
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.checks import check_config
-from trainer.config import Config, to_config, weight_dtype
+from trainer.config import Config, autocast_context, to_config, weight_dtype
 from trainer.console import CPU_WARNING_PARAMS, Console, cpu_flops_per_second, duration
 from trainer.distributed import (
     CommCounter,
@@ -342,11 +342,7 @@ def build_run(cfg: Config, tokenizer: Tokenizer, val: list | None = None) -> Run
         if ranks.enabled and not (fused or sharded)
         else None
     )
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if t.precision == "bf16"
-        else nullcontext()
-    )
+    autocast = autocast_context(t.precision, device.type)
     if val is None:
         val = validation_batches(cfg.data, tokenizer, t.batch_size, cfg.data.val_tokens)
     val = [(x.to(device), y.to(device)) for x, y in val]
@@ -565,9 +561,10 @@ def export(run: Run, tokenizer: Tokenizer) -> None:
     if not run.ranks.is_main:
         return
     run.log.close()
-    plot_losses(run.log.path, run.run_dir / "loss.png")
-    if run.cfg.trainer.sharpness_every:
-        plot_sharpness(run.log.path, run.run_dir / "sharpness.png")
+    if t.plot:
+        plot_losses(run.log.path, run.run_dir / "loss.png")
+        if t.sharpness_every:
+            plot_sharpness(run.log.path, run.run_dir / "sharpness.png")
     if t.save_model:
         if not all_finite(model.state_dict()):
             raise TrainingStopped(

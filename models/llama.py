@@ -18,6 +18,7 @@ both. Numerics follow Hugging Face too (RMSNorm in float32, rotary tables in flo
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,22 @@ class ModelConfig:
             raise ValueError(
                 f"head dim {self.hidden_size // self.num_attention_heads} must be even"
             )
+
+
+@contextmanager
+def uncached_casts():
+    """Autocast's cache off inside a decoder layer. With it, the bf16 copy autocast makes of
+    each layer's weights is kept until the forward ends: a whole model in bf16 (12 GiB at
+    7B) beside checkpointed layers that keep nothing else, and during forward-only passes.
+    A layer uses each weight once, so nothing is cast twice; a layer that keeps its
+    activations saves its copies for the backward anyway. The head, used once per loss
+    chunk, keeps the cache: one copy, not one per chunk."""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
 
 
 class RMSNorm(nn.Module):
@@ -265,11 +282,12 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids)
         recompute = self.cfg.activation_checkpointing == "block" and torch.is_grad_enabled()
         for layer in self.layers:
-            x = (
-                checkpoint(layer, x, cos, sin, use_reentrant=False)
-                if recompute
-                else layer(x, cos, sin)
-            )
+            with uncached_casts():
+                x = (
+                    checkpoint(layer, x, cos, sin, use_reentrant=False)
+                    if recompute
+                    else layer(x, cos, sin)
+                )
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)

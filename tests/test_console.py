@@ -40,9 +40,12 @@ def test_a_run_not_on_a_terminal_prints_a_line_per_logged_step_and_evaluation(co
     assert evals == ["step 0/4", "step 2/4", "step 4/4"]
 
 
-def test_progress_false_prints_nothing(config, capfd):
-    train.fit(config("trainer.progress=false", "trainer.max_steps=2", "trainer.save_model=false"))
+def test_progress_false_prints_nothing_and_plot_false_draws_nothing(config, capfd):
+    cfg = config("trainer.progress=false", "trainer.max_steps=2", "trainer.save_model=false")
+    train.fit(cfg)
     assert capfd.readouterr().err == ""
+    assert cfg.trainer.plot is False  # the tests' small runs
+    assert not list(Path(cfg.trainer.run_dir).glob("*.png"))
 
 
 class Terminal(io.StringIO):

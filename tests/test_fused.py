@@ -196,9 +196,9 @@ def test_checkpoint_of_another_model_is_refused(config, tmp_path):
     train.fit(cfg)
     other = config(
         "trainer.max_steps=2",
-        "model.num_hidden_layers=2",
+        "model.num_hidden_layers=3",
         f"trainer.resume={cfg.trainer.run_dir}/checkpoints/step_00000001",
     )
     other.trainer.run_dir = str(tmp_path / "other")
-    with pytest.raises(ValueError, match=r"cannot resume .*model\.num_hidden_layers: \d+ -> 2"):
+    with pytest.raises(ValueError, match=r"cannot resume .*model\.num_hidden_layers: \d+ -> 3"):
         train.fit(other)

@@ -135,7 +135,7 @@ def test_a_nan_refresh_gradient_keeps_the_previous_basis(config, fused):
     step()
     poisoned = model.layers[0].self_attn.q_proj.weight
     assert torch.equal(optimizer.state[poisoned]["basis"], bases[poisoned])
-    clean = model.layers[2].self_attn.q_proj.weight
+    clean = model.layers[1].self_attn.q_proj.weight
     assert not torch.equal(optimizer.state[clean]["basis"], bases[clean])
     assert finite(snapshot(model, optimizer))
 
@@ -147,7 +147,7 @@ def test_fused_zeroed_nan_gradients_on_a_refresh_step_keep_the_basis(config, opt
     as the skipped unfused step keeps it too."""
     model, optimizer, parts, step = steps(config, optim, True, "block", 2, (Backward.UPDATE,))
     step(), step()
-    poisoned, clean = (model.layers[i].self_attn.q_proj.weight for i in (0, 2))
+    poisoned, clean = (model.layers[i].self_attn.q_proj.weight for i in (0, 1))
     before = {p: optimizer.state[p]["basis"].clone() for p in (poisoned, clean)}
     step()
     assert optimizer.state[poisoned]["step"] == 3  # a refresh step

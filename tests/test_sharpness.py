@@ -83,6 +83,7 @@ def test_train_py_logs_and_plots_sharpness_at_evaluation_steps(config):
         "trainer.sharpness_every=4",
         "trainer.sharpness_iters=3",
         "trainer.save_model=false",
+        "trainer.plot=true",
     )
     plain = config("trainer.max_steps=4", "trainer.eval_every=2", "trainer.save_model=false")
     plain.trainer.run_dir += "_plain"

@@ -31,7 +31,7 @@ def read_metrics(run_dir):
 
 
 def test_run_folder_has_config_metrics_model_and_plot(config):
-    cfg = config("trainer.max_steps=4", "trainer.eval_every=2")
+    cfg = config("trainer.max_steps=4", "trainer.eval_every=2", "trainer.plot=true")
     result = train.fit(cfg)
     run_dir = Path(cfg.trainer.run_dir)
     rows = read_metrics(run_dir)

@@ -4,6 +4,7 @@ that an unknown key or a wrong type in a YAML file or on the command line is ref
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,9 @@ class TrainerConfig:
     output, ``| tee``) or ``auto`` (a bar when stderr is a terminal, else lines)."""
     save_model: bool = True
     """Export the final model to ``run_dir/model`` in Hugging Face format."""
+    plot: bool = True
+    """Draw ``loss.png`` (and ``sharpness.png``) at the end; false: metrics.jsonl only (a sweep
+    of many short runs, where drawing costs a fifth of a small run)."""
     export_dtype: str = "auto"
     """The exported weights' dtype: ``float32``, ``bfloat16``, ``float16``, or ``auto``: the
     ``model.init_from`` folder's own (its ``config.json``), float32 otherwise."""
@@ -239,6 +243,15 @@ def weight_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16_pure" else torch.float32
 
 
+def autocast_context(precision: str, device_type: str) -> AbstractContextManager:
+    """What the forward passes of a ``trainer.precision`` run under: bf16 autocast for
+    ``bf16``, nothing otherwise (the decoder layers keep no cached weight casts:
+    ``models.llama.uncached_casts``)."""
+    if precision != "bf16":
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
 GRANULARITIES = ("block", "param")
 CLIP_MODES = ("auto", "global", "per_param")
 NONFINITE = ("skip", "stop")
@@ -258,6 +271,7 @@ SMALL_RUN = (
     "trainer.batch_size=4",
     "trainer.progress=false",
     "trainer.log_every=1",
+    "trainer.plot=false",
 )
 """Overrides of a run that takes seconds on a CPU: short sequences, few validation tokens,
 the data read in-process (for tests, benchmarks and studies that drive ``train.py``)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from data import load_tokenizer
 from lorenza.sharded import local
 from models import Llama, ModelConfig
-from trainer.config import SMALL_RUN, compose_config, weight_dtype
+from trainer.config import SMALL_RUN, autocast_context, compose_config, weight_dtype
 from trainer.plan import memory_plan
 from trainer.step import train_step
 
@@ -83,7 +82,7 @@ def activation_peak(cfg: ModelConfig, batch: int, seq: int, precision: str) -> i
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = autocast_context(precision, "cpu")  # the trainer's
 
     def step() -> None:
         with autocast:

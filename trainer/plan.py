@@ -76,7 +76,8 @@ def activation_bytes(
     bf16 autocast -- the residual stream and RMSNorms stay float32 (4 d each: input, norm,
     twice), every projection saves its own bf16 copy of its input (q, k, v, gate, up: 5 x 2 d),
     attention saves q, k, v, out in bf16 (4 x 2 d), the MLP's four f tensors in bf16:
-    ``34 d + 8 f + 4 h + 8``; and autocast's bf16 copies of the layers' weights are saved too.
+    ``34 d + 8 f + 4 h + 8``; and each layer's bf16 copies of its weights, which autograd
+    saves (autocast's cache is off: ``trainer.config.autocast_context``).
 
     bf16_pure -- each RMSNorm saves its float32 copy of the input, and its normalized value
     and output in bf16 (8 d, twice); q, k, v and attention's output in bf16 (4 x 2 d), the
@@ -94,9 +95,8 @@ def activation_bytes(
       head's gradient being summed as well (float32: the sum so far, the new part and their
       sum, 3 V d floats; bf16: two bf16 V x d beside the copy; bf16_pure: those three in
       bf16);
-    - under bf16, the end of the forward: the loss chunk (bf16 and float32 logits,
-      log-softmax, the head's copy) beside autocast's cached copies of every layer's weights,
-      which checkpointed layers do not save;
+    - under bf16 with checkpointing, a loss chunk's forward (bf16 and float32 logits,
+      log-softmax, the head's copy) beside the kept inputs;
     - with checkpointing, a recomputed layer and its gradients (2 f in the activations' dtype
       and d float32 per token) beside the kept inputs.
     """
@@ -148,8 +148,7 @@ def _activation_moments(
     inputs = layers * n * residual * d
     saved = inputs + outside
     if bf16:
-        what = "the forward's end: autocast's bf16 copies of every layer's weights + the loss"
-        moments[what] = layers * copies + loss_forward(k, v, d, bf16)
+        moments["a loss chunk's forward"] = loss_forward(k, v, d, bf16)
     # a recomputed layer and its gradients, once the final norm's tensors are gone: the
     # MLP's two in the activations' dtype, the residual's in its own; the kept input is one
     # of the tensors the layer saves (bf16_pure saves RMSNorm's float32 copy of it instead)
@@ -161,7 +160,7 @@ def _activation_moments(
 
 
 def weight_copies(c: ModelConfig) -> int:
-    """Bytes of autocast's bf16 copies of one decoder layer's weight matrices."""
+    """Bytes of the bf16 copies autocast makes of one decoder layer's weight matrices."""
     with torch.device("meta"):  # one layer's shapes, not the whole model's
         layer = Block(c)
     return 2 * sum(p.numel() for p in layer.parameters() if p.ndim == 2)
@@ -177,14 +176,14 @@ def forward_bytes(c: ModelConfig, batch: int, seq: int, precision: str) -> float
     """Most bytes a forward without grad (inference, a zeroth-order probe) holds at once: a
     layer's widest moment (the float32 residual, its norm and the MLP's output: 3 d; gate, up
     and silu: 3 f in the activations' dtype), or a loss chunk's forward (``loss_forward``)
-    beside the final norm's output; under bf16, autocast's cached copies of the layers'
-    weights too."""
+    beside the final norm's output; under bf16, a layer's moment beside its weights' bf16
+    copies (freed with the layer: nothing is saved without grad and the cache is off)."""
     n, d, f, v = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
     bf16 = precision == "bf16"
-    copies = c.num_hidden_layers * weight_copies(c) if bf16 else 0
+    copies = weight_copies(c) if bf16 else 0
     k = min(c.loss_chunk or n, n)
     loss = n * 4 * d + loss_forward(k, v, d, bf16)
-    return copies + max(loss, n * (3 * (2 if bf16 else 4) * f + 12 * d))
+    return max(loss, copies + n * (3 * (2 if bf16 else 4) * f + 12 * d))
 
 
 def lowrank_shape(p: torch.Tensor, rank: int) -> tuple[int, int]:
