@@ -614,6 +614,10 @@ def plan(cfg: Config) -> None:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(dict_cfg) -> None:
+    # A stop that comes once the run is over (a preemption notice as the job ends) has
+    # nothing left to stop: ignored then, not the default action that kills a finished run.
+    for late in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(late, signal.SIG_IGN)
     with StopRequests() as stops:  # from the start: a stop during set-up waits for step 1
         try:
             run(to_config(dict_cfg), stops)

@@ -28,13 +28,13 @@ from trainer.sharded_checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here runs a second process or lm-eval
 
-# Rank 16 with a refresh every 3 steps: 6 steps hold refresh and in-between steps.
+# Rank 16 with a refresh every 2 steps: 4 steps hold refresh and in-between steps.
 RUN = [
-    "trainer.max_steps=6",
-    "trainer.eval_every=3",
+    "trainer.max_steps=4",
+    "trainer.eval_every=2",
     "trainer.save_model=false",
     "optim.rank=16",
-    "optim.update_gap=3",
+    "optim.update_gap=2",
     "optim.lr=3e-3",
 ]
 # The same global batch of 2 x 4 sequences: two processes reading one stream each, or one
@@ -50,7 +50,7 @@ def case_overrides(name: str, fused: str, fsdp: str, tied: str = "false") -> lis
     """FSDP runs without clipping: a global norm summed from shards in float32 differs from
     the single-process one by ~1e-5 relative (measured), and Adam's second moments with it."""
     clip = ["trainer.grad_clip=0"] if fsdp == "true" else []
-    every = ["trainer.save_every=3"] if fsdp == "true" else []  # resumed by the tests below
+    every = ["trainer.save_every=2"] if fsdp == "true" else []  # resumed by the tests below
     return [f"optim={name}", f"trainer.fused={fused}", f"model.tie_word_embeddings={tied}",
             *clip, *every]  # fmt: skip
 
@@ -215,7 +215,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(case, two_process_ru
         assert gap <= bounds[1]
     losses1 = [r["loss"] for r in rows1 if "loss" in r]
     losses2 = [r["loss"] for r in rows2 if "loss" in r]
-    assert len(losses2) == 6
+    assert len(losses2) == 4
     assert losses2 == pytest.approx(losses1, rel=1e-6)  # the same data on every step
     val1 = [r["val_loss"] for r in rows1 if "val_loss" in r]
     val2 = [r["val_loss"] for r in rows2 if "val_loss" in r]
@@ -250,12 +250,12 @@ def test_lowrank_allreduce_gives_the_full_allreduce_weights(name, two_process_ru
     w_low, state_low, rows_low = final(two_process_runs / str(low))
     assert max_relative_difference(w_full, w_low) <= 1e-6
     assert state_low["replica_digests"][0] == state_low["replica_digests"][1]
-    # Traffic: steps 1, 2, 4, 5 of 6 send Qᵀg for every low-rank matrix.
+    # Traffic: steps 2 and 4 of 4 send Qᵀg for every low-rank matrix.
     sent = [r["allreduce_bytes"] for r in rows_low if "loss" in r]
     full_bytes = [r["allreduce_bytes_full"] for r in rows_low if "loss" in r]
     assert [r["allreduce_bytes"] for r in rows_full if "loss" in r] == full_bytes
-    assert sent[0] == full_bytes[0] and sent[3] == full_bytes[3]  # refresh steps
-    assert all(s < f for i, (s, f) in enumerate(zip(sent, full_bytes, strict=True)) if i % 3)
+    assert sent[0] == full_bytes[0] and sent[2] == full_bytes[2]  # refresh steps
+    assert all(s < f for i, (s, f) in enumerate(zip(sent, full_bytes, strict=True)) if i % 2)
 
 
 def test_fused_fsdp2_accumulates_like_one_process(two_process_runs, config):
@@ -291,7 +291,7 @@ def test_fused_fsdp2_clips_each_whole_gradient(two_process_runs, config):
 
 def test_fsdp2_lowrank_reduction_gives_the_reduce_scatter_weights(two_process_runs):
     """Fused FSDP2 LORENZA with ``Qᵀ g`` all-reduced in place of reduce-scattering the
-    low-rank matrices' gradients (steps 1, 2, 4, 5 of 6; refresh steps reduce-scatter all):
+    low-rank matrices' gradients (steps 2 and 4 of 4; refresh steps reduce-scatter all):
     the weights of the run that reduce-scatters every gradient, for fewer bytes."""
     run = len(CASES) + 2 * len(LOWRANK) + len(COMPILED) + 3
     w_low, _, rows_low = final(two_process_runs / str(run))
@@ -301,9 +301,9 @@ def test_fsdp2_lowrank_reduction_gives_the_reduce_scatter_weights(two_process_ru
     shapes = json.loads((two_process_runs / str(run) / "run_info.json").read_text())
     formula = shapes["allreduce_bytes_per_step"]
     sent = [r["allreduce_bytes"] for r in rows_low if "loss" in r]
-    assert [r["allreduce_bytes_full"] for r in rows_low if "loss" in r] == [formula["full"]] * 6
+    assert [r["allreduce_bytes_full"] for r in rows_low if "loss" in r] == [formula["full"]] * 4
     refresh, between = formula["full"], formula["lowrank"]
-    assert sent == [refresh, between, between] * 2 and between < refresh
+    assert sent == [refresh, between] * 2 and between < refresh
 
 
 @pytest.mark.parametrize("which", range(len(PURE_RUNS)), ids=["ddp-adamw", "fsdp2-galore8bit"])
@@ -429,15 +429,15 @@ def test_slurm_dry_run_prints_the_commands_inside_and_outside_an_allocation(tmp_
 def test_a_sharded_checkpoint_resumes_in_one_process_where_it_left_off(
     name, two_process_runs, config, tmp_path
 ):
-    """An FSDP2 run's step-3 checkpoint (2 ranks' shards; 8-bit: the codes by rows, each
+    """An FSDP2 run's step-2 checkpoint (2 ranks' shards; 8-bit: the codes by rows, each
     rank's block scales gathered) resumed by one process: the whole states are read back
     from the shards, and the data stream continues with the same 2 readers, as 2 DataLoader
-    workers -- so steps 4-6 are the 2-process run's. With 1 reader the trainer says why the
+    workers -- so steps 3-4 are the 2-process run's. With 1 reader the trainer says why the
     stream cannot continue, before any work."""
     case = CASES.index((name, "false", "true"))
     run_dir = tmp_path / "resharded"
     shutil.copytree(two_process_runs / str(case), run_dir)
-    stop_at(run_dir, 3)
+    stop_at(run_dir, 2)
     ckpt = latest_checkpoint(run_dir)
     shards = {f"dcp/__{r}_0.distcp" for r in (0, 1)}  # written by each rank, in the manifest
     assert shards <= set(json.loads((ckpt / "manifest.json").read_text()))
@@ -529,7 +529,7 @@ def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
 
 
 def test_fsdp2_resumes_its_own_and_a_single_process_checkpoint(two_process_runs, config, tmp_path):
-    """2 ranks resume (a) their own step-3 checkpoint, each rank reading its shards -- also
+    """2 ranks resume (a) their own step-2 checkpoint, each rank reading its shards -- also
     with 8-bit states (lorenza8bit) -- and (b) a single process's (2 DataLoader workers: the
     same 2 readers), sharded as it loads: both continue as the uninterrupted 2-process run,
     (a) bit for bit. A resumed run's first forward is the zeroth-order one (no step-0
@@ -545,7 +545,7 @@ def test_fsdp2_resumes_its_own_and_a_single_process_checkpoint(two_process_runs,
     shutil.copytree(single.trainer.run_dir, tmp_path / "1")
     shutil.copytree(two_process_runs / str(CASES.index(cases[2])), tmp_path / "2")
     for run in ("0", "1", "2"):
-        stop_at(tmp_path / run, 3)
+        stop_at(tmp_path / run, 2)
     resume = ["trainer.resume=auto", "trainer.save_model=true"]
     runs = [[*SMALL_RUN, *RUN, *case_overrides(*c), "dist.fsdp=true", *resume] for c in cases]
     out = torchrun("tests/distributed_fit.py", str(tmp_path), json.dumps(runs))
