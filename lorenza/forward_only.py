@@ -116,7 +116,11 @@ class _Moved(TorchFunctionMode):
             self.used.add(id(x))
             return self.moved[id(x)]()
 
-        return func(*tree_map(swap, args), **tree_map(swap, kwargs or {}))
+        kwargs = kwargs or {}
+        if any(isinstance(a, list | tuple | dict) for a in (*args, *kwargs.values())):
+            return func(*tree_map(swap, args), **tree_map(swap, kwargs))
+        # most operations take tensors and numbers only: no tree to walk
+        return func(*map(swap, args), **{k: swap(v) for k, v in kwargs.items()})
 
 
 def evaluate_moved(

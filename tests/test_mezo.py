@@ -70,6 +70,29 @@ def test_a_step_on_a_model_never_allocates_a_gradient():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow  # bfloat16 matrix products are slow on a CPU
+@pytest.mark.parametrize(
+    "make", [MeZO, lambda ps, **kw: LOREN(ps, q=2, **kw)], ids=["mezo", "loren"]
+)
+def test_bfloat16_weights_come_back_bit_for_bit_after_100_steps_at_lr_0(make):
+    """The probes never move the weights (``trainer.precision=bf16_pure`` allows these): at
+    lr = 0 every bfloat16 weight is the one it started as, while the probes' losses differ
+    from the loss at W (the probe points were really elsewhere)."""
+    torch.manual_seed(0)
+    micro = ModelConfig("micro", 64, 32, 64, 2, 1)  # 100 steps in a second or two
+    model = Llama(micro).to(torch.bfloat16)
+    ids = torch.randint(0, 64, (1, 9))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make(model.parameters(), lr=0.0, mu=1e-2)
+
+    def loss():
+        return model(ids[:, :-1], ids[:, 1:]).detach()
+
+    probed = [opt.step(loss) for _ in range(100)]
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert any(float(f) != float(loss()) for f in probed)
+
+
 def test_a_non_finite_loss_leaves_the_weights_and_the_state_dict_resumes_the_stream():
     params, loss = quadratic()
     before = [p.clone() for p in params]

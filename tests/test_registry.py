@@ -51,11 +51,8 @@ def test_the_trainer_builds_what_the_entry_says(name):
 
 
 def test_pure_bf16_is_for_the_optimizers_that_never_move_the_weights_and_back():
-    for name in names(pure_bf16=True):
-        assert OPTIMIZERS[name].ascent is None and not OPTIMIZERS[name].forward_only
-    assert set(names(pure_bf16=True)) | set(names(forward_only=True)) | {
-        n for n, s in OPTIMIZERS.items() if s.ascent
-    } == set(OPTIMIZERS)
+    assert set(names(pure_bf16=True)) == {n for n, s in OPTIMIZERS.items() if s.ascent is None}
+    assert {"mezo", "loren"} <= set(names(pure_bf16=True))  # their probes move nothing
 
 
 def test_an_unregistered_optimizer_is_named():

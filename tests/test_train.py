@@ -119,7 +119,7 @@ def test_bf16_pure_trains_with_bfloat16_weights_and_states(config):
     dtypes = {(key, v.dtype) for s in saved.values() for key, v in s.items() if torch.is_tensor(v)}
     assert ("basis", torch.bfloat16) in dtypes and ("basis", torch.float32) not in dtypes
     assert ("exp_avg", torch.uint8) in dtypes  # 8-bit moments; the small ones float32
-    for name in ("lorenza", "sam", "mezo"):
+    for name in ("lorenza", "sam", "adazo_sam"):
         with pytest.raises(ValueError, match=f"'bf16_pure' does not work with optim.name='{name}'"):
             train.check_config(config(f"optim={name}", "trainer.precision=bf16_pure"))
 

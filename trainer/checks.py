@@ -194,12 +194,12 @@ def check_fits_host(cfg: Config, model: Llama) -> None:
 
 
 def check_precision(cfg: Config) -> None:
-    """Pure bf16 only for the optimizers whose step never leaves the weights and comes back."""
+    """Pure bf16 only for the optimizers whose step never moves the weights and back."""
     if cfg.trainer.precision == "bf16_pure" and not OPTIMIZERS[cfg.optim.name].pure_bf16:
         raise ValueError(
             f"trainer.precision='bf16_pure' does not work with optim.name={cfg.optim.name!r}: "
-            "it moves the weights away and back in place every step (a sharpness-aware "
-            "perturbation or a forward-only probe), which in bfloat16 drifts by ~4e-3 of their "
+            "its sharpness-aware perturbation moves the weights away and back in place every "
+            "step, which in bfloat16 drifts by ~4e-3 of their "
             f"value per step; use trainer.precision=bf16 (float32 weights under autocast), or "
             f"one of {', '.join(names(pure_bf16=True))}"
         )

@@ -202,8 +202,9 @@ def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
     total, kind = 0.0, spec_of(optimizer).state
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if kind == "loren":
-                total += 4 * rows(p).shape[1] + (4 * p.numel() if p.ndim >= 2 else 0)
+            if kind == "loren":  # in the parameter's dtype
+                size = p.element_size()
+                total += size * (rows(p).shape[1] + (p.numel() if p.ndim >= 2 else 0))
                 continue
             if kind == "none":
                 continue

@@ -43,10 +43,11 @@ class OptimizerSpec:
 
     @property
     def pure_bf16(self) -> bool:
-        """Whether ``trainer.precision=bf16_pure`` may train it: optimizers that move the
-        weights away and back in place every step (a perturbation, a forward-only probe)
-        cannot undo the move exactly on bfloat16 weights."""
-        return self.ascent is None and not self.forward_only
+        """Whether ``trainer.precision=bf16_pure`` may train it: not the sharpness-aware ones,
+        which move the weights to ``W + ε`` in place and back every step, a move bfloat16
+        weights cannot undo exactly. The forward-only ones never move them: their probes see
+        ``W + μz`` computed per operation (``lorenza/forward_only.py``)."""
+        return self.ascent is None
 
 
 _LORENZA = dict(lowrank=True, ascent="zo", directions=("zo", "rank_r"))
