@@ -1,5 +1,7 @@
 """Shared fixtures: composing the real Hydra configs and running train.py in-process."""
 
+import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,18 @@ WIDE = ModelConfig(
 
 
 def make_config(run_dir: Path, *overrides: str) -> Config:
-    return compose_config(*SMALL_RUN, f"trainer.run_dir={run_dir}", *overrides)
+    """``SMALL_RUN`` with ``overrides`` in ``run_dir`` (an override may name another). Each
+    set of overrides is composed once (Hydra takes 0.1 s a composition, and the suite asks
+    for the same ones again and again); every call gets its own copy."""
+    cfg = copy.deepcopy(_composed(overrides))
+    if not any(o.startswith("trainer.run_dir=") for o in overrides):
+        cfg.trainer.run_dir = str(run_dir)
+    return cfg
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> Config:
+    return compose_config(*SMALL_RUN, *overrides)
 
 
 @pytest.fixture
