@@ -77,7 +77,7 @@ def activation_bytes(
     twice), every projection saves its own bf16 copy of its input (q, k, v, gate, up: 5 x 2 d),
     attention saves q, k, v, out in bf16 (4 x 2 d), the MLP's four f tensors in bf16:
     ``34 d + 8 f + 4 h + 8``; and each layer's bf16 copies of its weights, which autograd
-    saves (autocast's cache is off: ``trainer.config.autocast_context``).
+    saves (autocast's cache is off inside a layer: ``models.llama.uncached_casts``).
 
     bf16_pure -- each RMSNorm saves its float32 copy of the input, and its normalized value
     and output in bf16 (8 d, twice); q, k, v and attention's output in bf16 (4 x 2 d), the
