@@ -11,12 +11,14 @@ pytestmark = pytest.mark.slow  # end-to-end runs of several seconds each
 
 def test_train_py_loses_what_galores_loop_loses_at_every_step():
     """12 updates: 3 of warm-up from 0 (the first update moves only the moments), subspace
-    choices at updates 1, 5 and 9. Measured: 7e-8 relative (float32 rounding); a scale 1%
+    choices at updates 1, 5 and 9. Measured: 7e-8 relative (float32 rounding) on one CPU;
+    1.4e-5 on an AMD EPYC with AVX2, at the loss after the third choice, whose SVD turns the
+    two models' 1e-7 gradient roundings into another basis (AdamW: 6e-8 there). A scale 1%
     off in our update gives 1.6e-4, our default warm-up 7.6e-2."""
     settings = ["galore, unfused", "adamw"]  # fused galore equals unfused: test_fused.py
     for name, (ours, reference) in compare(Setup(12, 4, 0.25), settings).items():
         assert len(ours) == len(reference) == 12, name
-        assert largest_difference(ours, reference) <= 1e-5, (name, ours, reference)
+        assert largest_difference(ours, reference) <= 5e-5, (name, ours, reference)
 
 
 def test_pure_bf16_train_py_loses_what_galores_bf16_loop_loses():

@@ -106,20 +106,23 @@ def test_with_a_warm_up_loren_reaches_the_target_in_fewer_forwards_than_mezo():
     Measured: MeZO 4,794, LOREN 1,830 (0.38×); the bound is 0.6×."""
     seeds, mu = range(100, 105), 0.1
 
-    def median(make, per_step, warmup):
-        runs = [forwards_to_target(make, s, per_step, warmup) for s in seeds]
+    def median(make, per_step, warmup, budget=20000):
+        runs = [forwards_to_target(make, s, per_step, warmup, budget) for s in seeds]
         return statistics.median(u for u, _ in runs), [opt for _, opt in runs]
 
-    mezo = min(
-        median(lambda w, s, lr=lr: MeZO([w], lr=lr, mu=mu, seed=s), 2, warmup)[0]
-        for lr in (4.5e-4, 6e-4)
-        for warmup in (0, 1000)
-    )
     loren = lambda w, s: LOREN(  # noqa: E731
         [w], lr=1e-3, mu=mu, q=10, damping=1.0, lr_cov=3e-4, weight_decay=0.0, seed=s
     )
     used, opts = median(loren, 10, 1000)
-    assert used < 0.6 * mezo, (used, mezo)
+    # MeZO needs more than used / 0.6 forwards: a run still short of the target there
+    # stops (infinite), which leaves the median on the same side of the bound
+    bound = math.ceil(used / 0.6)
+    mezo = min(
+        median(lambda w, s, lr=lr: MeZO([w], lr=lr, mu=mu, seed=s), 2, warmup, bound)[0]
+        for lr in (4.5e-4, 6e-4)
+        for warmup in (0, 1000)
+    )
+    assert mezo > bound, (used, mezo)
     _, v, _ = quadratic(2, 4, kappa=1000.0)
     for opt in opts:
         a = opt.state[opt.param_groups[0]["params"][0]]["a"]

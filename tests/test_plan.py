@@ -63,11 +63,11 @@ CASES = [  # (precision, checkpointing, loss_chunk, batch): loss-bound and layer
     ("fp32", "none", 64, 8),
     ("fp32", "block", 64, 16),
     ("bf16", "none", 64, 4),
-    ("bf16", "block", 64, 16),
+    ("bf16", "block", 64, 8),  # bf16 GEMMs are 14x slower than float32 on an AVX2 CPU
     ("bf16", "block", 4096, 2),
     ("bf16_pure", "none", 4096, 2),
     ("bf16_pure", "none", 64, 8),
-    ("bf16_pure", "block", 64, 16),
+    ("bf16_pure", "block", 64, 8),
 ]
 
 
@@ -88,16 +88,16 @@ def test_activation_term_within_10_percent_of_the_measured_peak(precision, ckpt,
 
 def test_checkpointed_bf16_layers_add_their_inputs_not_copies_of_their_weights():
     """With block checkpointing, autocast's cache held every layer's bf16 weight copy until
-    the forward's end (12 GiB at 7B). At width 1024 (24 MiB of copies a layer), 2 more
-    layers add their kept float32 inputs (1 MiB) to the measured peak, not their copies too
-    (measured with the cache: 71 -> 121 MiB; without: 51.1 -> 52.2 MiB, planned 51.8)."""
+    the forward's end (12 GiB at 7B). At width 512 (6 MiB of copies a layer), 2 more layers
+    add their kept float32 inputs (0.5 MiB) to the measured peak, not their copies too
+    (measured with the cache: 26.0 -> 38.6 MiB; without: 25.93 -> 26.44 MiB, planned 26.15)."""
 
     def measured_and_planned(layers: int) -> tuple[int, int]:
         cfg = model_config(
             "llama_tiny",
             vocab_size=8000,
-            hidden_size=1024,
-            intermediate_size=2752,
+            hidden_size=512,
+            intermediate_size=1376,
             num_attention_heads=8,
             activation_checkpointing="block",
             loss_chunk=64,
@@ -108,7 +108,7 @@ def test_checkpointed_bf16_layers_add_their_inputs_not_copies_of_their_weights()
         )
 
     (two, planned), (four, _) = measured_and_planned(2), measured_and_planned(4)
-    assert four - two <= 2 * 128 * 1024 * 4 + 2**16  # 2 layers' inputs (+ 64 KiB)
+    assert four - two <= 2 * 128 * 512 * 4 + 2**16  # 2 layers' inputs (+ 64 KiB)
     assert abs(planned / two - 1) < 0.05
 
 
