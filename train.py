@@ -99,7 +99,7 @@ from trainer.sharding import (
     shard_model,
 )
 from trainer.sharpness import measure
-from trainer.step import StepParts, StepResult, evaluate, train_step
+from trainer.step import ASCENT_WARNING, StepParts, StepResult, evaluate, train_step
 
 
 @dataclass
@@ -450,15 +450,17 @@ def step_loop(run: Run, batches, stops: StopRequests, evaluate_first: bool) -> t
             tuple(v.to(run.device, non_blocking=True) for v in next(batches))
             for _ in range(t.grad_accum)
         ]
-        result = train_step(cfg, run.parts, micro, run.per_param_clip, stops.received is not None)
+        done = step + 1
+        logged = done % t.log_every == 0 or done == t.max_steps
+        stop_requested = stops.received is not None
+        measure = logged and t.ascent_stats
+        result = train_step(cfg, run.parts, micro, run.per_param_clip, stop_requested, measure)
         loss = result.loss
-        run.step, run.tokens = step + 1, run.tokens + tokens_per_step
+        run.step, run.tokens = done, run.tokens + tokens_per_step
         if result.skipped:
             on_nonfinite(run, result)
-        done = run.step
         profiler.after(done)
         meter.tokens += tokens_per_step
-        logged = done % t.log_every == 0 or done == t.max_steps
         run.console.step(done, meter.log(result, lr) if logged else {})
         if done % t.eval_every == 0 or done == t.max_steps:
             val_loss = run.evaluate(done)
@@ -521,6 +523,7 @@ class Meter:
         self.flops_per_token = run.model.flops_per_token(run.cfg.data.seq_len)
         self.peak = peak_tflops(run.device, run.cfg.trainer.peak_tflops)
         self.start, self.tokens = time.perf_counter(), 0
+        self.warned = False
 
     def log(self, result: StepResult, lr: float) -> dict:
         """Record a metrics line for the step just made; returns it."""
@@ -540,12 +543,29 @@ class Meter:
             skipped=run.skipped,
             skipped_lines=run.loader.skipped_lines,
             **({"grad_norm": float(result.grad_norm)} if result.grad_norm is not None else {}),
+            **{f"ascent_{k}": float(v) for k, v in (result.ascent or {}).items()},
         )
         run.record(**row)
+        self.warn_once(row.get("ascent_changed"))
         if run.compiled and run.ranks.is_main:  # compiling happens in the first steps (and evals)
             update_run_info(run.run_dir, **compile_stats())
         self.start, self.tokens = time.perf_counter(), 0
         return row
+
+    def warn_once(self, changed: float | None) -> None:
+        """The first time the ascent changes less than ``ASCENT_WARNING`` of the perturbed
+        weights as the forward sees them, say so (once a run)."""
+        if changed is None or changed >= ASCENT_WARNING or self.warned:
+            return
+        self.warned = True
+        run = self.run
+        warning = (
+            f"the ascent changes {changed:.1%} of the perturbed weights as the "
+            f"{run.cfg.trainer.precision} forward sees them; the rest of ε is rounded away "
+            "(docs/training.md, Precision: how much of the ascent survives bf16)"
+        )
+        run.record(step=run.step, warning=warning)
+        run.console.say(f"warning: at step {run.step} {warning}")
 
 
 def export(run: Run, tokenizer: Tokenizer) -> None:

@@ -31,10 +31,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from lorenza.projector import STREAM_ZO, mix
+from lorenza.projector import STREAM_ZO, mix, project_back
 from lorenza.schedule import rho_for_lr
-from lorenza.sharded import full, rows_of
+from lorenza.sharded import full, local, rows_of
 from lorenza.zo import Directions, Slot, full_z, layout, slot_shape
 
 if TYPE_CHECKING:
@@ -317,6 +318,46 @@ class Perturbation:
         self._pending = {"sam": dict(zip(params, eps, strict=True))}
         self._unrestored = set(params)
         return {"grad_norm": norm, "rho": rho, "moved": True}
+
+    @torch.no_grad()
+    def changed(self, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        """How many of the perturbed parameters' elements differ in ``dtype`` (the precision
+        the forward computes in) between ``W + ε``, where they are now, and ``W``; and how
+        many elements there are. Between ``begin`` and the update only.
+
+        Under bf16 autocast the forward sees ``bf16(W + ε)``: an element whose ``ε`` is below
+        half a bf16 ulp of its weight is rounded back to ``bf16(W)``, and that part of the
+        ascent never reaches the loss. ``W`` is taken as ``(W + ε) − ε`` in the weights'
+        precision (float32: an ulp off at most, which moves a bf16 rounding almost never).
+        One parameter's ``ε`` is built at a time; a sharded parameter counts its own rows
+        (sum the counts over the ranks: replicas count alike, so the fraction holds)."""
+        count = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
+        total = 0
+        for p, eps in self._epsilons():
+            moved = local(p)
+            count += (moved.to(dtype) != (moved - eps).to(dtype)).sum()
+            total += moved.numel()
+        return count, total
+
+    def _epsilons(self):
+        """``(p, ε)`` for each moved parameter, ``ε`` in the shape of its local part."""
+        if not self._unrestored:
+            return
+        if "sam" in self._pending:
+            for p in self.params:
+                if p in self._unrestored:
+                    yield p, local(self._pending["sam"][p])
+            return
+        dirs, back = self._pending["dirs"], self._pending["back"]
+        for k, block in enumerate(self.blocks):
+            terms = dirs.combined(k, back)  # −ε's numbers
+            for s in block:
+                if s.param not in self._unrestored:
+                    continue
+                state = self.optimizer.state[s.param]
+                z = full_z(s, s.view(terms), state)
+                eps = -(project_back(z, full(state["basis"]), s.param.shape) if s.lowrank else z)
+                yield s.param, rows_of(s.param, eps) if isinstance(s.param, DTensor) else eps
 
     # ------------------------------------------------------------------- the way back
     def foldable(self, params: list[torch.Tensor]) -> set[torch.Tensor]:

@@ -46,13 +46,20 @@ LOWRANK = ("galore", "lorenza")
 FSDP_OR_NOT = (("false", "false"), ("true", "false"), ("false", "true"))
 
 
+# The tied FSDP2 case also logs what its ascent changed, each rank counting its rows: at a
+# radius of 1e-6 (float32 keeps 26-68% of the move there, so the ranks' own fractions differ)
+ASCENT_STATS = ("lorenza", "false", "true", "true")
+STATS = ["trainer.ascent_stats=true", "optim.rho_max=1e-6", "optim.rho_min=1e-7"]
+
+
 def case_overrides(name: str, fused: str, fsdp: str, tied: str = "false") -> list[str]:
     """FSDP runs without clipping: a global norm summed from shards in float32 differs from
     the single-process one by ~1e-5 relative (measured), and Adam's second moments with it."""
     clip = ["trainer.grad_clip=0"] if fsdp == "true" else []
     every = ["trainer.save_every=2"] if fsdp == "true" else []  # resumed by the tests below
+    stats = STATS if (name, fused, fsdp, tied) == ASCENT_STATS else []
     return [f"optim={name}", f"trainer.fused={fused}", f"model.tie_word_embeddings={tied}",
-            *clip, *every]  # fmt: skip
+            *clip, *every, *stats]  # fmt: skip
 
 
 # (optimizer, trainer.fused, dist.fsdp): DDP unfused, own hooks fused, FSDP2 (unfused) -- galore
@@ -220,6 +227,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(case, two_process_ru
     val1 = [r["val_loss"] for r in rows1 if "val_loss" in r]
     val2 = [r["val_loss"] for r in rows2 if "val_loss" in r]
     assert val2 == pytest.approx(val1, rel=1e-6)
+    if CASES[case] == ASCENT_STATS:  # each rank counts its rows of the moved weights
+        changed = [[r["ascent_changed"] for r in rows if "loss" in r] for rows in (rows1, rows2)]
+        assert len(changed[1]) == 4 and changed[1] == pytest.approx(changed[0], rel=1e-4)
     if fsdp == "false":  # replicas: the trainer also refuses to go on if they differ
         digests = state2["replica_digests"]
         assert len(digests) == 2 and digests[0] == digests[1]

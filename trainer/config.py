@@ -141,6 +141,11 @@ class TrainerConfig:
     """Validation perplexity every this many updates (and before the first and after the last)."""
     log_every: int = 10
     """Write a metrics.jsonl line every this many updates."""
+    ascent_stats: bool = True
+    """At each logged step of a sharpness-aware optimizer, also log what its ascent changed:
+    ``ascent_changed`` (the fraction of the perturbed weights' elements that differ at
+    ``W + ε`` in the forward's precision) and ``ascent_gain`` (``f(W + ε) − f(W)`` on the
+    first micro-batch); two more forward passes on those steps."""
     progress: bool = True
     """Print the run's progress on stderr (a banner, then a bar or lines, ``log_format``);
     false: nothing but errors."""

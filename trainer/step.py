@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from lorenza.fused import FusedUpdates, clip_per_param_
-from lorenza.perturb import Backward
+from lorenza.perturb import Backward, Perturbation
 from lorenza.sharded import full
 from models import Llama
 from trainer.config import Config
@@ -75,6 +75,11 @@ class StepResult:
     grad_norm: torch.Tensor | None = None
     """The global gradient norm before clipping (unfused runs), left on the device: read it
     when logging."""
+    ascent: dict[str, torch.Tensor] | None = None
+    """What the ascent did, measured on the steps that log (``measure_ascent``), on the
+    device: ``changed``, the fraction of the perturbed weights' elements that the forward
+    sees changed at ``W + ε`` in its precision, and ``gain``, ``f(W + ε) − f(W)`` on the
+    first micro-batch (both averaged over the ranks)."""
 
     @property
     def skipped(self) -> bool:
@@ -83,11 +88,17 @@ class StepResult:
 
 
 def train_step(
-    cfg: Config, parts: StepParts, micro: list, per_param_clip: bool, stop_requested: bool = False
+    cfg: Config,
+    parts: StepParts,
+    micro: list,
+    per_param_clip: bool,
+    stop_requested: bool = False,
+    measure_ascent: bool = False,
 ) -> StepResult:
     """One update from the micro-batches ``micro``: the sharpness-aware perturbation (if any),
     forward/backward, clipping, update. ``stop_requested``: a stop signal reached this process
-    (its vote for stopping after this step).
+    (its vote for stopping after this step). ``measure_ascent``: also measure what the
+    ascent changed (``StepResult.ascent``; two more forward passes).
 
     Nothing non-finite reaches a weight. Unfused, the step reads the device once, after the
     backward: the loss, whether the global gradient norm is finite, and the ranks' stop
@@ -162,18 +173,53 @@ def train_step(
         loss = optimizer.step(probe)
         mean, stop, nonfinite = read_step_stats(loss, stop_requested, ~torch.isfinite(loss))
         return StepResult(mean, stop, nonfinite)
+    ascent = getattr(optimizer, "ascent", None) if measure_ascent else None
+    before = first_loss(parts, micro) if ascent is not None and ascent.needs_closure() else None
     with record_function("perturb"):  # W → W + ε for SAM-type optimizers, else nothing
-        optimizer.perturb(closure, backward)
+        began = optimizer.perturb(closure, backward)
+    measured = None
+    if before is not None and began is not None:
+        measured = ascent_measures(cfg, ascent, before, first_loss(parts, micro))
     total = backward()
     if hooks is not None:
-        result = StepResult(read["loss"], read["stop"], read["nonfinite"], read["zeroed"])
+        result = StepResult(
+            read["loss"], read["stop"], read["nonfinite"], read["zeroed"], ascent=measured
+        )
         if result.nonfinite or (result.zeroed and t.on_nonfinite == "stop"):
             skip(optimizer)
         else:
             hooks.finish()
         return result
     clip = t.grad_clip if per_param_clip else 0.0
-    return update_unfused(parts, total, stop_requested, clip, t.grad_clip)
+    result = update_unfused(parts, total, stop_requested, clip, t.grad_clip)
+    return replace(result, ascent=measured)
+
+
+@torch.no_grad()
+def first_loss(parts: StepParts, micro: list) -> torch.Tensor:
+    """The loss of the step's first micro-batch at the weights as they are (a device
+    scalar)."""
+    x, y = micro[0]
+    with parts.autocast:
+        return (parts.ddp or parts.model)(x, y).detach().float()
+
+
+ASCENT_WARNING = 0.5
+"""Below this fraction of the perturbed weights changed in the forward's precision, a run
+warns (once) that most of the ascent is rounded away."""
+
+
+def ascent_measures(
+    cfg: Config, ascent: Perturbation, before: torch.Tensor, after: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``StepResult.ascent`` from the losses at ``W`` and ``W + ε``, with the weights at
+    ``W + ε``: the changed elements counted in the forward's precision (bf16 for ``bf16``
+    autocast and ``bf16_pure``) and summed over the ranks."""
+    dtype = torch.float32 if cfg.trainer.precision == "fp32" else torch.bfloat16
+    count, total = ascent.changed(dtype)
+    counts = torch.stack([count.double(), torch.tensor(float(total), device=count.device)])
+    counts = sum_tensor_over_ranks(counts)
+    return {"changed": counts[0] / counts[1], "gain": mean_tensor_over_ranks(after - before)}
 
 
 def update_unfused(
