@@ -39,6 +39,7 @@ bench: install  ## CPU benchmarks (~1 h); tables go to bench/RESULTS.md; GPU: be
 	$(PY) -m bench.op_count --model llama_60m
 	$(PY) -m bench.step_time --models llama_tiny llama_60m
 	$(PY) -m bench.step_time --models llama_60m --batch 1 --accum 4 --variants adamw adamw_2fwd lorenza lorenza_zo1
+	$(PY) -m bench.ascent_in_forward
 	$(PY) -m bench.memory fused --models llama_60m llama_130m
 	$(PY) -m bench.data_pipeline
 	$(PY) -m bench.memory estimate

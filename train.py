@@ -314,8 +314,11 @@ def build_run(cfg: Config, tokenizer: Tokenizer, val: list | None = None) -> Run
     ranks = current()
     device = pick_device(t.device, ranks)
     model = Llama(cfg.model).to(device, weight_dtype(t.precision))
-    forward_only = OPTIMIZERS[cfg.optim.name].forward_only  # probes compiled graphs cannot see
-    compiled = t.compile if t.compile is not None else device.type == "cuda" and not forward_only
+    # probes, or an ascent in the forward (bf16 weights), that compiled graphs cannot see
+    spec = OPTIMIZERS[cfg.optim.name]
+    in_forward = t.precision == "bf16_pure" or bool(cfg.optim.ascent_in_forward)
+    eager = spec.forward_only or (spec.ascent is not None and in_forward)
+    compiled = t.compile if t.compile is not None else device.type == "cuda" and not eager
     if compiled:  # before any wrapping: DDP and FSDP2 then wrap compiled layers
         model.compile_layers(t.compile_backend)
     sharded = cfg.dist.fsdp and ranks.enabled

@@ -127,6 +127,10 @@ class SubspaceAdamW(CheckpointState):
         zo_buffer_mib (optimizer-level): a step keeps its blocks' random numbers between
             its passes up to this many MiB and draws the rest again in each pass.
         refresh_before_ascent (optimizer-level): the paper's order on refresh steps (above).
+        ascent_in_forward (optimizer-level): apply the low-rank ascent in each linear layer's
+            forward instead of moving the weights (``lorenza/shift.py``); ``None``: only for
+            parameters that are not float32 or float64 (bfloat16), which cannot be moved and
+            back exactly.
     """
 
     def __init__(
@@ -155,6 +159,7 @@ class SubspaceAdamW(CheckpointState):
         blocks: list[list[torch.Tensor]] | None = None,
         zo_buffer_mib: float = 64.0,
         refresh_before_ascent: bool = True,
+        ascent_in_forward: bool | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -181,6 +186,7 @@ class SubspaceAdamW(CheckpointState):
             q=q,
             zo_buffer_mib=zo_buffer_mib,
             refresh_before_ascent=refresh_before_ascent,
+            in_forward=ascent_in_forward,
         )
         check_arguments(perturbation, **ascent)
         self._check()
@@ -209,20 +215,6 @@ class SubspaceAdamW(CheckpointState):
         def bad(name, value, allowed):
             raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
 
-        low_precision = [
-            p
-            for g in self.param_groups
-            for p in g["params"]
-            if p.dtype not in (torch.float32, torch.float64)
-        ]
-        if self.perturbation is not None and low_precision:
-            bad(
-                "perturbation",
-                self.perturbation,
-                f"None with {low_precision[0].dtype} parameters: perturbing and restoring them in "
-                "place drifts by ~4e-3 of their value per step; keep float32 weights and run the "
-                "model under bf16 autocast",
-            )
         for g in self.param_groups:
             if g["bits"] not in BITS:
                 bad("bits", g["bits"], f"one of {BITS}")

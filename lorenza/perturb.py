@@ -36,7 +36,8 @@ from torch.distributed.tensor import DTensor
 from lorenza.projector import STREAM_ZO, mix, project_back
 from lorenza.schedule import rho_for_lr
 from lorenza.sharded import full, local, rows_of
-from lorenza.zo import Directions, Slot, full_z, layout, slot_shape
+from lorenza.shift import LowRankShift
+from lorenza.zo import Coef, Directions, Slot, full_z, layout, slot_shape
 
 if TYPE_CHECKING:
     from lorenza.optimizer import SubspaceAdamW
@@ -109,6 +110,8 @@ class Perturbation:
         zo_buffer_mib: a step keeps its blocks' random numbers between its passes up to this
             many MiB and draws the rest again in each pass.
         refresh_before_ascent: the paper's order on refresh steps (``docs/design.md`` §2.4).
+        in_forward: apply the low-rank ascent in the forward (``lorenza/shift.py``) instead of
+            moving the weights; ``None``: for bfloat16 (not float32/float64) weights only.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class Perturbation:
         q: int,
         zo_buffer_mib: float,
         refresh_before_ascent: bool,
+        in_forward: bool | None = None,
     ):
         """The defaults are ``SubspaceAdamW``'s (one place)."""
         self.optimizer, self.kind = optimizer, kind
@@ -141,6 +145,22 @@ class Perturbation:
         """The low-rank matrices the zeroth-order ascent perturbs inside their subspace."""
         self._pending: dict | None = None  # this step's move ({} if nothing moved)
         self._unrestored: set[torch.Tensor] = set()
+        low = [p.dtype for p in self.params if p.dtype not in (torch.float32, torch.float64)]
+        self.functional = bool(low) if in_forward is None else in_forward
+        """Applied in the forward (``lorenza/shift.py``) instead of moving the weights: always
+        for bfloat16 weights, which cannot be moved and back exactly."""
+        if low and not self.functional:
+            raise ValueError(
+                f"ascent_in_forward=False with {low[0]} weights: moving them to W + ε and back "
+                "drifts by ~4e-3 of their value per step; leave it None or True"
+            )
+        if self.functional and (kind == "sam" or self.lowrank != set(self.params)):
+            what = f"on {low[0]} weights" if low else "with ascent_in_forward=True"
+            raise ValueError(
+                f"perturbation={kind!r} of full-rank weights {what}: only the low-rank "
+                "zeroth-order ascent (LORENZA's) can be applied in the forward; full-rank "
+                "ones move the weights in place and back, which bfloat16 cannot undo exactly"
+            )
 
     # ------------------------------------------------------------------------ set-up
     def _is_perturbed(self, p: torch.Tensor) -> bool:
@@ -250,6 +270,8 @@ class Perturbation:
             self.params[0].device,
             int(self.zo_buffer_mib * 2**20),
         )
+        if self.functional:
+            return self._begin_in_forward(closure, dirs, rho)
         mu, cs, norm = self.mu, [], None
         # Two forward passes per direction, no graph kept. no_grad, not inference_mode: a
         # sharded model's first forward after a resume is this one, and FSDP2 would build its
@@ -279,6 +301,55 @@ class Perturbation:
         self._pending = {"dirs": dirs, "back": {j: -e for j, e in eps.items()}}
         self._unrestored = set(self.params)
         return {"c": c, "rho": rho, "moved": ok}
+
+    def _begin_in_forward(self, closure: Closure, dirs: Directions, rho: float) -> dict:
+        """``begin`` for weights that stay where they are: the probes and the step's own
+        forward/backward see ``W ± μP`` and ``W + ε`` through a ``LowRankShift``; the one of
+        ``ε`` stays active until ``end``."""
+        cs = []
+        for j in range(self.q):
+            f_plus = self._shifted_loss(closure, dirs, {j: self.mu})
+            f_minus = self._shifted_loss(closure, dirs, {j: -self.mu})
+            cs.append((f_plus - f_minus) / (2 * self.mu))
+        c = torch.stack(cs)
+        ok = torch.isfinite(c).all() & (c != 0).all()
+        coefs = {j: cs[j] / self.q for j in range(self.q)}  # ĝ = Σ_j (c_j / q) P_j
+        scale = rho / dirs.norm(coefs)
+        eps = {j: torch.where(ok, coefs[j] * scale, 0.0) for j in range(self.q)}
+        shift = self._shift(dirs, eps)
+        shift.__enter__()  # left in end()
+        self._pending = {"dirs": dirs, "back": {j: -e for j, e in eps.items()}, "shift": shift}
+        return {"c": c, "rho": rho, "moved": ok}
+
+    def _shift(self, dirs: Directions, coefs: dict[int, Coef]) -> LowRankShift:
+        """A ``LowRankShift`` by ``Σ_j coefs[j] P_j``, drawing one block's numbers at a time
+        (a forward meets the matrices block by block)."""
+        drawn: dict = {}
+
+        def factor(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k, slot = self._slot_of[p]
+            if drawn.get("block") != k:
+                drawn.update(block=k, numbers=dirs.combined(k, coefs))
+            state = self.optimizer.state[p]
+            return state["basis"], full_z(slot, slot.view(drawn["numbers"]), state)
+
+        return LowRankShift(self.lowrank, factor)
+
+    def _shifted_loss(
+        self, closure: Closure, dirs: Directions, coefs: dict[int, Coef]
+    ) -> torch.Tensor:
+        shift = self._shift(dirs, coefs)
+        with shift:
+            loss = self._loss(closure)
+        unused = shift.unused(self.params)
+        if unused:
+            p = self.params[unused[0]]
+            raise RuntimeError(
+                f"perturbed matrix {unused[0]} (shape {tuple(p.shape)}) never reached a linear "
+                "layer while the probe ran, so the ascent could not be applied in the forward "
+                "(torch.compile'd layers and FSDP2's gathered weights are out of its reach)"
+            )
+        return loss
 
     @torch.no_grad()
     def refresh_early(self, params: list[torch.Tensor]) -> None:
@@ -335,28 +406,35 @@ class Perturbation:
         total = 0
         for p, eps in self._epsilons():
             moved = local(p)
-            count += (moved.to(dtype) != (moved - eps).to(dtype)).sum()
+            if self.functional:  # W stays; the forward adds x εᵀ: every nonzero of ε counts
+                count += (eps != 0).sum()
+            else:
+                count += (moved.to(dtype) != (moved - eps).to(dtype)).sum()
             total += moved.numel()
         return count, total
 
     def _epsilons(self):
         """``(p, ε)`` for each moved parameter, ``ε`` in the shape of its local part."""
-        if not self._unrestored:
+        at = set(self.params) if self._pending and "shift" in self._pending else self._unrestored
+        if not at:
             return
         if "sam" in self._pending:
             for p in self.params:
-                if p in self._unrestored:
+                if p in at:
                     yield p, local(self._pending["sam"][p])
             return
         dirs, back = self._pending["dirs"], self._pending["back"]
         for k, block in enumerate(self.blocks):
             terms = dirs.combined(k, back)  # −ε's numbers
             for s in block:
-                if s.param not in self._unrestored:
+                if s.param not in at:
                     continue
                 state = self.optimizer.state[s.param]
                 z = full_z(s, s.view(terms), state)
-                eps = -(project_back(z, full(state["basis"]), s.param.shape) if s.lowrank else z)
+                if s.lowrank:
+                    basis = full(state["basis"])
+                    z = project_back(z.to(basis.dtype), basis, s.param.shape)
+                eps = -z
                 yield s.param, rows_of(s.param, eps) if isinstance(s.param, DTensor) else eps
 
     # ------------------------------------------------------------------- the way back
@@ -413,6 +491,9 @@ class Perturbation:
             dirs.apply_block(slots, dirs.restore_terms(k, back))
 
     def end(self) -> None:
-        """End of the step: every perturbed parameter is back."""
+        """End of the step: every perturbed parameter is back (or the forward no longer
+        shifts them)."""
         self.restore(list(self._unrestored))
+        if self._pending and "shift" in self._pending:
+            self._pending["shift"].__exit__(None, None, None)
         self._pending = None

@@ -86,6 +86,13 @@ class OptimConfig:
     """On refresh steps choose ``Q_t`` at ``W_t`` (one extra forward/backward every
     ``update_gap`` steps), then perturb inside it: the paper's order. ``false``: perturb in
     the previous basis and refresh from the gradient at ``W + ε``."""
+    ascent_in_forward: bool | None = None
+    """For lorenza, lorenza8bit and lorenza_plus: apply the ascent in each linear layer's
+    forward (``x Wᵀ + (x Zᵀ) Qᵀ``, ``lorenza/shift.py``) instead of moving the weights to
+    ``W + ε`` and back. ``null``: in the forward for bfloat16 weights (``bf16_pure``, which
+    cannot be moved and back exactly), moved otherwise; ``true`` also under ``fp32``/``bf16``
+    (a bf16 forward then sees the whole ascent; cheaper at small micro-batches, dearer at
+    large ones: docs/training.md)."""
     damping: float = 0.1
     """LOREN's λ: damping of its rank-one curvature model ``I + aaᵀ/λ``."""
     lr_cov: float = 2e-3

@@ -52,6 +52,7 @@ def build_optimizer(
         blocks=module_blocks(model),
         zo_buffer_mib=cfg.zo_buffer_mib,
         refresh_before_ascent=cfg.refresh_before_ascent,
+        ascent_in_forward=cfg.ascent_in_forward,
         seed=seed,
         **({"perturbation": cfg.perturbation} if cfg.perturbation else {}),
     )

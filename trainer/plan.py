@@ -216,7 +216,7 @@ def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
             split = world if kept_by_rows(p.shape, group, world) else 1
             basis = size * r * min(p.shape)
             total += (moment_bytes(r * wide, group["bits"], size) + basis) / split
-            total += 4 if group.get("residual") else 0
+            total += size if group.get("residual") else 0  # a scalar, in the dtype of p
             total += 4 * r * wide if getattr(optimizer, "perturbation", None) == "rank_r" else 0
     return total
 

@@ -127,9 +127,10 @@ def protocol_table() -> str:
 
 
 def precision(optim: str, numerics: str) -> str:
-    """``bf16_pure`` for the optimizers that allow it under ``--numerics galore``, else
-    ``bf16`` (autocast)."""
-    return "bf16_pure" if numerics == "galore" and REGISTRY[optim].pure_bf16 else "bf16"
+    """``bf16_pure`` under ``--numerics galore`` for the optimizers without an ascent (the
+    baselines, GaLore's way), else ``bf16`` (autocast)."""
+    spec = REGISTRY[optim]
+    return "bf16_pure" if numerics == "galore" and spec.ascent is None else "bf16"
 
 
 def run_dir(out: Path, size: str, optim: str, seed: int, numerics: str = "autocast") -> Path:
