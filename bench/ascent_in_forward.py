@@ -10,6 +10,7 @@ each in turn; the median of ``--steps`` steps after a warm-up step that includes
 basis refresh.
 
     python -m bench.ascent_in_forward [--model llama_60m] [--batches 1 2 4 8] [--seq 256]
+    python -m bench.ascent_in_forward --model llama_1b --layers 2 --rank 512 --batches 1 2 4
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import statistics
 from bench.common import Run, batches, machine, markdown_table, timed, write_section
 from trainer.metrics import git_version
 
-RANK, VOCAB = 128, 8000
+VOCAB = 8000
 
 
 def main() -> None:
@@ -29,21 +30,25 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: all)")
     args = parser.parse_args()
+    model = {"num_hidden_layers": args.layers} if args.layers else None
     rows = []
     for batch in args.batches:
         runs = {
-            in_forward: Run(
+            flag: Run(
                 "lorenza",
                 args.model,
                 VOCAB,
-                RANK,
+                args.rank,
                 1000,
                 "block",
                 False,
-                ascent_in_forward=in_forward,
+                model=model,
+                ascent_in_forward=flag,
             )  # fmt: skip
-            for in_forward in (False, True)
+            for flag in (False, True)
         }
         data = batches(args.steps + 1, batch, args.seq, VOCAB)
         times: dict[bool, list[float]] = {k: [] for k in runs}
@@ -60,15 +65,18 @@ def main() -> None:
         f"## LORENZA: the ascent moved into the weights or applied in the forward "
         f"({machine()}, code {git_version()})\n\n"
         f"`python -m bench.ascent_in_forward --model {args.model} --batches "
-        f"{' '.join(map(str, args.batches))} --seq {args.seq} --steps {args.steps}`: float32, "
-        f"rank {RANK}, fused per block, one micro-batch per step; median seconds per step "
+        f"{' '.join(map(str, args.batches))} --seq {args.seq} --steps {args.steps} --rank "
+        f"{args.rank}{f' --layers {args.layers}' if args.layers else ''}`: float32, "
+        f"{args.model}{f' with {args.layers} layers' if args.layers else ''}, vocabulary "
+        f"{VOCAB}, fused per block, one micro-batch per step; median seconds per step "
         "(`optim.ascent_in_forward=false` / `true`).\n\n"
         + markdown_table(
             ["micro-batch", "tokens", "moved (s)", "in the forward (s)", "forward / moved"], rows
         )
         + "\n"
     )
-    write_section("ascent-in-forward", text)
+    layers = f"-{args.layers}layers" if args.layers else ""
+    write_section(f"ascent-in-forward-{args.model}{layers}", text)
     print(text)
 
 

@@ -68,10 +68,11 @@ VARIANTS = {  # name: (label, the registered optimizer it runs)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_llama(name: str, vocab: int) -> Llama:
-    """``configs/model/<name>.yaml`` with the vocabulary overridden, seeded init."""
+def build_llama(name: str, vocab: int, **overrides) -> Llama:
+    """``configs/model/<name>.yaml`` with the vocabulary (and ``overrides``) changed, seeded
+    init."""
     torch.manual_seed(0)
-    return Llama(model_config(name, vocab_size=vocab))
+    return Llama(model_config(name, vocab_size=vocab, **overrides))
 
 
 def machine() -> str:
@@ -103,9 +104,10 @@ class Run:
     """One optimizer on its own copy of the model, stepped as ``train.py`` steps it.
     ``observe``: a hook that sees every gradient before the fused updates consume it."""
 
-    def __init__(self, variant, name, vocab, rank, gap, mode, bf16, observe=None, **kw):
+    def __init__(self, variant, name, vocab, rank, gap, mode, bf16, observe=None, model=None, **kw):
+        """``model``: overrides of the model's config (``num_hidden_layers``, say)."""
         spec = OPTIMIZERS[VARIANTS[variant][1]]
-        self.model = build_llama(name, vocab).to(DEVICE)
+        self.model = build_llama(name, vocab, **(model or {})).to(DEVICE)
         blocks = module_blocks(self.model)
         if observe is not None:  # registered first, so it runs before the fused update
             for p in self.model.parameters():
