@@ -79,6 +79,7 @@ def test_bf16_keeps_less_of_a_smaller_ascent_and_float32_nearly_all():
     assert min(fractions[rho, torch.float32] for rho in (1e-2, 1.0)) > 0.99, fractions
 
 
+@pytest.mark.slow  # end-to-end runs, one in bf16
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_run_logs_what_the_ascent_changed_and_warns_once(precision, config, capsys):
     """metrics.jsonl: ``ascent_changed`` and ``ascent_gain`` on every logged step (the

@@ -97,6 +97,7 @@ IN_FORWARD = [
 ]
 
 
+@pytest.mark.slow  # end-to-end bf16 runs
 @pytest.mark.parametrize("precision", IN_FORWARD, ids=["bf16_pure", "bf16-in-forward"])
 def test_a_bf16_lorenza_run_with_the_ascent_in_the_forward_sees_all_of_it(config, precision):
     """train.py with LORENZA on bf16 weights (``bf16_pure``: in the forward by default), or
