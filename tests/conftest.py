@@ -5,6 +5,7 @@ import functools
 from pathlib import Path
 
 import pytest
+import torch
 
 from models import ModelConfig
 from trainer.config import SMALL_RUN as TRAINER_SMALL_RUN
@@ -42,6 +43,20 @@ WIDE = ModelConfig(
     num_attention_heads=4,
     num_hidden_layers=1,
 )
+
+
+def lm_closure(model, ids):
+    """The closure an optimizer's ``step`` takes: ``model``'s next-token loss on ``ids``,
+    with its backward when grad is enabled (forward only for the probes)."""
+    from models import loss_fn
+
+    def closure():
+        loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    return closure
 
 
 def make_config(run_dir: Path, *overrides: str) -> Config:

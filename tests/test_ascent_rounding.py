@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lorenza import AdaZoSAM, Lorenza, SAMAdamW, lowrank_param_groups, module_blocks
-from models import Llama, loss_fn
-from tests.conftest import SMALL
+from models import Llama
+from tests.conftest import SMALL, lm_closure
 from train import fit
 
 OPTIMIZERS = {
@@ -32,14 +32,7 @@ def perturbed(name: str, rho: float) -> tuple[Llama, torch.optim.Optimizer, dict
     opt = OPTIMIZERS[name](
         model, blocks=module_blocks(model), lr=1e-3, rho_max=rho, rho_min=rho, update_gap=10
     )
-    ids = torch.randint(0, SMALL.vocab_size, (2, 17))
-
-    def closure():
-        loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-
+    closure = lm_closure(model, torch.randint(0, SMALL.vocab_size, (2, 17)))
     opt.step(closure)
     opt.zero_grad(set_to_none=True)
     before = {p: p.detach().clone() for p in model.parameters()}

@@ -16,7 +16,7 @@ from lorenza import (
 )
 from lorenza.sharded import check_blocks, shard_starts
 from models import Llama, loss_fn
-from tests.conftest import SMALL, WIDE
+from tests.conftest import SMALL, WIDE, lm_closure
 
 VARIANTS = {
     "adamw": lambda m, **kw: AdamW(m.parameters(), **kw),
@@ -38,14 +38,7 @@ VARIANTS = {
 
 def run(model, opt, batches):
     for ids in batches:
-
-        def closure(ids=ids):
-            loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
-            if torch.is_grad_enabled():
-                loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(lm_closure(model, ids))
         opt.zero_grad(set_to_none=True)
 
 

@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from lorenza import AdaZoSAM, Lorenza, LorenzaPlus, SAMAdamW, lowrank_param_groups, module_blocks
-from models import Llama, ModelConfig, loss_fn
-from tests.conftest import SMALL
+from models import Llama, ModelConfig
+from tests.conftest import SMALL, lm_closure
 from train import fit
-
-
-def closure_of(model, ids):
-    def closure():
-        loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-
-    return closure
 
 
 @pytest.mark.parametrize("perturbation", ["zo", "rank_r"])
@@ -41,7 +31,7 @@ def test_the_forward_shift_takes_the_steps_of_the_moved_weights(perturbation):
         opt.ascent.functional = functional
         losses = []
         for _ in range(6):
-            losses.append(float(opt.step(closure_of(model, ids)).detach()))
+            losses.append(float(opt.step(lm_closure(model, ids)).detach()))
             opt.zero_grad(set_to_none=True)
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     (moved, w_moved), (shifted, w_shifted) = runs
@@ -78,7 +68,7 @@ def test_bfloat16_weights_come_back_bit_for_bit_after_100_steps_at_lr_0(name):
         assert opt.ascent.functional
         opt.ascent.functional = functional
         for _ in range(100):
-            opt.step(closure_of(model, ids))
+            opt.step(lm_closure(model, ids))
             opt.zero_grad(set_to_none=True)
         drift[functional] = sum(int((v != start[k]).sum()) for k, v in model.state_dict().items())
     assert drift[True] == 0 and drift.get(False, 1) > 0, drift

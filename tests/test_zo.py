@@ -25,7 +25,7 @@ from lorenza.projector import compute_basis, project_back, seeded_generator
 from lorenza.zo import Directions, layout, slot_shape
 from models import Llama, loss_fn
 from models.presets import model_config
-from tests.conftest import SMALL
+from tests.conftest import SMALL, lm_closure
 
 torch.set_num_threads(2)
 
@@ -105,16 +105,6 @@ def test_perturbation_has_radius_rho_and_ascends():
     assert all(x > 0 for x in inner)  # each ε points uphill: ⟨∇f, ε⟩ > 0
 
 
-def model_closure(model, ids):
-    def closure():
-        loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-
-    return closure
-
-
 SHARPNESS_AWARE = {
     "lorenza": lambda m, **kw: Lorenza(lowrank_param_groups(m, 8), **kw),
     "lorenza_plus": lambda m, **kw: LorenzaPlus(lowrank_param_groups(m, 8), **kw),
@@ -149,7 +139,7 @@ def test_restore_is_exact_up_to_float32_rounding(name, skip_restore, monkeypatch
         monkeypatch.setattr(Directions, "restore_terms", lambda self, k, c: self.numbers(k, 0) * 0)
     ids = torch.randint(0, 256, (2, 17))
     for _ in range(100):
-        opt.step(model_closure(model, ids))
+        opt.step(lm_closure(model, ids))
         opt.zero_grad(set_to_none=True)
     drift = [
         ((p - s).abs().max() / s.pow(2).mean().sqrt()).item()
@@ -171,7 +161,7 @@ def test_restore_on_refresh_steps_is_exact_in_either_order(before):
     start = [p.detach().clone() for p in model.parameters()]
     ids = torch.randint(0, 256, (2, 17))
     for _ in range(6):  # three refreshes
-        opt.step(model_closure(model, ids))
+        opt.step(lm_closure(model, ids))
         opt.zero_grad(set_to_none=True)
     drift = [
         ((p - s).norm() / s.norm()).item() for p, s in zip(model.parameters(), start, strict=True)
@@ -188,7 +178,7 @@ def test_full_rank_update_is_made_at_w_not_at_w_plus_eps(name):
     model, opt = build(name, **kw)
     reference = copy.deepcopy(model)
     ids = torch.randint(0, 256, (2, 17))
-    closure = model_closure(model, ids)
+    closure = lm_closure(model, ids)
     opt.perturb(closure)
     with torch.enable_grad():
         closure()  # the gradient at W + ε
@@ -219,7 +209,7 @@ def test_radius_is_rho_over_all_perturbed_matrices_together(name):
     gradient, matrix by matrix, with one common factor."""
     model, opt = build(name, lr=1e-3, rho_max=0.05, rho_min=0.05)
     ids = torch.randint(0, 256, (2, 17))
-    closure = model_closure(model, ids)
+    closure = lm_closure(model, ids)
     opt.step(closure)  # the subspace exists from here on
     opt.zero_grad(set_to_none=True)
     eps = perturbation_of(model, opt, closure)
@@ -241,7 +231,7 @@ def test_radius_is_rho_over_all_perturbed_matrices_together(name):
 def test_rho_follows_the_learning_rate(name):
     """GSAM's schedule: ρ_max at the peak learning rate, ρ_min at the floor, linear between."""
     model, opt = build(name, lr=1e-2, rho_max=0.05, rho_min=0.01, min_lr_ratio=0.1)
-    closure = model_closure(model, torch.randint(0, 256, (2, 17)))
+    closure = lm_closure(model, torch.randint(0, 256, (2, 17)))
     opt.step(closure)
     opt.zero_grad(set_to_none=True)
     radii = []
@@ -274,7 +264,7 @@ def test_the_ascent_never_waits_for_the_host(q):
     """c, ε's coefficient and the finiteness test stay on the device: a whole ``perturb``
     outside refresh steps reads no tensor into Python (on a GPU, nothing stalls its queue)."""
     model, opt = build("lorenza", lr=1e-3, q=q, update_gap=100)
-    closure = model_closure(model, torch.randint(0, 256, (2, 17)))
+    closure = lm_closure(model, torch.randint(0, 256, (2, 17)))
     opt.step(closure)
     opt.zero_grad(set_to_none=True)
     with HostSyncs() as syncs:
@@ -286,7 +276,7 @@ def test_the_ascent_never_waits_for_the_host(q):
 
 def test_a_non_finite_probe_leaves_the_weights_at_w():
     model, opt = build("lorenza", lr=1e-3, update_gap=100)
-    closure = model_closure(model, torch.randint(0, 256, (2, 17)))
+    closure = lm_closure(model, torch.randint(0, 256, (2, 17)))
     opt.step(closure)
     opt.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in model.parameters()]
@@ -304,7 +294,7 @@ def test_zo_buffer_budget_changes_memory_not_directions():
     ids = torch.randint(0, 256, (2, 17))
     for model, opt in ((a_model, a), (b_model, b)):
         for _ in range(3):
-            opt.step(model_closure(model, ids))
+            opt.step(lm_closure(model, ids))
             opt.zero_grad(set_to_none=True)
     for p, q in zip(a_model.parameters(), b_model.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -314,7 +304,7 @@ def _ranks_draw(rank: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model, opt = build("adazo_sam", lr=1e-3)
     torch.manual_seed(100 + rank)  # the global generator differs between the ranks
-    eps = perturbation_of(model, opt, model_closure(model, torch.arange(34).view(2, 17)))
+    eps = perturbation_of(model, opt, lm_closure(model, torch.arange(34).view(2, 17)))
     flat = torch.cat([e.flatten() for e in eps])
     gathered = [torch.zeros_like(flat) for _ in range(2)]
     dist.all_gather(gathered, flat)
@@ -343,7 +333,7 @@ def test_the_basis_of_a_refresh_step_comes_from_the_gradient_at_w(before):
     model, opt = build("lorenza", lr=1e-3, update_gap=2, rho_max=0.5, rho_min=0.5)
     opt.ascent.refresh_before_ascent = before
     ids = torch.randint(0, 256, (2, 17))
-    closure = model_closure(model, ids)
+    closure = lm_closure(model, ids)
     for _ in range(2):
         opt.step(closure)
         opt.zero_grad(set_to_none=True)
@@ -365,7 +355,7 @@ def test_rank_r_directions_are_q_diag_u_r():
     """The paper's literal form: P = Q diag(u) R, with ‖P‖ = ‖u‖ (Q, R orthonormal), in the
     subspace of Q; its cobasis R costs one r x n matrix per parameter."""
     model, opt = build("lorenza_rank_r", lr=1e-3)
-    closure = model_closure(model, torch.randint(0, 256, (2, 17)))
+    closure = lm_closure(model, torch.randint(0, 256, (2, 17)))
     opt.step(closure)
     opt.zero_grad(set_to_none=True)
     p = opt.param_groups[0]["params"][0]
