@@ -173,13 +173,7 @@ def train_step(
         loss = optimizer.step(probe)
         mean, stop, nonfinite = read_step_stats(loss, stop_requested, ~torch.isfinite(loss))
         return StepResult(mean, stop, nonfinite)
-    ascent = getattr(optimizer, "ascent", None) if measure_ascent else None
-    before = first_loss(parts, micro) if ascent is not None and ascent.needs_closure() else None
-    with record_function("perturb"):  # W → W + ε for SAM-type optimizers, else nothing
-        began = optimizer.perturb(closure, backward)
-    measured = None
-    if before is not None and began is not None:
-        measured = ascent_measures(cfg, ascent, before, first_loss(parts, micro))
+    measured = perturb(cfg, parts, micro, closure, backward, measure_ascent)
     total = backward()
     if hooks is not None:
         result = StepResult(
@@ -193,6 +187,21 @@ def train_step(
     clip = t.grad_clip if per_param_clip else 0.0
     result = update_unfused(parts, total, stop_requested, clip, t.grad_clip)
     return replace(result, ascent=measured)
+
+
+def perturb(
+    cfg: Config, parts: StepParts, micro: list, closure, backward, measure: bool
+) -> dict[str, torch.Tensor] | None:
+    """``W → W + ε`` for the sharpness-aware optimizers (nothing for the others); with
+    ``measure``, also what the ascent changed (``StepResult.ascent``), from the first
+    micro-batch's loss before and after."""
+    ascent = getattr(parts.optimizer, "ascent", None) if measure else None
+    before = first_loss(parts, micro) if ascent is not None and ascent.needs_closure() else None
+    with record_function("perturb"):
+        began = parts.optimizer.perturb(closure, backward)
+    if before is None or began is None:
+        return None
+    return ascent_measures(cfg, ascent, before, first_loss(parts, micro))
 
 
 @torch.no_grad()
