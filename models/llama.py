@@ -18,12 +18,13 @@ both. Numerics follow Hugging Face too (RMSNorm in float32, rotary tables in flo
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 
 CHECKPOINTING = ("none", "block")
@@ -128,6 +129,35 @@ def uncached_casts():
         yield
     finally:
         torch.set_autocast_cache_enabled(enabled)
+
+
+def recomputed(fn, *args):
+    """``fn(*args)`` checkpointed: kept nothing but its inputs, recomputed in the backward,
+    under the torch function modes active now.
+
+    A mode is absent from the backward that recomputes: ``loss.backward()`` called under a
+    mode passes through the mode's handler, which runs with the mode popped. A mode that
+    changes what a layer computes -- the low-rank ascent applied in the forward,
+    ``lorenza.shift.LowRankShift`` -- would then be missing from the recomputation, which
+    would save other tensors than the forward did and compute the gradient at other weights.
+    """
+    modes = [] if torch.compiler.is_compiling() else _get_current_function_mode_stack()
+    if not modes:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return checkpoint(
+        fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _entered(modes))
+    )
+
+
+@contextmanager
+def _entered(modes: list[TorchFunctionMode]):
+    """``modes`` entered, each that is not active already."""
+    active = _get_current_function_mode_stack()
+    with ExitStack() as stack:
+        for mode in modes:
+            if all(mode is not a for a in active):
+                stack.enter_context(mode)
+        yield
 
 
 class RMSNorm(nn.Module):
@@ -283,11 +313,7 @@ class Llama(nn.Module):
         recompute = self.cfg.activation_checkpointing == "block" and torch.is_grad_enabled()
         for layer in self.layers:
             with uncached_casts():
-                x = (
-                    checkpoint(layer, x, cos, sin, use_reentrant=False)
-                    if recompute
-                    else layer(x, cos, sin)
-                )
+                x = recomputed(layer, x, cos, sin) if recompute else layer(x, cos, sin)
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
@@ -303,7 +329,7 @@ class Llama(nn.Module):
         total = None
         for xs, ys in zip(x.split(size), targets.split(size), strict=True):
             if torch.is_grad_enabled():
-                part = checkpoint(self._chunk_loss, xs, ys, use_reentrant=False)
+                part = recomputed(self._chunk_loss, xs, ys)
             else:
                 part = self._chunk_loss(xs, ys)
             total = part if total is None else total + part

@@ -2,6 +2,7 @@
 same steps as moving the weights, and weights that come back bit for bit."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,23 @@ from tests.conftest import SMALL, lm_closure
 from train import fit
 
 
+def six_steps(perturbation: str, functional: bool, checkpointing: str = "none"):
+    """Losses and weights of 6 float32 LORENZA steps on ``SMALL`` from one seed, the ascent
+    moved into the weights or applied in the forward (``functional``)."""
+    ids = torch.randint(0, SMALL.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = Llama(replace(SMALL, activation_checkpointing=checkpointing))
+    opt = Lorenza(lowrank_param_groups(model, 8), blocks=module_blocks(model), lr=1e-2,
+                  rho_max=0.05, rho_min=0.05, update_gap=100,
+                  perturbation=perturbation)  # fmt: skip
+    opt.ascent.functional = functional
+    losses = []
+    for _ in range(6):
+        losses.append(float(opt.step(lm_closure(model, ids)).detach()))
+        opt.zero_grad(set_to_none=True)
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("perturbation", ["zo", "rank_r"])
 def test_the_forward_shift_takes_the_steps_of_the_moved_weights(perturbation):
     """Two float32 twins, one moving W to W + ε and back, one applying ε in the forward: 6
@@ -20,25 +38,24 @@ def test_the_forward_shift_takes_the_steps_of_the_moved_weights(perturbation):
     the gradients at W + ε are the same numbers computed in another order). One subspace:
     a later refresh turns those 1e-7 roundings into another basis (measured: 1e-4 apart
     after an SVD refresh, as for any two float32 runs)."""
-    ids = torch.randint(0, SMALL.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    runs = []
-    for functional in (False, True):
-        torch.manual_seed(0)
-        model = Llama(SMALL)
-        opt = Lorenza(lowrank_param_groups(model, 8), blocks=module_blocks(model), lr=1e-2,
-                      rho_max=0.05, rho_min=0.05, update_gap=100,
-                      perturbation=perturbation)  # fmt: skip
-        opt.ascent.functional = functional
-        losses = []
-        for _ in range(6):
-            losses.append(float(opt.step(lm_closure(model, ids)).detach()))
-            opt.zero_grad(set_to_none=True)
-        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
-    (moved, w_moved), (shifted, w_shifted) = runs
+    moved, w_moved = six_steps(perturbation, functional=False)
+    shifted, w_shifted = six_steps(perturbation, functional=True)
     assert shifted == pytest.approx(moved, rel=1e-5)
     for a, b in zip(w_moved, w_shifted, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     assert moved[-1] < moved[0]  # they trained
+
+
+def test_checkpointed_layers_recompute_with_the_shift():
+    """With ``activation_checkpointing=block`` the backward recomputes each layer outside
+    the shift's handler; ``models.llama.recomputed`` enters the shift again, so the steps are
+    those of the layers that kept their activations, bit for bit (without it the
+    recomputation saves other tensors than the forward and checkpoint refuses)."""
+    kept, w_kept = six_steps("zo", functional=True)
+    recomputed, w_recomputed = six_steps("zo", functional=True, checkpointing="block")
+    assert recomputed == kept
+    for a, b in zip(w_kept, w_recomputed, strict=True):
+        assert torch.equal(a, b)
 
 
 OPTIMIZERS = {
