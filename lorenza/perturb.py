@@ -207,7 +207,8 @@ class Perturbation:
     def held_bytes(self) -> tuple[float, str]:
         """Bytes a step holds from ``begin`` to the update, and what they are: SAM's ε, or the
         zeroth-order random numbers ``Directions`` keeps (greedily, in block order, within
-        ``zo_buffer_mib``, plus the one block it has just drawn)."""
+        ``zo_buffer_mib``, plus the one block it has just drawn); applied in the forward, also
+        the ascent's numbers of the block the forward last met (``_shift``)."""
         if self.kind == "sam":
             return 4 * sum(p.numel() for p in self.params), "SAM's ε"
         if not self.blocks:
@@ -216,7 +217,9 @@ class Perturbation:
         kept, budget = 0, self.zo_buffer_mib * 2**20
         for size in sizes:
             kept += size if kept + size <= budget else 0
-        return kept + (max(sizes) if kept < sum(sizes) else 0), "zeroth-order random numbers"
+        drawn = max(sizes) if kept < sum(sizes) else 0
+        shifted = max(sizes) if self.functional else 0
+        return kept + drawn + shifted, "zeroth-order random numbers"
 
     # ---------------------------------------------------------------------- the move
     def _loss(self, closure: Closure) -> torch.Tensor:

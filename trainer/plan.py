@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from lorenza import module_blocks
-from lorenza.adam import moment_bytes
+from lorenza.adam import MIN_8BIT_SIZE, moment_bytes
 from lorenza.loren import rows
 from lorenza.optimizer import kept_by_rows
 from models import Llama, ModelConfig
@@ -291,10 +291,12 @@ def memory_plan(cfg: Config) -> Plan:
             f"{type(optimizer).__name__}, {bits}-bit{sharded}"),
         Row("step extras", *held_extras(optimizer)),
         Row("update temporaries",
-            update_temporaries(optimizer, list(model.parameters()), units, fused, shards),
+            update_temporaries(optimizer, list(model.parameters()), units, fused, shards,
+                           t.device == "cpu"),
             "one unit's" if fused else "every parameter's"),
     ]  # fmt: skip
-    activations, alternative = activation_rows(cfg, forward_only)
+    shift = shift_bytes(optimizer, units, t.precision == "bf16")
+    activations, alternative = activation_rows(cfg, forward_only, shift)
     rows += activations
     size = {r.what: r.bytes for r in rows}
     held = size["weights"] + size["optimizer states"] + size["step extras"]
@@ -428,9 +430,10 @@ def gradients_row(
     )
 
 
-def activation_rows(cfg: Config, forward_only: bool) -> tuple[list[Row], str]:
+def activation_rows(cfg: Config, forward_only: bool, shift: float = 0.0) -> tuple[list[Row], str]:
     """The activation rows of the configured micro-batch, and a line with the other
-    checkpointing choice's total."""
+    checkpointing choice's total. ``shift``: one decoder layer's ``shift_bytes``, which every
+    layer saves, or, with checkpointing, the layer being recomputed."""
     c, t = cfg.model, cfg.trainer
     batch, seq, precision = t.batch_size, cfg.data.seq_len, t.precision
     shape = f"micro-batch {batch} x {seq}, {precision}"
@@ -438,10 +441,20 @@ def activation_rows(cfg: Config, forward_only: bool) -> tuple[list[Row], str]:
         act = forward_bytes(c, batch, seq, precision)
         note = "(forward-only steps keep no activations: checkpointing changes nothing)"
         return [Row("activations", act, f"forward only, {shape}")], note
+
+    def activations(ckpt: str) -> tuple[float, str, float]:
+        saved, moments = _activation_moments(c, batch, seq, precision, ckpt)
+        if ckpt == "block":
+            moments["a recomputed layer and its gradients"] += shift
+        else:
+            saved += c.num_hidden_layers * shift
+        holds = max(moments, key=moments.get)
+        return saved, holds, moments[holds]
+
     ckpt = c.activation_checkpointing
-    saved, working = activation_bytes(c, batch, seq, precision, ckpt)
+    saved, holds, working = activations(ckpt)
     other = "none" if ckpt == "block" else "block"
-    alternative = sum(activation_bytes(c, batch, seq, precision, other))
+    alternative = sum(activations(other)[::2])
     note = (
         f"(with model.activation_checkpointing={other}: activations {alternative / GIB:.3f} "
         f"GiB instead of {(saved + working) / GIB:.3f})"
@@ -449,11 +462,34 @@ def activation_rows(cfg: Config, forward_only: bool) -> tuple[list[Row], str]:
     copies = (
         ", with autocast's bf16 weight copies" if precision == "bf16" and ckpt != "block" else ""
     )
+    copies += ", the ascent's Z (applied in the forward)" if shift else ""
     rows = [
         Row("activations saved for backward", saved, f"{shape}, checkpointing {ckpt}{copies}"),
-        Row("backward working set", working, working_set_holds(c, batch, seq, precision, ckpt)),
+        Row("backward working set", working, holds),
     ]
     return rows, note
+
+
+def shift_bytes(optimizer: torch.optim.Optimizer, units: list[list], autocast: bool) -> float:
+    """What the ascent applied in the forward (``lorenza/shift.py``) adds to the tensors one
+    decoder layer saves for the backward, the largest layer's. The extra products' only
+    input that needs a gradient is the layer's ``x``, so of each perturbed matrix (rank r,
+    ``Z`` r x wide) autograd saves the weights of those products: ``Z`` in the weights'
+    dtype (float32: a view that keeps the block's drawn numbers alive, 4 r·wide; bf16: a
+    copy, 2 r·wide) and ``Q`` (the basis, already held; under autocast its bf16 cast, 2 r
+    times the short side, with ``Z``'s). Zero when the ascent moves the weights instead."""
+    ascent = getattr(optimizer, "ascent", None)
+    if ascent is None or not getattr(ascent, "functional", False):
+        return 0.0
+    most = 0.0
+    for unit in units:
+        total = 0.0
+        for p in unit:
+            if p in ascent.lowrank:
+                r, wide = lowrank_shape(p, optimizer.group_of(p)["rank"])
+                total += r * (2 * wide + 2 * min(p.shape) if autocast else wide * p.element_size())
+        most = max(most, total)
+    return most
 
 
 def held_extras(optimizer: torch.optim.Optimizer) -> tuple[float, str]:
@@ -472,6 +508,7 @@ def update_temporaries(
     units: list[list[torch.Tensor]],
     fused: bool,
     world: int,
+    cpu: bool = False,
 ) -> float:
     """What the update allocates while it runs: Adam's ``sqrt(v) + eps`` for a full-rank
     tensor (on its shard under FSDP2; none for 8-bit, updated in place), the projected
@@ -479,16 +516,29 @@ def update_temporaries(
     the largest unit's when fused (a matrix kept by rows: its rows of them, and its basis
     gathered). Under FSDP2 a low-rank matrix's gradient is also gathered whole (one kept by
     rows: on refresh steps only): one at a time, or all of them when Fira's residual reads
-    them again. 8-bit low-rank matrices are updated one by one: the largest one's."""
+    them again. 8-bit tensors are updated one by one: the largest one's; a low-rank one
+    holds its projected gradient, its float32 copy and the direction bitsandbytes writes.
+
+    On the ``cpu``, bitsandbytes' 8-bit kernel is not in place: it dequantizes both moments
+    to float32 and computes the gradient, ``sqrt(v)`` and the denominator out of place,
+    five float32 copies of the tensor, six when the tensor it updates is not float32
+    (``bitsandbytes/backends/cpu/ops.py``; measured to the byte, ``tests/test_plan.py``)."""
     if spec_of(optimizer).forward_only:
         return 0.0
+
+    def bnb_cpu(numel: int, dtype: torch.dtype) -> float:
+        return 4 * (5 + (dtype != torch.float32)) * numel if cpu else 0.0
 
     def temporaries(ps: list[torch.Tensor]) -> float:
         total, gathered, one_by_one = 0.0, [0.0], [0.0]
         for p in ps:
             group, size = optimizer.group_of(p), p.element_size()
+            eight = group["bits"] == 8 and p.numel() >= MIN_8BIT_SIZE
             if group["rank"] is None:
-                total += 0 if group["bits"] == 8 else size * p.numel() / world
+                if eight:
+                    one_by_one.append(bnb_cpu(p.numel() / world, p.dtype))
+                else:
+                    total += size * p.numel() / world
                 continue
             r, wide = lowrank_shape(p, group["rank"])
             whole = size * p.numel() if world > 1 else 0
@@ -499,6 +549,8 @@ def update_temporaries(
                 else 3 * size * r * wide
             )
             if group["bits"] == 8:
+                if not kept and eight:  # the projection, its float32 copy, the direction
+                    low = (size + 4 * (size != 4) + 4) * r * wide + bnb_cpu(r * wide, torch.float32)
                 one_by_one.append(low + whole)
             else:
                 total += low

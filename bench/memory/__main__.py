@@ -6,6 +6,7 @@
     fsdp           peak memory per rank under FSDP2, beside the planner (fsdp.py)
     forward_only   MeZO/LOREN steps against an inference forward, exact bytes (forward_only.py)
     plan           the planner against measured peaks (plan.py)
+    galore         LORENZA beside GaLore on bf16 weights and 8-bit states, and the 7B plan (galore.py)
     loss           the chunked loss against whole-batch logits (loss.py)
 
 Each writes its table to ``bench/RESULTS.md``; ``python -m bench.memory <what> --help`` lists
@@ -15,7 +16,7 @@ its options.
 import importlib
 import sys
 
-WHAT = ("estimate", "states", "fused", "fsdp", "forward_only", "plan", "loss")
+WHAT = ("estimate", "states", "fused", "fsdp", "forward_only", "plan", "galore", "loss")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in WHAT:
