@@ -80,9 +80,10 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.ranks) != len(args.models):
         sys.exit(f"--ranks {args.ranks}: give one rank per model ({len(args.models)})")
+    code = version()  # before the hour of measuring, in which the tree may change
     measured = measured_rows(args.models, args.ranks)
     text = (
-        f"## LORENZA in GaLore's memory ({machine()}, code {version()})\n\n"
+        f"## LORENZA in GaLore's memory ({machine()}, code {code})\n\n"
         f"`python -m bench.memory galore {' '.join(sys.argv[1:])}`: sample corpus "
         "(vocabulary 8000), bf16_pure weights, 8-bit states, micro-batch 1 x 256, block "
         "checkpointing, fused per block; exact bytes of the third step (weights, buffers and "
