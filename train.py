@@ -43,7 +43,7 @@ from trainer.checkpoint import (
     resume_path,
     save_checkpoint,
 )
-from trainer.checks import check_config
+from trainer.checks import ascent_in_forward, check_config
 from trainer.config import Config, autocast_context, to_config, weight_dtype
 from trainer.console import CPU_WARNING_PARAMS, Console, cpu_flops_per_second, duration
 from trainer.distributed import (
@@ -315,9 +315,7 @@ def build_run(cfg: Config, tokenizer: Tokenizer, val: list | None = None) -> Run
     device = pick_device(t.device, ranks)
     model = Llama(cfg.model).to(device, weight_dtype(t.precision))
     # probes, or an ascent in the forward (bf16 weights), that compiled graphs cannot see
-    spec = OPTIMIZERS[cfg.optim.name]
-    in_forward = t.precision == "bf16_pure" or bool(cfg.optim.ascent_in_forward)
-    eager = spec.forward_only or (spec.ascent is not None and in_forward)
+    eager = OPTIMIZERS[cfg.optim.name].forward_only or ascent_in_forward(cfg)
     compiled = t.compile if t.compile is not None else device.type == "cuda" and not eager
     if compiled:  # before any wrapping: DDP and FSDP2 then wrap compiled layers
         model.compile_layers(t.compile_backend)

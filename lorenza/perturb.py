@@ -31,11 +31,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from lorenza.projector import STREAM_ZO, mix, project_back
+from lorenza.projector import STREAM_ZO, mix
 from lorenza.schedule import rho_for_lr
-from lorenza.sharded import full, local, rows_of
+from lorenza.sharded import full, rows_of
 from lorenza.shift import LowRankShift
 from lorenza.zo import Coef, Directions, Slot, full_z, layout, slot_shape
 
@@ -112,6 +111,8 @@ class Perturbation:
         refresh_before_ascent: the paper's order on refresh steps (``docs/design.md`` §2.4).
         in_forward: apply the low-rank ascent in the forward (``lorenza/shift.py``) instead of
             moving the weights; ``None``: for bfloat16 (not float32/float64) weights only.
+            Weights of such a dtype that are moved (full-rank ascents, or ``False``) are
+            copied before and copied back, not moved back.
     """
 
     def __init__(
@@ -145,22 +146,21 @@ class Perturbation:
         """The low-rank matrices the zeroth-order ascent perturbs inside their subspace."""
         self._pending: dict | None = None  # this step's move ({} if nothing moved)
         self._unrestored: set[torch.Tensor] = set()
-        low = [p.dtype for p in self.params if p.dtype not in (torch.float32, torch.float64)]
-        self.functional = bool(low) if in_forward is None else in_forward
-        """Applied in the forward (``lorenza/shift.py``) instead of moving the weights: always
-        for bfloat16 weights, which cannot be moved and back exactly."""
-        if low and not self.functional:
+        low = any(p.dtype not in (torch.float32, torch.float64) for p in self.params)
+        shiftable = kind != "sam" and self.lowrank == set(self.params)
+        self.functional = low and shiftable if in_forward is None else in_forward
+        """Applied in the forward (``lorenza/shift.py``) instead of moving the weights: by
+        default for bfloat16 weights, which a move and back does not return exactly."""
+        if self.functional and not shiftable:
             raise ValueError(
-                f"ascent_in_forward=False with {low[0]} weights: moving them to W + ε and back "
-                "drifts by ~4e-3 of their value per step; leave it None or True"
+                f"ascent_in_forward=True with perturbation={kind!r} of full-rank weights: only "
+                "the low-rank zeroth-order ascent (LORENZA's) can be applied in the forward"
             )
-        if self.functional and (kind == "sam" or self.lowrank != set(self.params)):
-            what = f"on {low[0]} weights" if low else "with ascent_in_forward=True"
-            raise ValueError(
-                f"perturbation={kind!r} of full-rank weights {what}: only the low-rank "
-                "zeroth-order ascent (LORENZA's) can be applied in the forward; full-rank "
-                "ones move the weights in place and back, which bfloat16 cannot undo exactly"
-            )
+        self.copies = low and not self.functional
+        """Moved, and copied back instead of moved back: a bfloat16 ``W + ε − ε`` is not
+        ``W`` (~4e-3 of a weight per step), so the moved weights' values are kept, one copy
+        in their own dtype."""
+        self._saved: dict[torch.Tensor, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------ set-up
     def _is_perturbed(self, p: torch.Tensor) -> bool:
@@ -209,7 +209,10 @@ class Perturbation:
         zeroth-order random numbers ``Directions`` keeps (greedily, in block order, within
         ``zo_buffer_mib``, plus the one block it has just drawn); applied in the forward, also
         the ascent's numbers of the block the forward last met (``_shift``)."""
+        copies = sum(p.numel() * p.element_size() for p in self.params) if self.copies else 0
         if self.kind == "sam":
+            if copies:
+                return copies, "SAM's copy of the weights"
             return 4 * sum(p.numel() for p in self.params), "SAM's ε"
         if not self.blocks:
             return 0.0, "none"
@@ -219,7 +222,8 @@ class Perturbation:
             kept += size if kept + size <= budget else 0
         drawn = max(sizes) if kept < sum(sizes) else 0
         shifted = max(sizes) if self.functional else 0
-        return kept + drawn + shifted, "zeroth-order random numbers"
+        what = "zeroth-order random numbers" + (" and the weights' copy" if copies else "")
+        return kept + drawn + shifted + copies, what
 
     # ---------------------------------------------------------------------- the move
     def _loss(self, closure: Closure) -> torch.Tensor:
@@ -276,6 +280,7 @@ class Perturbation:
         if self.functional:
             return self._begin_in_forward(closure, dirs, rho)
         mu, cs, norm = self.mu, [], None
+        self._keep(self.params)
         # Two forward passes per direction, no graph kept. no_grad, not inference_mode: a
         # sharded model's first forward after a resume is this one, and FSDP2 would build its
         # unsharded weights as inference tensors that the next training forward cannot use.
@@ -376,6 +381,11 @@ class Perturbation:
             self.refresh_early(params)
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _keep(self, params: list[torch.Tensor]) -> None:
+        """With ``copies``: the values of ``params`` before they move, to copy back."""
+        if self.copies:
+            self._saved = {p: p.detach().clone() for p in params}
+
     def _begin_sam(self, closure: Closure, backward: BackwardFn | None, rho: float) -> dict:
         self._backward(Backward.ASCENT, closure, backward)
         params = [p for p in self.params if p.grad is not None]
@@ -386,59 +396,13 @@ class Perturbation:
         # a non-finite gradient gives ε = 0 (decided on the device; the step is then skipped)
         ok = torch.isfinite(norm)
         eps = [torch.where(ok, e, 0.0) for e in torch._foreach_mul(grads, rho / (norm + 1e-12))]
+        self._keep(params)
         torch._foreach_add_(params, eps)
         for p in params:
             p.grad = None
-        self._pending = {"sam": dict(zip(params, eps, strict=True))}
+        self._pending = {"sam": {} if self.copies else dict(zip(params, eps, strict=True))}
         self._unrestored = set(params)
         return {"grad_norm": norm, "rho": rho, "moved": True}
-
-    @torch.no_grad()
-    def changed(self, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-        """How many of the perturbed parameters' elements differ in ``dtype`` (the precision
-        the forward computes in) between ``W + ε``, where they are now, and ``W``; and how
-        many elements there are. Between ``begin`` and the update only.
-
-        Under bf16 autocast the forward sees ``bf16(W + ε)``: an element whose ``ε`` is below
-        half a bf16 ulp of its weight is rounded back to ``bf16(W)``, and that part of the
-        ascent never reaches the loss. ``W`` is taken as ``(W + ε) − ε`` in the weights'
-        precision (float32: an ulp off at most, which moves a bf16 rounding almost never).
-        One parameter's ``ε`` is built at a time; a sharded parameter counts its own rows
-        (sum the counts over the ranks: replicas count alike, so the fraction holds)."""
-        count = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
-        total = 0
-        for p, eps in self._epsilons():
-            moved = local(p)
-            if self.functional:  # W stays; the forward adds x εᵀ: every nonzero of ε counts
-                count += (eps != 0).sum()
-            else:
-                count += (moved.to(dtype) != (moved - eps).to(dtype)).sum()
-            total += moved.numel()
-        return count, total
-
-    def _epsilons(self):
-        """``(p, ε)`` for each moved parameter, ``ε`` in the shape of its local part."""
-        at = set(self.params) if self._pending and "shift" in self._pending else self._unrestored
-        if not at:
-            return
-        if "sam" in self._pending:
-            for p in self.params:
-                if p in at:
-                    yield p, local(self._pending["sam"][p])
-            return
-        dirs, back = self._pending["dirs"], self._pending["back"]
-        for k, block in enumerate(self.blocks):
-            terms = dirs.combined(k, back)  # −ε's numbers
-            for s in block:
-                if s.param not in at:
-                    continue
-                state = self.optimizer.state[s.param]
-                z = full_z(s, s.view(terms), state)
-                if s.lowrank:
-                    basis = full(state["basis"])
-                    z = project_back(z.to(basis.dtype), basis, s.param.shape)
-                eps = -z
-                yield s.param, rows_of(s.param, eps) if isinstance(s.param, DTensor) else eps
 
     # ------------------------------------------------------------------- the way back
     def foldable(self, params: list[torch.Tensor]) -> set[torch.Tensor]:
@@ -446,7 +410,7 @@ class Perturbation:
         low-rank matrices (full-rank ones gain nothing from folding) whose basis the update
         keeps. One due for a refresh (``refresh_before_ascent=False``) was moved along the
         basis the update replaces, so it is restored on its own, through that basis, first."""
-        if not (self._pending and "dirs" in self._pending):
+        if self.copies or not (self._pending and "dirs" in self._pending):
             return set()
         return {
             p
@@ -486,6 +450,9 @@ class Perturbation:
         if not params:
             return
         self._unrestored.difference_update(params)
+        if self.copies:
+            torch._foreach_copy_(params, [self._saved.pop(p) for p in params])
+            return
         if "sam" in self._pending:
             torch._foreach_sub_(params, [self._pending["sam"].pop(p) for p in params])
             return

@@ -12,9 +12,14 @@ weights: ``x εᵀ`` is its own product, so a bf16 forward sees all of it
 (``docs/training.md``, how much of the ascent survives bf16).
 
 The cost is tokens·r·(m + n) multiply-adds per matrix per pass, against none for a moved
-weight; it also keeps ``Z`` (r·n or m·r) and ``x Zᵀ`` (tokens·r) for the backward. The mode
-does not reach into ``torch.compile``d code or into FSDP2's gathered copies of a parameter,
-and refuses to be used where a held matrix never reached a ``linear``.
+weight; the backward keeps each matrix's ``Z`` in the weights' dtype (r·n or m·r): the extra
+products' only input that needs a gradient is ``x``, so autograd saves their weights, not
+``x Zᵀ``. The mode does not reach into ``torch.compile``d code or into FSDP2's gathered
+copies of a parameter, and refuses to be used where a held matrix never reached a
+``linear``. A checkpointed layer is recomputed inside the backward, which a mode does not
+reach (``loss.backward()`` called under the mode runs in its handler, with the mode popped):
+a model that checkpoints must enter the active modes again in its recomputation, as the
+framework's LLaMA does (``models/llama.py``, ``recomputed``: checkpoint's ``context_fn``).
 """
 
 from __future__ import annotations

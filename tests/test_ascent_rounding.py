@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lorenza import AdaZoSAM, Lorenza, SAMAdamW, lowrank_param_groups, module_blocks
+from lorenza.ascent_changed import changed, epsilons
 from models import Llama
 from tests.conftest import SMALL, lm_closure
 from train import fit
@@ -47,12 +48,12 @@ def test_the_count_is_the_elements_that_differ_from_the_weights_before_the_move(
     before the move, within 1e-4 of the elements."""
     model, opt, before = perturbed(name, rho=0.05)
     moved = 0
-    for p, eps in opt.ascent._epsilons():
+    for p, eps in epsilons(opt.ascent):
         torch.testing.assert_close(p - eps, before[p], atol=1e-6, rtol=0)
         moved += 1
     assert moved == len(opt.ascent.params) > 0
     for dtype in (torch.bfloat16, torch.float32):
-        count, total = opt.ascent.changed(dtype)
+        count, total = changed(opt.ascent, dtype)
         brute = sum(int((p.to(dtype) != before[p].to(dtype)).sum()) for p in opt.ascent.params)
         assert total == sum(p.numel() for p in opt.ascent.params)
         assert abs(int(count) - brute) <= 1e-4 * total, (dtype, int(count), brute)
@@ -65,7 +66,7 @@ def test_bf16_keeps_less_of_a_smaller_ascent_and_float32_nearly_all():
     for rho in (1e-3, 1e-2, 1.0):
         _, opt, _ = perturbed("lorenza", rho)
         for dtype in (torch.bfloat16, torch.float32):
-            count, total = opt.ascent.changed(dtype)
+            count, total = changed(opt.ascent, dtype)
             fractions[rho, dtype] = int(count) / total
     bf16 = [fractions[rho, torch.bfloat16] for rho in (1e-3, 1e-2, 1.0)]
     assert bf16 == sorted(bf16) and bf16[0] < 0.5 < bf16[-1], bf16

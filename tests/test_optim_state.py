@@ -170,10 +170,14 @@ def test_loading_refuses_missing_or_unexpected_state():
 
 def test_lorenza_takes_bf16_weights_and_applies_its_ascent_in_the_forward():
     """bf16 weights cannot be moved to W + ε and back exactly: LORENZA's low-rank ascent goes
-    into the forward instead (``tests/test_shift.py``; full-rank ascents are refused there)."""
+    into the forward instead, and full-rank ascents copy the weights back
+    (``tests/test_shift.py``)."""
     model = Llama(SMALL).to(torch.bfloat16)
     assert VARIANTS["lorenza"](model).ascent.functional
-    assert not VARIANTS["lorenza"](Llama(SMALL)).ascent.functional  # float32: moved in place
+    assert not VARIANTS["lorenza"](model).ascent.copies
+    assert VARIANTS["sam"](model).ascent.copies
+    float32 = VARIANTS["lorenza"](Llama(SMALL)).ascent  # moved in place and back
+    assert not (float32.functional or float32.copies)
 
 
 def test_8bit_states_need_every_shard_to_start_on_a_block():

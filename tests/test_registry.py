@@ -50,14 +50,6 @@ def test_the_trainer_builds_what_the_entry_says(name):
     assert composed(name).get("bits", 32) == spec.bits
 
 
-def test_pure_bf16_is_for_the_optimizers_that_never_move_the_weights_and_back():
-    lowrank_zo = {n for n, s in OPTIMIZERS.items() if s.ascent == "zo" and s.lowrank}
-    assert lowrank_zo == {"lorenza", "lorenza8bit", "lorenza_plus"}  # ascent in the forward
-    no_ascent = {n for n, s in OPTIMIZERS.items() if s.ascent is None}
-    assert set(names(pure_bf16=True)) == no_ascent | lowrank_zo
-    assert {"mezo", "loren"} <= set(names(pure_bf16=True))  # their probes move nothing
-
-
 def test_an_unregistered_optimizer_is_named():
     with pytest.raises(ValueError, match="SGD is not a registered optimizer"):
         spec_of(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))

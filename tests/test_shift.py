@@ -64,6 +64,11 @@ OPTIMIZERS = {
         lowrank_param_groups(m, 8), perturbation="rank_r", **kw
     ),
     "lorenza_plus": lambda m, **kw: LorenzaPlus(lowrank_param_groups(m, 8), **kw),
+    "lorenza, moved": lambda m, **kw: Lorenza(
+        lowrank_param_groups(m, 8), ascent_in_forward=False, **kw
+    ),
+    "adazo_sam": lambda m, **kw: AdaZoSAM(m.parameters(), **kw),
+    "sam": lambda m, **kw: SAMAdamW(m.parameters(), **kw),
 }
 
 
@@ -71,31 +76,35 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_bfloat16_weights_come_back_bit_for_bit_after_100_steps_at_lr_0(name):
     """bf16 weights, ρ = 0.05, lr = 0: after 100 steps (refreshes every 10) every weight is
-    the one it started as. LORENZA's steps with the ascent moved into the weights and back
-    (the float32 way) drift: the test can tell."""
+    the one it started as: LORENZA's ascent applied in the forward, or the weights moved and
+    copied back (full-rank ascents, ``ascent_in_forward=False``). The same steps with the
+    weights moved back by subtraction, the float32 way, drift: the test can tell."""
     micro = ModelConfig("micro", 64, 32, 64, 2, 1)  # 100 steps in seconds
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
-    drift = {}
-    for functional in (True, False) if name == "lorenza" else (True,):
+
+    def changed(subtract: bool) -> int:
         torch.manual_seed(0)
         model = Llama(micro).to(torch.bfloat16)
         start = {k: v.clone() for k, v in model.state_dict().items()}
         opt = OPTIMIZERS[name](model, blocks=module_blocks(model), lr=0.0, rho_max=0.05,
                                rho_min=0.05, update_gap=10, weight_decay=0.0)  # fmt: skip
-        assert opt.ascent.functional
-        opt.ascent.functional = functional
+        assert opt.ascent.functional != opt.ascent.copies
+        if subtract:
+            opt.ascent.functional = opt.ascent.copies = False
         for _ in range(100):
             opt.step(lm_closure(model, ids))
             opt.zero_grad(set_to_none=True)
-        drift[functional] = sum(int((v != start[k]).sum()) for k, v in model.state_dict().items())
-    assert drift[True] == 0 and drift.get(False, 1) > 0, drift
+        return sum(int((v != start[k]).sum()) for k, v in model.state_dict().items())
+
+    assert changed(subtract=False) == 0
+    if name in ("lorenza", "sam"):
+        assert changed(subtract=True) > 0
 
 
-@pytest.mark.parametrize("make", [AdaZoSAM, SAMAdamW], ids=["adazo_sam", "sam"])
-def test_full_rank_ascents_on_bfloat16_weights_are_refused(make):
-    model = Llama(SMALL).to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"full-rank weights on torch\.bfloat16 weights"):
-        make(model.parameters(), blocks=module_blocks(model))
+def test_only_the_low_rank_ascent_can_be_applied_in_the_forward():
+    model = Llama(SMALL)
+    with pytest.raises(ValueError, match="perturbation='sam' of full-rank weights"):
+        SAMAdamW(model.parameters(), blocks=module_blocks(model), ascent_in_forward=True)
 
 
 IN_FORWARD = [

@@ -119,19 +119,21 @@ def test_bf16_pure_trains_with_bfloat16_weights_and_states(config):
     dtypes = {(key, v.dtype) for s in saved.values() for key, v in s.items() if torch.is_tensor(v)}
     assert ("basis", torch.bfloat16) in dtypes and ("basis", torch.float32) not in dtypes
     assert ("exp_avg", torch.uint8) in dtypes  # 8-bit moments; the small ones float32
-    for name in ("sam", "adazo_sam"):  # their ascents move full-rank weights in place
-        with pytest.raises(ValueError, match=f"'bf16_pure' does not work with optim.name='{name}'"):
-            train.check_config(config(f"optim={name}", "trainer.precision=bf16_pure"))
+    for name in ("sam", "adazo_sam"):  # full-rank ascents: moved, copied back; compile allowed
+        train.check_config(config(f"optim={name}", "trainer.precision=bf16_pure"))
+        train.check_config(
+            config(f"optim={name}", "trainer.precision=bf16_pure", "trainer.compile=true")
+        )
     train.check_config(config("optim=lorenza", "trainer.precision=bf16_pure"))  # in the forward
+    train.check_config(  # moved and copied back: compiled layers allowed
+        config("optim=lorenza", "trainer.precision=bf16_pure", "optim.ascent_in_forward=false",
+               "trainer.compile=true")
+    )  # fmt: skip
     for key in ("dist.fsdp", "trainer.compile"):  # where the forward's linears are out of reach
         with pytest.raises(ValueError, match=f"and {key}=true: the ascent is added in each"):
             train.check_config(
                 config("optim=lorenza", "trainer.precision=bf16_pure", f"{key}=true")
             )
-    with pytest.raises(ValueError, match="ascent_in_forward=false with trainer.precision='bf16_"):
-        train.check_config(
-            config("optim=lorenza", "trainer.precision=bf16_pure", "optim.ascent_in_forward=false")
-        )
     with pytest.raises(ValueError, match="ascent_in_forward=True is for the low-rank ascent only"):
         train.check_config(config("optim=adazo_sam", "optim.ascent_in_forward=true"))
     with pytest.raises(ValueError, match=r"ascent_in_forward=True\) and trainer.compile=true"):

@@ -193,39 +193,36 @@ def check_fits_host(cfg: Config, model: Llama) -> None:
         )
 
 
+def ascent_in_forward(cfg: Config) -> bool:
+    """Whether the optimizer's ascent is applied in each linear layer's forward
+    (``lorenza/shift.py``): the low-rank zeroth-order ascent on ``bf16_pure`` weights, or
+    wherever ``optim.ascent_in_forward=true``."""
+    spec, o = OPTIMIZERS[cfg.optim.name], cfg.optim
+    if not (spec.ascent == "zo" and spec.lowrank):
+        return False
+    if o.ascent_in_forward is None:
+        return cfg.trainer.precision == "bf16_pure"
+    return o.ascent_in_forward
+
+
 def check_precision(cfg: Config) -> None:
-    """Pure bf16 only for the optimizers whose step never moves the weights and back; with
-    an ascent applied in the forward, only where the forward is eager and unsharded."""
+    """``optim.ascent_in_forward`` for the low-rank ascent only, and that ascent, when it is
+    applied in the forward (by default on ``bf16_pure``'s weights), only where the forward is
+    eager and unsharded."""
     t, spec, o = cfg.trainer, OPTIMIZERS[cfg.optim.name], cfg.optim
     if o.ascent_in_forward is not None and not (spec.ascent == "zo" and spec.lowrank):
         raise ValueError(
             f"optim.ascent_in_forward={o.ascent_in_forward} is for the low-rank ascent only "
             f"(lorenza, lorenza8bit, lorenza_plus), not optim.name={o.name!r}: leave it null"
         )
-    pure = t.precision == "bf16_pure"
-    if pure and o.ascent_in_forward is False:
-        raise ValueError(
-            "optim.ascent_in_forward=false with trainer.precision='bf16_pure': bfloat16 "
-            "weights cannot be moved to W + ε and back exactly; leave it null or true"
-        )
-    in_forward = spec.ascent is not None and (pure or bool(o.ascent_in_forward))
-    if in_forward and (cfg.dist.fsdp or t.compile):
+    if ascent_in_forward(cfg) and (cfg.dist.fsdp or t.compile):
         what = "dist.fsdp=true" if cfg.dist.fsdp else "trainer.compile=true"
         raise ValueError(
             f"optim.name={o.name!r} with its ascent in the forward (trainer.precision="
             f"{t.precision!r}, optim.ascent_in_forward={o.ascent_in_forward}) and {what}: the "
             "ascent is added in each linear layer's forward, which FSDP2's gathered weights "
-            "and compiled layers do not pass through; use DDP and eager layers"
-        )
-    if not pure:
-        return
-    if not spec.pure_bf16:
-        raise ValueError(
-            f"trainer.precision='bf16_pure' does not work with optim.name={cfg.optim.name!r}: "
-            "its sharpness-aware perturbation of full-rank weights moves them away and back "
-            "in place every step, which in bfloat16 drifts by ~4e-3 of their "
-            f"value per step; use trainer.precision=bf16 (float32 weights under autocast), or "
-            f"one of {', '.join(names(pure_bf16=True))}"
+            "and compiled layers do not pass through; use DDP and eager layers, or "
+            "optim.ascent_in_forward=false (the weights moved, and copied back)"
         )
 
 

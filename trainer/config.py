@@ -131,9 +131,9 @@ class TrainerConfig:
     precision: str = "fp32"
     """``fp32``; ``bf16`` autocast (float32 master weights and optimizer states); or
     ``bf16_pure``, GaLore's ``--dtype bfloat16``: the model cast to bfloat16, its weights,
-    gradients and optimizer states (moments, bases) in bfloat16, no autocast. Only for the
-    optimizers without an in-place perturbation or forward-only step (``pure_bf16`` in
-    ``trainer/registry.py``)."""
+    gradients and optimizer states (moments, bases) in bfloat16, no autocast. Every optimizer:
+    LORENZA's ascent is then applied in the forward (``optim.ascent_in_forward``), and the
+    weights a full-rank ascent moves (SAM, AdaZo-SAM) are copied back, not moved back."""
     compile: bool | None = None
     """``torch.compile`` each decoder layer and the loss chunk (``Llama.compile_layers``);
     ``null`` = on for CUDA, off on the CPU (where the first step compiles for minutes) and for

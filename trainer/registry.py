@@ -41,16 +41,6 @@ class OptimizerSpec:
     """What it keeps per parameter: ``"adam"`` (two moments, low-rank ones in the subspace,
     plus the basis), ``"loren"`` (a curvature vector and a momentum), ``"none"``."""
 
-    @property
-    def pure_bf16(self) -> bool:
-        """Whether ``trainer.precision=bf16_pure`` may train it. Not the ones whose ascent
-        perturbs full-rank weights (AdaZo-SAM, SAM): they move them to ``W + ε`` in place and
-        back every step, which bfloat16 weights cannot undo exactly. LORENZA's low-rank
-        ascent is applied in the forward instead (``lorenza/shift.py``), and the forward-only
-        optimizers' probes see ``W + μz`` computed per operation (``lorenza/forward_only.py``):
-        neither moves a weight."""
-        return self.ascent is None or (self.ascent == "zo" and self.lowrank)
-
 
 _LORENZA = dict(lowrank=True, ascent="zo", directions=("zo", "rank_r"))
 

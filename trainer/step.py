@@ -12,6 +12,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
+from lorenza.ascent_changed import changed
 from lorenza.fused import FusedUpdates, clip_per_param_
 from lorenza.perturb import Backward, Perturbation
 from lorenza.sharded import full
@@ -225,7 +226,7 @@ def ascent_measures(
     ``W + ε``: the changed elements counted in the forward's precision (bf16 for ``bf16``
     autocast and ``bf16_pure``) and summed over the ranks."""
     dtype = torch.float32 if cfg.trainer.precision == "fp32" else torch.bfloat16
-    count, total = ascent.changed(dtype)
+    count, total = changed(ascent, dtype)
     counts = torch.stack([count.double(), torch.tensor(float(total), device=count.device)])
     counts = sum_tensor_over_ranks(counts)
     return {"changed": counts[0] / counts[1], "gain": mean_tensor_over_ranks(after - before)}

@@ -6,7 +6,7 @@
     fsdp           peak memory per rank under FSDP2, beside the planner (fsdp.py)
     forward_only   MeZO/LOREN steps against an inference forward, exact bytes (forward_only.py)
     plan           the planner against measured peaks (plan.py)
-    galore         LORENZA beside GaLore on bf16 weights and 8-bit states, and the 7B plan (galore.py)
+    galore         LORENZA beside GaLore on bf16 weights, 8-bit states; the 7B plan (galore.py)
     loss           the chunked loss against whole-batch logits (loss.py)
 
 Each writes its table to ``bench/RESULTS.md``; ``python -m bench.memory <what> --help`` lists

@@ -28,6 +28,7 @@ import torch
 from bench.common import machine, markdown_table, study_results, write_section
 from data import DataConfig, load_tokenizer, train_batches
 from lorenza import Lorenza, lowrank_param_groups, module_blocks
+from lorenza.ascent_changed import changed
 from models import Llama
 from models.presets import model_config
 from trainer.metrics import git_version
@@ -66,10 +67,10 @@ def measure(rho: float, x, y) -> list[list]:
         raise SystemExit(f"rho={rho}: the ascent did not move (a non-finite or zero estimate)")
     gain = {"fp32": loss_at(model, x, y, False) - base["fp32"]}
     gain["bf16"] = loss_at(model, x, y, True) - base["bf16"]
-    changed = {}
+    fraction = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        count, total = opt.ascent.changed(dtype)
-        changed[name] = int(count) / total
+        count, total = changed(opt.ascent, dtype)
+        fraction[name] = int(count) / total
     # pure bf16: a bf16 copy of the model at bf16(W), then the same ε added in place
     pure = copy.deepcopy(model).to(torch.bfloat16)
     pure_params = dict(zip(model.parameters(), pure.parameters(), strict=True))
@@ -86,9 +87,15 @@ def measure(rho: float, x, y) -> list[list]:
             moved += int((q != at_w).sum())
             total += q.numel()
     gain["bf16_pure"] = loss_at(pure, x, y, False) - start
-    changed["bf16_pure"] = moved / total
+    fraction["bf16_pure"] = moved / total
     return [
-        [rho, name, f"{changed[name]:.1%}", f"{gain[name]:.3e}", f"{gain[name] / gain['fp32']:.2f}"]
+        [
+            rho,
+            name,
+            f"{fraction[name]:.1%}",
+            f"{gain[name]:.3e}",
+            f"{gain[name] / gain['fp32']:.2f}",
+        ]  # fmt: skip
         for name in ("fp32", "bf16", "bf16_pure")
     ]
 
