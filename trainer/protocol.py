@@ -99,9 +99,8 @@ GALORE = (
     Item("numerics", "pure bfloat16 weights and states (`--dtype bfloat16`)",
          "`torchrun_main.py --dtype`", ("trainer.precision=bf16",),
          "by default float32 weights and states under bfloat16 autocast for every optimizer, "
-         "so that the rows differ in the optimizer only: the sharpness-aware ones move the "
-         "weights away and back in place, which bfloat16 weights do not survive (~4e-3 "
-         "drift per step). `--numerics galore` runs adamw and galore GaLore's way, "
+         "so that the rows differ in the optimizer only. `--numerics galore` runs adamw and "
+         "galore GaLore's way, "
          "`trainer.precision=bf16_pure` (loss parity with GaLore's bf16 stack: "
          "`bench/golden.py --precision bf16_pure`)"),
 )  # fmt: skip
