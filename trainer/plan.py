@@ -98,7 +98,8 @@ def activation_bytes(
     - under bf16 with checkpointing, a loss chunk's forward (bf16 and float32 logits,
       log-softmax, the head's copy) beside the kept inputs;
     - with checkpointing, a recomputed layer and its gradients (2 f in the activations' dtype
-      and d float32 per token) beside the kept inputs.
+      and d float32 per token) beside the kept inputs, or the same layer while its largest
+      weight's gradient is made (f d in the weights' dtype, beside its input's gradient).
     """
     saved, moments = _activation_moments(c, batch, seq, precision, checkpointing)
     return saved, max(moments.values())
@@ -153,8 +154,14 @@ def _activation_moments(
     # MLP's two in the activations' dtype, the residual's in its own; the kept input is one
     # of the tensors the layer saves (bf16_pure saves RMSNorm's float32 copy of it instead)
     grads = n * (act * 2 * f + residual * d)
-    moments["a recomputed layer and its gradients"] = (
-        inputs + n * (per_layer - (0 if pure else 4 * d)) + copies + grads - saved
+    layer = inputs + n * (per_layer - (0 if pure else 4 * d)) + copies - saved
+    moments["a recomputed layer and its gradients"] = layer + grads
+    # the MLP's down projection, the first the layer's backward reaches, gives its weight's
+    # gradient (f x d, the largest matrix) while all of the layer is alive: in the weights'
+    # dtype (under autocast the bf16 product is cast to float32, and the freed bf16 copy of
+    # the weight makes room for the bf16 product), beside the gradient of its input
+    moments["a recomputed layer and a weight's gradient"] = (
+        layer + n * (act * f + residual * d) + (2 if pure else 4) * f * d
     )
     return saved, moments
 
