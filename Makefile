@@ -46,6 +46,7 @@ bench: install  ## CPU benchmarks (~1 h); tables go to bench/RESULTS.md; GPU: be
 	$(PY) -m bench.allreduce_bytes
 	$(PY) -m bench.dp_overlap
 	$(PY) -m bench.memory plan
+	$(PY) -m bench.memory galore
 	$(PY) -m bench.memory fsdp --model llama_350m
 	$(PY) -m bench.golden --steps 60 --gap 20
 	$(PY) -m bench.golden --steps 60 --gap 20 --lr 0 --floor

@@ -2,7 +2,7 @@
 ``--dtype bfloat16`` with its 8-bit Adam), the measured peak of a whole LORENZA step beside
 GaLore's, in the same run, and the planner beside both; then the 7B plan for one 24 GiB GPU.
 
-    python -m bench.memory galore [--models llama_60m llama_350m] [--ranks 128 256]
+    python -m bench.memory galore [--models llama_60m llama_350m] [--ranks 128 256]  (default: 60m)
 
 Exact bytes (``trainer.exact_memory.step_peak``: the weights, buffers and states held plus
 the third step's peak) against the plan without its allocator headroom. Settings as the 7B
@@ -75,8 +75,8 @@ def plan_rows() -> list[list]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["llama_60m", "llama_350m"])
-    parser.add_argument("--ranks", nargs="+", type=int, default=[128, 256])
+    parser.add_argument("--models", nargs="+", default=["llama_60m"])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[128])
     args = parser.parse_args()
     if len(args.ranks) != len(args.models):
         sys.exit(f"--ranks {args.ranks}: give one rank per model ({len(args.models)})")
