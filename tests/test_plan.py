@@ -84,15 +84,21 @@ def test_activation_term_within_10_percent_of_the_measured_peak(precision, ckpt,
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16_pure"])
-def test_a_wide_recomputed_layer_counts_its_largest_weights_gradient(precision):
-    """At llama_350m's width and few tokens the backward's peak is a recomputed layer while
-    the down projection's weight gradient is made (f x d in the weights' dtype: under
-    autocast, the float32 cast of the bf16 product), not its activations (without that term
-    fp32 was planned 41% under at llama_1b's width)."""
-    cfg = model_config("llama_350m", vocab_size=256, activation_checkpointing="block",
+@pytest.mark.parametrize(
+    "ckpt,vocab",
+    [("block", 256), ("none", 256), ("none", 8000)],
+    ids=["recomputed", "kept", "head"],
+)
+def test_a_wide_model_counts_its_largest_weights_gradient(precision, ckpt, vocab):
+    """At llama_350m's width and few tokens the backward's peak is a weight's gradient being
+    made, in the weights' dtype (under autocast, the float32 cast of the bf16 product): the
+    down projection's (f x d) beside a recomputed layer or every layer's activations, or the
+    head's in one loss chunk (V x d). Without those terms fp32 was planned 41% under at
+    llama_1b's width."""
+    cfg = model_config("llama_350m", vocab_size=vocab, activation_checkpointing=ckpt,
                        num_hidden_layers=1)  # fmt: skip
     measured = activation_peak(cfg, 1, 32, precision)
-    saved, working = activation_bytes(cfg, 1, 32, precision, "block")
+    saved, working = activation_bytes(cfg, 1, 32, precision, ckpt)
     assert (saved + working) == pytest.approx(measured, rel=0.03)
 
 

@@ -94,12 +94,17 @@ def activation_bytes(
       gradient (3 k V floats; bf16: beside the head's bf16 copy); over several chunks, the
       head's gradient being summed as well (float32: the sum so far, the new part and their
       sum, 3 V d floats; bf16: two bf16 V x d beside the copy; bf16_pure: those three in
-      bf16);
+      bf16); in one chunk, the head's gradient being made beside the logits' and the head
+      input's gradients (float32: V d + k V + k d floats; bf16: its bf16 gradient and that
+      gradient's float32 cast, 6 V d bytes, the head's copy freed by then);
+    - a layer's backward while its largest weight's gradient is made (the MLP's down
+      projection, the first the backward reaches: f d in the weights' dtype, beside its
+      input's and the residual's gradients), the final norm's tensors gone;
     - under bf16 with checkpointing, a loss chunk's forward (bf16 and float32 logits,
       log-softmax, the head's copy) beside the kept inputs;
     - with checkpointing, a recomputed layer and its gradients (2 f in the activations' dtype
       and d float32 per token) beside the kept inputs, or the same layer while its largest
-      weight's gradient is made (f d in the weights' dtype, beside its input's gradient).
+      weight's gradient is made.
     """
     saved, moments = _activation_moments(c, batch, seq, precision, checkpointing)
     return saved, max(moments.values())
@@ -132,10 +137,13 @@ def _activation_moments(
         "bf16_pure": 24 * d + 8 * f + 4 * h + 8,
     }[precision]
     copies = weight_copies(c) if bf16 else 0  # autocast's bf16 cast of one layer's weights
-    outside = n * ((8 if pure else 12) * d + 4 + 16)  # final norm, 1/rms, int64 ids, targets
+    final_norm = n * (8 if pure else 12) * d
+    outside = final_norm + n * (4 + 16)  # final norm, 1/rms, int64 ids, targets
     k = min(c.loss_chunk or n, n)
-    if math.ceil(n / k) == 1:
-        loss = [12 * k * v + (2 * v * d if bf16 else 0)]
+    if math.ceil(n / k) == 1:  # ... or the head's gradient made beside the logits' one
+        head = {"fp32": 4 * (k * v + v * d + k * d), "bf16": 6 * v * d,
+                "bf16_pure": 2 * (k * v + v * d + k * d)}[precision]  # fmt: skip
+        loss = [12 * k * v + (2 * v * d if bf16 else 0), head]
     elif bf16:
         loss = [12 * k * v + 4 * v * d, 3 * k * v + 6 * v * d]
     elif pure:
@@ -144,7 +152,11 @@ def _activation_moments(
         loss = [4 * max(3 * k * v + v * d, 2 * k * v + 2 * v * d, 3 * v * d)]
     moments = {f"the loss chunk's backward ({k:,} tokens)": max(loss)}
     layers = c.num_hidden_layers
-    if checkpointing != "block":
+    # a layer's backward: the MLP's down projection gives its weight's gradient (f x d, the
+    # largest matrix; see below) beside its input's and the residual's gradients
+    weight_grad = n * (act * f + residual * d) + (2 if pure else 4) * f * d
+    if checkpointing != "block":  # the final norm's saved tensors gone by then
+        moments["a layer's largest weight's gradient"] = weight_grad - final_norm
         return layers * (n * per_layer + copies) + outside, moments
     inputs = layers * n * residual * d
     saved = inputs + outside
@@ -160,9 +172,7 @@ def _activation_moments(
     # gradient (f x d, the largest matrix) while all of the layer is alive: in the weights'
     # dtype (under autocast the bf16 product is cast to float32, and the freed bf16 copy of
     # the weight makes room for the bf16 product), beside the gradient of its input
-    moments["a recomputed layer and a weight's gradient"] = (
-        layer + n * (act * f + residual * d) + (2 if pure else 4) * f * d
-    )
+    moments["a recomputed layer and a weight's gradient"] = layer + weight_grad
     return saved, moments
 
 
