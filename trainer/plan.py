@@ -17,12 +17,14 @@ then counted from shapes, as the code that runs allocates it:
   mode, while ``trainer.grad_accum`` micro-batches are summed;
 - optimizer states in their bits (``state_bytes``: tested equal, byte for byte, to what the
   optimizers allocate);
-- the step's extras: SAM's kept perturbation ε, the zeroth-order random numbers a step keeps
-  (``optim.zo_buffer_mib`` plus one block), the update's temporaries;
+- the step's extras: SAM's kept perturbation ε (on bf16 weights, the moved weights' copy),
+  the zeroth-order random numbers a step keeps (``optim.zo_buffer_mib`` plus one block, and
+  the block the ascent applied in the forward last used), the update's temporaries;
 - activations (``activation_bytes``): the tensors autograd saves for the backward, counted op
   by op for ``models/llama.py`` (listed in its docstring), with and without
   ``activation_checkpointing=block``, plus the backward's working set -- the loss chunk's
-  float32 logits and their gradients, or a recomputed layer;
+  float32 logits and their gradients, a recomputed layer, or a weight's gradient being
+  made -- and the ``Z`` each layer saves when the ascent is applied in the forward;
 - allocator headroom: ``trainer.plan_headroom`` of the rest, for the caching allocator's
   fragmentation, and the CUDA context.
 
