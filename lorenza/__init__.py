@@ -1,4 +1,5 @@
-"""Memory-efficient optimizers for LLM pretraining: LORENZA, GaLore, Lorenza+, and baselines.
+"""Memory-efficient optimizers for LLM pretraining: LORENZA, GaLore, Lorenza+, Fira, APOLLO,
+and baselines.
 
 A plain PyTorch package: it imports neither Hydra nor this project's models or data, so it can
 be used in any training loop::
@@ -18,11 +19,24 @@ from lorenza.loren import LOREN
 from lorenza.mezo import MeZO
 from lorenza.optimizer import SubspaceAdamW
 from lorenza.schedule import cosine_lr, rho_for_lr
-from lorenza.variants import AdamW, AdaZoSAM, GaLoreAdamW, Lorenza, LorenzaPlus, SAMAdamW
+from lorenza.variants import (
+    APOLLO,
+    AdamW,
+    AdaZoSAM,
+    APOLLOMini,
+    Fira,
+    GaLoreAdamW,
+    Lorenza,
+    LorenzaPlus,
+    SAMAdamW,
+)
 
 __all__ = [
+    "APOLLO",
+    "APOLLOMini",
     "AdamW",
     "AdaZoSAM",
+    "Fira",
     "GaLoreAdamW",
     "Lorenza",
     "LorenzaPlus",

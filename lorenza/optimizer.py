@@ -1,10 +1,12 @@
 """``SubspaceAdamW``: the single optimizer behind every variant (GaLore, LORENZA, Lorenza+,
-AdaZo-SAM, SAM, AdamW), which differ only in their defaults (``lorenza/variants.py``).
+Fira, APOLLO, AdaZo-SAM, SAM, AdamW), which differ only in their defaults
+(``lorenza/variants.py``).
 
 The math, equation by equation: ``docs/design.md`` §1.2 (GaLore, eqs. 1-7), §1.5 (LORENZA,
-eqs. 12-14), §1.7 (Lorenza+, eqs. 16-20) and the readings of §2. The same steps written to be
-read beside the papers, one matrix at a time with nothing fused, sharded or folded, are
-``lorenza/reference.py``; ``tests/test_reference.py`` holds this optimizer to them.
+eqs. 12-14), §1.7 (Lorenza+ and Fira, eqs. 16-20), §1.11 (APOLLO, eqs. 51-53) and the readings
+of §2. The same steps written to be read beside the papers, one matrix at a time with nothing
+fused, sharded or folded, are ``lorenza/reference.py``; ``tests/test_reference.py`` holds this
+optimizer to them (``tests/test_parity.py`` holds Fira and APOLLO to their packages).
 
 One update, ``update(params)``, for any set of parameters at once -- all of them (``step()``),
 one transformer block (per-block fused hooks) or one parameter (per-parameter hooks) -- with
@@ -14,8 +16,9 @@ multi-tensor (``torch._foreach_*``) ops over the set:
    gradient (``projector.py``), then project ``ĝ = Qᵀ g`` (or ``g Q``), one GEMM per matrix;
 2. Adam on ``ĝ`` or on the full gradient (``adam.py``, 32-bit multi-tensor, or bitsandbytes
    8-bit per tensor);
-3. low rank: ``W += Q (−lr·step_factor·scale·N)`` in one GEMM per matrix; Lorenza+ adds Fira's
-   scaled orthogonal residual; full rank: ``W −= lr·step_factor·N``;
+3. low rank: ``W += Q (−lr·step_factor·scale·N)`` in one GEMM per matrix; Lorenza+ and Fira
+   add Fira's scaled residual; APOLLO instead moves by the whole gradient scaled per channel
+   (or per matrix) by ``‖N‖/‖ĝ‖``; full rank: ``W −= lr·step_factor·N``;
 4. decoupled weight decay ``W ← W − lr·wd·W``.
 
 Each parameter's update reads only its own gradient and state, so the three granularities
@@ -81,13 +84,21 @@ from lorenza.perturb import BackwardFn, Closure, Perturbation, check_arguments
 from lorenza.projector import (
     PROJECTIONS,
     STREAM_SKETCH,
+    apollo_seed,
     apply_back_,
     compute_basis,
+    generator_at,
     is_left,
     project,
     seeded_generator,
 )
-from lorenza.residual import fira_residual
+from lorenza.residual import (
+    RESIDUALS,
+    SCALINGS,
+    fira_residual,
+    norm_scaled,
+    reads_whole_gradient,
+)
 from lorenza.sharded import (
     add_full_,
     check_blocks,
@@ -108,9 +119,14 @@ class SubspaceAdamW(CheckpointState):
         rank (r): dimension of the subspace; ``None`` for full-rank groups.
         update_gap (T): steps between refreshes of ``Q``.
         scale (α): factor on the projected-back update (GaLore's ``scale``).
-        projection: ``ssrf`` (randomized range finder) or ``svd`` (GaLore's exact SVD).
+        projection: ``ssrf`` (randomized range finder), ``svd`` (GaLore's exact SVD) or
+            ``random`` (APOLLO's seeded Gaussian projection; only with ``scaling``).
         oversample (p), power_iters: SSRF options (Halko et al.); 0 and 0 match the paper.
-        residual: add Fira's norm-scaled orthogonal component (Lorenza+).
+        residual: add Fira's norm-scaled residual: ``"orthogonal"`` (``G − QQᵀG``, Lorenza+)
+            or ``"fira"`` (Fira's package's ``G − α QQᵀG``); ``None``: none.
+        scaling: APOLLO's update instead of the projected-back one, the whole gradient scaled
+            by ``‖N‖/‖ĝ‖`` per ``"channel"`` (APOLLO) or per ``"tensor"`` (APOLLO-Mini), times
+            ``√scale``; ``None``: GaLore's update.
         bits: 32 (moments, and the bases, in the parameter's dtype: float32, or bfloat16 on a
             pure-bf16 model as torch's and GaLore's Adam keep them), or 8 for bitsandbytes'
             blockwise 8-bit states.
@@ -146,7 +162,8 @@ class SubspaceAdamW(CheckpointState):
         projection: str = "ssrf",
         oversample: int = 0,
         power_iters: int = 0,
-        residual: bool = False,
+        residual: str | None = None,
+        scaling: str | None = None,
         bits: int = 32,
         perturbation: str | None = None,
         perturb_full_rank: bool = False,
@@ -173,6 +190,7 @@ class SubspaceAdamW(CheckpointState):
             oversample=oversample,
             power_iters=power_iters,
             residual=residual,
+            scaling=scaling,
             bits=bits,
         )
         super().__init__(params, defaults)
@@ -229,6 +247,18 @@ class SubspaceAdamW(CheckpointState):
                 bad("update_gap", g["update_gap"], "a positive integer")
             if g["projection"] not in PROJECTIONS:
                 bad("projection", g["projection"], f"one of {PROJECTIONS}")
+            if g["residual"] not in RESIDUALS:
+                bad("residual", g["residual"], f"one of {RESIDUALS}")
+            if g["scaling"] not in SCALINGS:
+                bad("scaling", g["scaling"], f"one of {SCALINGS}")
+            if g["scaling"] and g["residual"]:
+                bad("residual", g["residual"], "None with scaling (APOLLO's update is whole)")
+            if g["projection"] == "random" and not g["scaling"]:
+                bad("projection", "random", "ssrf or svd without scaling (an update projected "
+                    "back needs an orthonormal basis)")  # fmt: skip
+            if self.perturbation and g["scaling"]:
+                bad("perturbation", self.perturbation, "None with scaling (the ascent's restore "
+                    "rides on the projected-back update, which APOLLO lacks)")  # fmt: skip
             if g["oversample"] < 0 or g["power_iters"] < 0:
                 bad("oversample/power_iters", (g["oversample"], g["power_iters"]), ">= 0")
             for p in g["params"]:
@@ -282,7 +312,7 @@ class SubspaceAdamW(CheckpointState):
         state = self.state[p]
         return (
             group["rank"] is not None
-            and not group["residual"]
+            and not reads_whole_gradient(group)
             and "basis" in state
             and state.get("step", 0) % group["update_gap"] != 0
         )
@@ -315,7 +345,13 @@ class SubspaceAdamW(CheckpointState):
         replaced by zeros (fused updates), whose zeros must not become the basis either."""
         self._fresh.add(p)
         group, state = self.group_of(p), self.state[p]
-        gen = seeded_generator(p.device, self.seed, STREAM_SKETCH, self.step_count, self.index[p])
+        if group["projection"] == "random":  # APOLLO's seeds, for parity with its package
+            refreshes = state.get("step", 0) // group["update_gap"]
+            gen = generator_at(p.device, apollo_seed(self.index[p], refreshes))
+        else:
+            gen = seeded_generator(
+                p.device, self.seed, STREAM_SKETCH, self.step_count, self.index[p]
+            )
         # A NaN/inf gradient (the step is then skipped) must not become the basis: the
         # previous one is kept (decided on the device); the first one comes from zeros.
         ok = torch.isfinite(grad).all()
@@ -414,17 +450,26 @@ class SubspaceAdamW(CheckpointState):
         folded: set[torch.Tensor],
         finite: torch.Tensor | None,
     ) -> None:
-        """GaLore's (1)-(7) and Lorenza+'s (16)-(20) for the low-rank matrices ``ps`` of
-        ``group``, a line of the math each; FSDP2 rows, 8-bit states and the restore folded
-        into the update are the helpers' (``lorenza/reference.py`` has it all written plainly)."""
+        """GaLore's (1)-(7), Lorenza+'s and Fira's (16)-(20) and APOLLO's (51)-(53) for the
+        low-rank matrices ``ps`` of ``group``, a line of the math each; FSDP2 rows, 8-bit states
+        and the restore folded into the update are the helpers' (``lorenza/reference.py`` has
+        GaLore's and LORENZA's written plainly)."""
         grads, projected, bases = self._project(group, ps, lows, finite)  # Q (1)/(12), ĝ (2)
         steps = self._advance(ps)
         ns = self._adam_directions(group, ps, projected, steps)  # N = M / (√V + ε) (3)-(4)
         beta1, beta2 = group["betas"]
         etas = [group["lr"] * (math.sqrt(1 - beta2**t) / (1 - beta1**t)) for t in steps]  # (5)
-        if group["residual"]:  # Lorenza+: W −= η S (16)-(20), from N before it is scaled
+        if group["scaling"]:  # APOLLO: W −= η √α S, S the whole gradient scaled (51)-(53)
+            tensorwise, root = group["scaling"] == "tensor", math.sqrt(group["scale"])
+            for p, g, low, n, eta in zip(ps, grads, projected, ns, etas, strict=True):
+                s = norm_scaled(g, low, n, self.state[p], tensorwise).mul_(root)
+                add_full_(p, s.to(p.dtype), alpha=-eta)
+            return
+        if group["residual"]:  # Lorenza+, Fira: W −= η S (16)-(20), from N before it is scaled
+            kept = group["scale"] if group["residual"] == "fira" else 1.0  # (35)
             for p, g, q, low, n, eta in zip(ps, grads, bases, projected, ns, etas, strict=True):
-                add_full_(p, fira_residual(g, q, low, n, self.state[p]).to(p.dtype), alpha=-eta)
+                s = fira_residual(g, q, low, n, self.state[p], kept)
+                add_full_(p, s.to(p.dtype), alpha=-eta)
         alphas = [-eta * group["scale"] for eta in etas]
         self._apply_back(ps, ns, bases, alphas, folded)  # W −= η α Q N (6), (49)
 
@@ -437,17 +482,17 @@ class SubspaceAdamW(CheckpointState):
     ) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
         """Each matrix's basis (refreshed when due), its projected gradient (``lows``' if it
         was reduced in projected form; its rows' if it is kept by rows), and its whole
-        gradient where Fira's residual reads it (``None`` elsewhere)."""
+        gradient where Fira's residual or APOLLO reads it (``None`` elsewhere)."""
         grads, projected, bases = [], [], []
         for p in ps:
             rows, due = p in self.by_rows, self.refresh_due(p)
             # under FSDP2 ``grad`` is gathered whole: a matrix kept by rows needs it only to
-            # refresh, and only Fira's residual reads it after the projection, so otherwise it
-            # goes now, one matrix's alive at a time rather than a unit's
+            # refresh, and only Fira's residual and APOLLO read it after the projection, so
+            # otherwise it goes now, one matrix's alive at a time rather than a unit's
             grad = None if p in lows or (rows and not due) else full(p.grad)
             if due:
                 self.refresh(p, grad, finite)
-            grads.append(grad if group["residual"] else None)
+            grads.append(grad if reads_whole_gradient(group) else None)
             bases.append(self.basis(p))
             if p in lows:
                 low = rows_of(p, lows[p]) if rows else lows[p]
@@ -543,10 +588,10 @@ def _by_value(values: list) -> dict:
 def kept_by_rows(shape: tuple[int, ...], group: dict, world: int) -> bool:
     """Whether a matrix of ``shape`` in ``group``, split by rows over ``world`` ranks (FSDP2),
     has its m x r moments kept by rows (``SubspaceAdamW.by_rows``): it is right-projected,
-    without Fira's residual (which reads the whole gradient and whole-matrix norms), and
+    without Fira's residual or APOLLO's scaling (``reads_whole_gradient``), and
     8-bit moments only when every rank's rows start on a quantization block (each rank's
     blocks are then the whole tensor's, bit for bit); otherwise every rank keeps them whole."""
-    if group["rank"] is None or group["residual"] or is_left(shape):
+    if group["rank"] is None or reads_whole_gradient(group) or is_left(shape):
         return False
     moments = (shape[0], group["rank"])
     quantized = group["bits"] == 8 and math.prod(moments) >= MIN_8BIT_SIZE

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lorenza.adam import BLOCKSIZE
 from lorenza.projector import is_left
+from lorenza.residual import reads_whole_gradient
 from lorenza.sharded import gather_blocks, local_blocks
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -91,6 +92,9 @@ class CheckpointState(torch.optim.Optimizer):
         self._check_state_keys(state_dict["state"], extra["step_count"])
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # keys added since the checkpoint: their defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         self.step_count, self.seed = extra["step_count"], extra["seed"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
@@ -139,7 +143,7 @@ def _expected_keys(group: dict, state: dict, rank_r: bool) -> set[str]:
         keys.add("basis")
     if group["rank"] is not None and rank_r:
         keys.add("cobasis")
-    if group["rank"] is not None and group["residual"]:
+    if group["rank"] is not None and reads_whole_gradient(group):
         keys.add("residual_norm")
     if "absmax1" in state:
         keys |= set(ABSMAX)

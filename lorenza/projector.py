@@ -8,9 +8,12 @@ optimizer works on ``Qᵀ g`` (left) or ``g Q`` (right). As in GaLore's ``std`` 
 side is projected: left (``Q`` m x r) when m < n, right (``Q`` n x r) when m >= n -- GaLore
 sends square matrices right, and we follow it so that the parity tests can be exact.
 
-Two ways to choose ``Q`` (``projection``):
+Three ways to choose ``Q`` (``projection``):
 
 - ``svd``: the top-r singular vectors, GaLore's exact truncated SVD.
+- ``random``: APOLLO's projection (Zhu et al. 2024), Gaussian entries of variance 1/r drawn from
+  a seed alone, not orthonormal and blind to the gradient; only APOLLO's update, which reads
+  nothing but the norms of the projected moments, uses it (``residual.norm_scaled``).
 - ``ssrf``: LORENZA's randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1/4.3):
   ``Y = g Ω`` with ``Ω ~ N(0, 1/r)`` of shape n x (r + p), ``power_iters`` rounds of
   ``Y = g (gᵀ Y)``, ``Q = qr(Y).Q``. It costs one sketch matmul and a thin QR instead of
@@ -36,7 +39,7 @@ import torch
 
 from lorenza.sharded import add_full_, addmm_rows_, local
 
-PROJECTIONS = ("ssrf", "svd")
+PROJECTIONS = ("ssrf", "svd", "random")
 
 
 def is_left(shape: torch.Size | tuple[int, int]) -> bool:
@@ -63,12 +66,40 @@ def seeded_generator(device: torch.device, *keys: int) -> torch.Generator:
     generator per device is re-seeded rather than a new one built each time: a step asks for
     hundreds, and building a CUDA generator costs far more than seeding one. Use it before
     asking for the next."""
+    return generator_at(device, mix(*keys))
+
+
+def generator_at(device: torch.device, seed: int) -> torch.Generator:
+    """``device``'s one generator, seeded with ``seed`` (``seeded_generator``)."""
     device = torch.device(device)
     if device not in _GENERATORS:
         _GENERATORS[device] = torch.Generator(device=device)
     gen = _GENERATORS[device]
-    gen.manual_seed(mix(*keys))
+    gen.manual_seed(seed)
     return gen
+
+
+def apollo_seed(index: int, refreshes: int) -> int:
+    """The seed of APOLLO's projection of the optimizer's parameter number ``index`` (from 0)
+    after ``refreshes`` earlier refreshes, as ``apollo-torch`` numbers them: the parameter's
+    position from 1, then each refresh advances it to the 15th integer a CPU generator seeded
+    with it draws. It depends on the position only, not on the run's seed."""
+    seed = index + 1
+    for _ in range(refreshes):
+        gen = torch.Generator().manual_seed(seed)
+        seed = int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen)[-1])
+    return seed
+
+
+def random_basis(
+    shape: torch.Size | tuple[int, int], rank: int, generator: torch.Generator
+) -> torch.Tensor:
+    """APOLLO's projection for a matrix of ``shape``: ``N(0, 1/r)`` entries, m x r when left,
+    n x r when right (drawn r x n, as APOLLO draws it, and transposed), float32."""
+    m, n = shape
+    dims = (m, rank) if is_left(shape) else (rank, n)
+    draw = torch.randn(dims, generator=generator, device=generator.device) / rank**0.5
+    return draw if is_left(shape) else draw.T.contiguous()
 
 
 def ssrf_basis(
@@ -128,6 +159,8 @@ def compute_basis(
     with ``cobasis``, the pair ``(Q, C)`` with ``C`` in the shape of ``Z``."""
     if projection == "svd":
         return svd_basis(g, rank, cobasis)
+    if projection == "random" and not cobasis:
+        return random_basis(g.shape, rank, generator)
     if projection == "ssrf":
         if is_left(g.shape):
             return ssrf_basis(g, rank, oversample, power_iters, generator, cobasis)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lorenza.optimizer import SubspaceAdamW
+from lorenza.residual import reads_whole_gradient
 
 
 class GradReducer:
@@ -105,7 +106,7 @@ def bytes_per_step(optimizer: SubspaceAdamW) -> dict[str, int]:
         for p in group["params"]:
             size = p.numel() * p.element_size()
             full += size
-            projected = group["rank"] is not None and not group["residual"]
+            projected = group["rank"] is not None and not reads_whole_gradient(group)
             lowrank += group["rank"] * max(p.shape) * p.element_size() if projected else size
             ascent = optimizer.ascent
             if ascent is not None and ascent.refresh_before_ascent and p in ascent.lowrank:

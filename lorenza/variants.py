@@ -38,7 +38,36 @@ class LorenzaPlus(Lorenza):
     (``residual.fira_residual``), at no extra memory."""
 
     def __init__(self, params, **kwargs):
-        super().__init__(params, **{"residual": True, **kwargs})
+        super().__init__(params, **{"residual": "orthogonal", **kwargs})
+
+
+class Fira(GaLoreAdamW):
+    """Fira (Chen et al. 2024): GaLore plus the gradient outside the subspace, scaled by
+    ``‖N‖/‖ĝ‖`` per column and growth-limited, as the ``fira`` package computes it (its
+    residual subtracts the scaled projection, ``docs/design.md`` eq. 35); no ascent."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **{"residual": "fira", **kwargs})
+
+
+class APOLLO(SubspaceAdamW):
+    """APOLLO (Zhu et al. 2024, "APOLLO: SGD-like Memory, AdamW-level Performance"): Adam's
+    moments on a seeded random projection of the gradient, used only to scale the whole
+    gradient per channel (``residual.norm_scaled``), with Fira's growth limiter and ``√scale``
+    on the result, as the ``apollo-torch`` package computes it."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(
+            params, **{"projection": "random", "scaling": "channel", "scale": 1.0, **kwargs}
+        )
+
+
+class APOLLOMini(APOLLO):
+    """APOLLO-Mini: APOLLO with one scale per matrix (``scaling="tensor"``), meant for rank 1
+    and ``scale=128`` (its authors' settings)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **{"scaling": "tensor", "scale": 128.0, **kwargs})
 
 
 class AdaZoSAM(SubspaceAdamW):

@@ -74,6 +74,9 @@ COMPILED = [CASES.index(("lorenza", "false", "true"))]  # compiled layers under 
 CASES += [(o, "true", "true") for o in ("adamw", "lorenza")]  # fused FSDP2
 # 8-bit states under FSDP2: each rank quantizes its shard (here the whole tensor's blocks)
 CASES += [("adamw8bit", "false", "true"), ("lorenza8bit", "true", "true")]
+# APOLLO's scaled whole gradient: fused under FSDP2 (each matrix's gradient gathered), and
+# APOLLO-Mini's under DDP
+CASES += [("apollo", "true", "true"), ("apollo_mini", "false", "false")]
 FSDP2 = [*SMALL_RUN, *RUN, *TWO_PROCS, "dist.fsdp=true"]
 CLIP = ["trainer.grad_clip_mode=per_param", "trainer.grad_clip=0.05"]  # clips every step
 # Fused FSDP2 with accumulation; with per-parameter clipping, against unfused FSDP2; and with

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from lorenza import (
+    APOLLO,
     AdamW,
     AdaZoSAM,
+    APOLLOMini,
+    Fira,
     GaLoreAdamW,
     Lorenza,
     LorenzaPlus,
@@ -33,6 +36,9 @@ VARIANTS = {
     ),
     "adazo_sam": lambda m, **kw: AdaZoSAM(m.parameters(), **kw),
     "sam": lambda m, **kw: SAMAdamW(m.parameters(), **kw),
+    "fira": lambda m, **kw: Fira(lowrank_param_groups(m, 8, update_gap=4), **kw),
+    "apollo": lambda m, **kw: APOLLO(lowrank_param_groups(m, 8, update_gap=4), **kw),
+    "apollo_mini": lambda m, **kw: APOLLOMini(lowrank_param_groups(m, 1, update_gap=4), **kw),
 }
 
 
@@ -110,6 +116,12 @@ def test_8bit_states_are_a_quarter_and_lorenza_has_no_hidden_buffers():
         lowrank_param_groups(model, 8)[0]["params"]
     )
     assert one_step_bytes("adazo_sam")[0] == full32
+    # Fira's and APOLLO's one limiter norm per matrix; APOLLO's random basis is GaLore's size
+    assert (
+        one_step_bytes("fira")[0]
+        == one_step_bytes("apollo")[0]
+        == one_step_bytes("lorenza_plus")[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,6 +136,11 @@ def test_8bit_states_are_a_quarter_and_lorenza_has_no_hidden_buffers():
         (8, {"q": 0}, "q=0"),
         (8, {"bits": 4}, "bits=4"),
         (8, {"projection": "qr"}, "projection='qr'"),
+        (8, {"residual": "yes"}, "residual='yes'"),
+        (8, {"scaling": "row", "perturbation": None}, "scaling='row'"),
+        (8, {"projection": "random"}, "projection='random' is invalid: must be ssrf or svd"),
+        (8, {"scaling": "channel"}, "perturbation='zo' is invalid: must be None with scaling"),
+        (8, {"scaling": "tensor", "residual": "fira", "perturbation": None}, "residual='fira'"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_value(rank, kwargs, needle):

@@ -1,5 +1,6 @@
 """Step-for-step parity with reference implementations nobody here wrote: galore-torch's
-GaLoreAdamW (and GaLoreAdamW8bit), fira's FiraAdamW, bitsandbytes' AdamW8bit."""
+GaLoreAdamW (and GaLoreAdamW8bit), fira's FiraAdamW, apollo-torch's APOLLOAdamW, bitsandbytes'
+AdamW8bit."""
 
 import copy
 import warnings
@@ -7,12 +8,22 @@ import warnings
 import pytest
 import torch
 
-from lorenza import AdamW, GaLoreAdamW, Lorenza, LorenzaPlus, lowrank_param_groups
+from lorenza import (
+    APOLLO,
+    AdamW,
+    APOLLOMini,
+    Fira,
+    GaLoreAdamW,
+    Lorenza,
+    LorenzaPlus,
+    lowrank_param_groups,
+)
 from models import Llama, loss_fn
 from tests.conftest import SMALL
 
 galore_torch = pytest.importorskip("galore_torch")
 fira = pytest.importorskip("fira")
+apollo_torch = pytest.importorskip("apollo_torch")
 bnb = pytest.importorskip("bitsandbytes")
 
 RANK, GAP, STEPS = 8, 8, 24  # refreshes at steps 0, 8, 16
@@ -97,6 +108,37 @@ def test_lorenza_plus_matches_fira_at_scale_one():
     groups = lowrank_param_groups(ours_model, RANK, update_gap=GAP, scale=1.0, projection="svd")
     ours = LorenzaPlus(groups, lr=LR, weight_decay=WD, rho_max=0.0, rho_min=0.0)
     ref = make_ref(fira.FiraAdamW, reference_groups(ref_model, alpha=1.0), lr=LR, weight_decay=WD)
+    assert train_side_by_side(ours_model, ours, ref_model, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_fira_matches_fira(scale):
+    """Fira's own residual ``G − α Q Qᵀ G`` (eq. 35) at α = 1 and at its authors' 0.25, over
+    three refreshes of square (attention), tall and wide (MLP) matrices."""
+    ours_model, ref_model = small_model(), small_model()
+    groups = lowrank_param_groups(ours_model, RANK, update_gap=GAP, scale=scale, projection="svd")
+    ours = Fira(groups, lr=LR, weight_decay=WD)
+    ref = make_ref(fira.FiraAdamW, reference_groups(ref_model, alpha=scale), lr=LR, weight_decay=WD)
+    assert train_side_by_side(ours_model, ours, ref_model, ref) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "cls, rank, keys",
+    [
+        (APOLLO, RANK, dict(scale=1.0, scale_type="channel")),
+        (APOLLOMini, 1, dict(scale=128.0, scale_type="tensor")),
+    ],
+    ids=["apollo", "apollo_mini"],
+)
+def test_apollo_matches_apollo_torch(cls, rank, keys):
+    """APOLLO's random projections drawn from its package's seeds (one per parameter, advanced
+    at each of the three refreshes), and its scaled gradient, limiter and ``√scale``, at its
+    authors' settings."""
+    ours_model, ref_model = small_model(), small_model()
+    ours = cls(lowrank_param_groups(ours_model, rank, update_gap=GAP), lr=LR, weight_decay=WD)
+    groups = reference_groups(ref_model, proj="random", **keys)
+    groups[0]["rank"] = rank
+    ref = make_ref(apollo_torch.APOLLOAdamW, groups, lr=LR, weight_decay=WD)
     assert train_side_by_side(ours_model, ours, ref_model, ref) <= 1e-5
 
 

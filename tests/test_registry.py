@@ -56,16 +56,17 @@ def test_an_unregistered_optimizer_is_named():
 
 
 def test_the_entries_say_what_the_papers_say():
-    """GaLore, LORENZA and Lorenza+ train the attention and MLP matrices in low rank; LORENZA's
-    family and AdaZo-SAM ascend with forward probes, SAM with a backward; MeZO and LOREN run
-    no backward; only Lorenza+ reads the gradient outside the subspace."""
+    """GaLore, LORENZA, Lorenza+, Fira and APOLLO train the attention and MLP matrices in low
+    rank; LORENZA's family and AdaZo-SAM ascend with forward probes, SAM with a backward; MeZO
+    and LOREN run no backward; Lorenza+, Fira and APOLLO read the whole gradient."""
     assert set(names(lowrank=True)) == {
-        "galore", "galore8bit", "lorenza", "lorenza8bit", "lorenza_plus"
+        "galore", "galore8bit", "lorenza", "lorenza8bit", "lorenza_plus", "fira", "apollo",
+        "apollo_mini",
     }  # fmt: skip
     assert set(names(ascent="zo")) == {"lorenza", "lorenza8bit", "lorenza_plus", "adazo_sam"}
     assert names(ascent="sam") == ["sam"]
     assert set(names(forward_only=True)) == {"mezo", "loren"}
-    assert names(whole_gradient=True) == ["lorenza_plus"]
+    assert set(names(whole_gradient=True)) == {"lorenza_plus", "fira", "apollo", "apollo_mini"}
     assert {n for n, s in OPTIMIZERS.items() if s.bits == 8} == {
         "adamw8bit", "galore8bit", "lorenza8bit"
     }  # fmt: skip

@@ -58,7 +58,8 @@ class OptimConfig:
     scale: float = 0.25
     """α: factor on the projected-back update."""
     projection: str = "ssrf"
-    """``ssrf`` (randomized range finder) or ``svd`` (GaLore's exact SVD)."""
+    """``ssrf`` (randomized range finder), ``svd`` (GaLore's exact SVD) or ``random`` (APOLLO's
+    seeded Gaussian projection: apollo and apollo_mini only)."""
     oversample: int = 0
     """p: extra sketch columns of SSRF (Halko et al. advise 5-10; the paper uses 0)."""
     power_iters: int = 0

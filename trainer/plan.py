@@ -50,6 +50,7 @@ from lorenza import module_blocks
 from lorenza.adam import MIN_8BIT_SIZE, moment_bytes
 from lorenza.loren import rows
 from lorenza.optimizer import kept_by_rows
+from lorenza.residual import reads_whole_gradient
 from models import Llama, ModelConfig
 from models.llama import Block
 from trainer.config import Config, weight_dtype
@@ -214,7 +215,7 @@ def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
     """Bytes of ``optimizer``'s state once it has stepped, from its parameters' shapes:
     Adam's moments (full size, or r x max(m, n) for a low-rank matrix, in the group's bits:
     32-bit ones in the parameter's dtype), the basis ``Q`` (min(m, n) x r, in the
-    parameter's dtype), Lorenza+'s residual norm, the rank_r cobasis;
+    parameter's dtype), the limiter's norm of Lorenza+, Fira and APOLLO, the rank_r cobasis;
     LOREN's curvature vector and momentum; MeZO nothing. ``world``: FSDP2 shards the
     full-rank states over the ranks, and the moments and bases of the right-projected
     matrices it can keep by rows (``kept_by_rows``); other low-rank states are whole on each."""
@@ -235,7 +236,7 @@ def state_bytes(optimizer: torch.optim.Optimizer, world: int = 1) -> float:
             split = world if kept_by_rows(p.shape, group, world) else 1
             basis = size * r * min(p.shape)
             total += (moment_bytes(r * wide, group["bits"], size) + basis) / split
-            total += size if group.get("residual") else 0  # a scalar, in the dtype of p
+            total += size if reads_whole_gradient(group) else 0  # a scalar, in p's dtype
             total += 4 * r * wide if getattr(optimizer, "perturbation", None) == "rank_r" else 0
     return total
 
@@ -534,9 +535,10 @@ def update_temporaries(
     gradient, its denominator and direction for a low-rank one; everything at once unfused,
     the largest unit's when fused (a matrix kept by rows: its rows of them, and its basis
     gathered). Under FSDP2 a low-rank matrix's gradient is also gathered whole (one kept by
-    rows: on refresh steps only): one at a time, or all of them when Fira's residual reads
-    them again. 8-bit tensors are updated one by one: the largest one's; a low-rank one
-    holds its projected gradient, its float32 copy and the direction bitsandbytes writes.
+    rows: on refresh steps only): one at a time, or all of them when Fira's residual or
+    APOLLO reads them again. 8-bit tensors are updated one by one: the largest one's; a
+    low-rank one holds its projected gradient, its float32 copy and the direction
+    bitsandbytes writes.
 
     On the ``cpu``, bitsandbytes' 8-bit kernel is not in place: it dequantizes both moments
     to float32 and computes the gradient, ``sqrt(v)`` and the denominator out of place,
@@ -574,7 +576,7 @@ def update_temporaries(
             else:
                 total += low
                 gathered.append(whole)
-        residual = any(optimizer.group_of(p)["residual"] for p in ps)
+        residual = any(reads_whole_gradient(optimizer.group_of(p)) for p in ps)
         return total + max(sum(gathered) if residual else max(gathered), max(one_by_one))
 
     return max(temporaries(u) for u in units) if fused else temporaries(params)

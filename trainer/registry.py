@@ -11,7 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
-from lorenza import LOREN, AdamW, AdaZoSAM, GaLoreAdamW, Lorenza, LorenzaPlus, MeZO, SAMAdamW
+from lorenza import (
+    APOLLO,
+    LOREN,
+    AdamW,
+    AdaZoSAM,
+    APOLLOMini,
+    Fira,
+    GaLoreAdamW,
+    Lorenza,
+    LorenzaPlus,
+    MeZO,
+    SAMAdamW,
+)
 
 ASCENTS = (None, "zo", "sam")
 STATES = ("adam", "loren", "none")
@@ -35,7 +47,7 @@ class OptimizerSpec:
     forward_only: bool = False
     """No backward at all (MeZO, LOREN): ``train_step``'s forward-only path, no fused hooks."""
     whole_gradient: bool = False
-    """Its update reads the whole gradient, not only ``Qᵀg`` (Lorenza+'s residual), so the
+    """Its update reads the whole gradient, not only ``Qᵀg`` (Fira's residual, APOLLO), so the
     ranks cannot average the projected gradient instead."""
     state: str = "adam"
     """What it keeps per parameter: ``"adam"`` (two moments, low-rank ones in the subspace,
@@ -49,6 +61,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw8bit": OptimizerSpec(AdamW, bits=8),
     "galore": OptimizerSpec(GaLoreAdamW, lowrank=True),
     "galore8bit": OptimizerSpec(GaLoreAdamW, lowrank=True, bits=8),
+    "fira": OptimizerSpec(Fira, lowrank=True, whole_gradient=True),
+    "apollo": OptimizerSpec(APOLLO, lowrank=True, whole_gradient=True),
+    "apollo_mini": OptimizerSpec(APOLLOMini, lowrank=True, whole_gradient=True),
     "lorenza": OptimizerSpec(Lorenza, **_LORENZA),
     "lorenza8bit": OptimizerSpec(Lorenza, bits=8, **_LORENZA),
     "lorenza_plus": OptimizerSpec(LorenzaPlus, whole_gradient=True, **_LORENZA),

@@ -4,6 +4,8 @@ CPU-sized model, with sharpness at the end and a Welch t-test against GaLore.
     python -m experiments.ablation                       # the grid, 5 seeds, fresh data
     python -m experiments.ablation --regime repeat       # the same on a small slice, many epochs
     python -m experiments.ablation --seeds 5 --dry-run   # print the train.py commands
+    python -m experiments.ablation --names galore lorenza lorenza_plus fira lorenza_plus-svd \
+        apollo apollo_mini --section peers               # the peers, in a table of their own
 
 Every run is ``train.py`` with ``trainer.resume=auto`` in ``results/ablation-<regime>/<name>-
 seed<k>``: rerunning continues unfinished runs and skips finished ones. The scale is cut to
@@ -18,7 +20,7 @@ The table (``bench/RESULTS.md``, section ``ablation-<regime>``): validation perp
 mean ± std over seeds, the train − validation loss gap at the end (train loss averaged over
 the last 20 steps), the three sharpness numbers of the final weights (``trainer/
 sharpness.py``, ρ = 0.05), tokens/s, and Welch's t-test p-value of the validation loss
-against GaLore's.
+against GaLore's and, for a method with a base in ``BASES``, against its base's.
 """
 
 from __future__ import annotations
@@ -81,7 +83,15 @@ GRID = {
         f"lorenza-rho{rho}": ["optim=lorenza", f"optim.rho_max={rho}", f"optim.rho_min={rho}"]
         for rho in ("0.003", "0.03", "0.1")
     },
+    # the peers (their own configs: authors' learning rates and scales), and LORENZA's ascent
+    # on Fira's update: Lorenza+ with Fira's SVD basis
+    "fira": ["optim=fira"],
+    "apollo": ["optim=apollo"],
+    "apollo_mini": ["optim=apollo_mini", "optim.rank=1"],
+    "lorenza_plus-svd": ["optim=lorenza_plus", "optim.projection=svd"],
 }
+BASES = {"lorenza_plus-svd": "fira"}  # a sharpness-aware variant: name -> the method it extends
+DEFAULT = [n for n in GRID if n not in ("fira", "apollo", "apollo_mini", "lorenza_plus-svd")]
 
 
 def repeat_corpus(out: Path, docs: int) -> Path:
@@ -106,7 +116,6 @@ def command(name: str, seed: int, out: Path, scale: Scale, data: list[str]) -> l
     return [
         sys.executable,
         "train.py",
-        *GRID[name],
         *data,
         f"seed={seed}",
         f"model={scale.model}",
@@ -128,6 +137,7 @@ def command(name: str, seed: int, out: Path, scale: Scale, data: list[str]) -> l
         "trainer.save_model=false",
         "trainer.resume=auto",
         f"trainer.run_dir={out / f'{name}-seed{seed}'}",
+        *GRID[name],  # last: a method's own setting wins over the scale's (apollo_mini's rank)
     ]
 
 
@@ -166,13 +176,16 @@ def table(out: Path, names: list[str], seeds: int, steps: int) -> tuple[str, dic
         name: [s for k in range(seeds) if (s := summary(out / f"{name}-seed{k}", steps))]
         for name in names
     }
-    base = [r["val_loss"] for r in results.get("galore", [])]
+
+    def p_against(name: str, base: str) -> str:
+        ours, theirs = ([r["val_loss"] for r in results.get(n, [])] for n in (name, base))
+        return f"{welch_p(ours, theirs):.3f}" if min(len(ours), len(theirs)) > 1 else "-"
+
     rows = []
     for name, runs in results.items():
         if not runs:
             continue
         losses = [r["val_loss"] for r in runs]
-        p = welch_p(losses, base) if name != "galore" and len(runs) > 1 and len(base) > 1 else None
         rows.append(
             [
                 name,
@@ -183,7 +196,8 @@ def table(out: Path, names: list[str], seeds: int, steps: int) -> tuple[str, dic
                 mean_std([r["sharp_ascent"] for r in runs], ".3f"),
                 mean_std([r["hessian_top_eig"] for r in runs], ".1f"),
                 f"{statistics.mean(r['tokens_per_s'] for r in runs):,.0f}",
-                "-" if p is None else f"{p:.3f}",
+                "-" if name == "galore" else p_against(name, "galore"),
+                f"{p_against(name, BASES[name])} ({BASES[name]})" if name in BASES else "-",
             ]
         )
     header = [
@@ -196,6 +210,7 @@ def table(out: Path, names: list[str], seeds: int, steps: int) -> tuple[str, dic
         "hessian_top_eig",
         "tokens/s",
         "p vs GaLore (Welch)",
+        "p vs its base",
     ]
     return markdown_table(header, rows), results
 
@@ -245,7 +260,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regime", choices=("fresh", "repeat"), default="fresh")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--names", nargs="+", default=list(GRID))
+    ap.add_argument("--names", nargs="+", default=DEFAULT, choices=list(GRID))
+    ap.add_argument("--section", help="the RESULTS.md section (default: ablation-<regime>)")
     ap.add_argument("--out", default="results")
     ap.add_argument("--scale", choices=tuple(SCALES), default="cpu")
     ap.add_argument("--dry-run", action="store_true")
@@ -281,12 +297,13 @@ def main() -> None:
     walls = [out / f"{n}-seed{k}" / WALL for n in args.names for k in range(args.seeds)]
     wall = sum(float(w.read_text()) for w in walls if w.exists())
     print(md)
-    figure = ROOT / "experiments" / "ablation" / f"{tag}.png"
+    section = args.section or f"ablation-{tag}"
+    figure = ROOT / "experiments" / "ablation" / f"{args.section or tag}.png"
     plot(results, figure)
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else machine()
     layers = f" with {scale.layers} layers" if scale.layers else ""
     write_section(
-        f"ablation-{tag}",
+        section,
         f"## Optimizers and ablations, {args.seeds} seeds, {args.regime} data ({where})\n\n"
         f"`python -m experiments.ablation {' '.join(sys.argv[1:])}`; {scale.model}{layers}, "
         f"{scale.precision}, {scale.steps} steps of {scale.batch * scale.accum} x {scale.seq} "
