@@ -8,6 +8,9 @@ command carries those overrides; the sizes differ in rank (128 / 256 / 256), len
 schedule, not of the items: llama_tiny on the bundled sample corpus, packed, 200 steps of
 8 x 256 tokens, rank 32, refresh every 50 steps, bf16 autocast, 3 seeds. The runner that
 launches, resumes and tabulates the runs is ``experiments/repro``.
+
+The peers (Fira, APOLLO, APOLLO-Mini) run the same protocol with their authors' own scale and
+rank where these differ from GaLore's (``PEERS``), so that each row is its method as published.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.metrics import ROOT, markdown_table, run_rows
-from trainer.registry import OPTIMIZERS as REGISTRY
 
-OPTIMIZERS = ("adamw", "galore", "lorenza", "lorenza_plus")
+OPTIMIZERS = ("adamw", "galore", "lorenza", "lorenza_plus", "fira", "apollo", "apollo_mini")
 NUMERICS = ("autocast", "galore")  # --numerics: galore runs pure-bf16 optimizers in pure bf16
-PUBLISHED_PPL = {  # GaLore Table 2 (adamw, galore) and LORENZA Table 3 (lorenza, lorenza_plus)
-    "60m": {"adamw": 34.06, "galore": 34.88, "lorenza": 34.29},
-    "130m": {"adamw": 25.08, "galore": 25.36, "lorenza": 24.92},
-    "350m": {"adamw": 18.80, "galore": 18.95, "lorenza": 18.87},
-    "1b": {"adamw": 15.56, "galore": 15.64},
-}
+PUBLISHED_PPL = {  # GaLore Table 2 (adamw, galore), LORENZA Table 3 (lorenza) and APOLLO
+    # (arXiv 2412.05270) Table 2 (fira, apollo, apollo_mini)
+    "60m": {"adamw": 34.06, "galore": 34.88, "lorenza": 34.29, "fira": 31.06, "apollo": 31.55,
+            "apollo_mini": 31.93},
+    "130m": {"adamw": 25.08, "galore": 25.36, "lorenza": 24.92, "fira": 22.73, "apollo": 22.94,
+             "apollo_mini": 23.53},
+    "350m": {"adamw": 18.80, "galore": 18.95, "lorenza": 18.87, "fira": 17.03, "apollo": 16.85,
+             "apollo_mini": 17.18},
+    "1b": {"adamw": 15.56, "galore": 15.64, "fira": 14.31, "apollo": 14.20, "apollo_mini": 14.17},
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,26 @@ GALORE = (
     Item("numerics", "pure bfloat16 weights and states (`--dtype bfloat16`)",
          "`torchrun_main.py --dtype`", ("trainer.precision=bf16",),
          "by default float32 weights and states under bfloat16 autocast for every optimizer, "
-         "so that the rows differ in the optimizer only. `--numerics galore` runs adamw and "
-         "galore GaLore's way, "
+         "so that the rows differ in the optimizer only. `--numerics galore` runs every "
+         "optimizer GaLore's way, "
          "`trainer.precision=bf16_pure` (loss parity with GaLore's bf16 stack: "
          "`bench/golden.py --precision bf16_pure`)"),
 )  # fmt: skip
+
+def peer_settings(optim: str, size: str) -> list[str]:
+    """A peer's own scale and rank at ``size``, from its authors' scripts, where they differ
+    from GaLore's (``tiny``: the 60m ones). Fira (github.com/xichen-fy/Fira,
+    ``pre_training_c4/scripts``): α 0.25 up to 350m (no 130m script: 0.25, between), 0.0625 at
+    1b, GaLore's ranks. APOLLO (github.com/zhuhanqing/APOLLO, ``scripts/pretrain_c4``): scale
+    1, rank 128 at 60m and 256 above (1b too); APOLLO-Mini rank 1, scale 128 (192 at 130m)."""
+    if optim == "fira":
+        return [f"optim.scale={0.0625 if size == '1b' else 0.25}"]
+    if optim == "apollo":
+        return ["optim.scale=1.0", *(["optim.rank=256"] if size == "1b" else [])]
+    if optim == "apollo_mini":
+        return ["optim.rank=1", f"optim.scale={192.0 if size == '130m' else 128.0}"]
+    return []
+
 
 PAPER_DATA = ["data=c4", "data.val_tokens=10000000"]
 PROTOCOLS = {
@@ -125,15 +146,15 @@ def protocol_table() -> str:
     return markdown_table(["item", "GaLore", "where", "our overrides", "difference"], rows)
 
 
-def precision(optim: str, numerics: str) -> str:
-    """``bf16_pure`` under ``--numerics galore`` for the optimizers without an ascent (the
-    baselines, GaLore's way), else ``bf16`` (autocast)."""
-    spec = REGISTRY[optim]
-    return "bf16_pure" if numerics == "galore" and spec.ascent is None else "bf16"
+def precision(numerics: str) -> str:
+    """``bf16_pure`` under ``--numerics galore`` (GaLore's, Fira's and APOLLO's scripts'
+    ``--dtype bfloat16``; LORENZA's ascent is then applied in the forward), else ``bf16``
+    (float32 weights and states under autocast, every row in the same numerics)."""
+    return "bf16_pure" if numerics == "galore" else "bf16"
 
 
 def run_dir(out: Path, size: str, optim: str, seed: int, numerics: str = "autocast") -> Path:
-    pure = "-bf16_pure" if precision(optim, numerics) == "bf16_pure" else ""
+    pure = "-bf16_pure" if precision(numerics) == "bf16_pure" else ""
     return out / size / f"{optim}{pure}-seed{seed}"
 
 
@@ -201,9 +222,12 @@ def overrides(
         "trainer.resume=auto",
         f"trainer.run_dir={run_dir(out, size, optim, seed, numerics)}",
     ]
-    if precision(optim, numerics) == "bf16_pure":  # GaLore's --dtype bfloat16, not autocast
+    if precision(numerics) == "bf16_pure":  # GaLore's --dtype bfloat16, not autocast
         pure = "trainer.precision=bf16_pure"
         args = [pure if o == "trainer.precision=bf16" else o for o in args]
+    for own in peer_settings(optim, size):  # in place of GaLore's value of the same key
+        key = own.split("=", 1)[0] + "="
+        args = [own if o.startswith(key) else o for o in args]
     return list(dict.fromkeys(args))  # each once, in order
 
 

@@ -22,10 +22,9 @@ from its last checkpoint and skips the finished ones. The table (validation perp
 ± std over seeds, beside the published value; estimated memory from ``trainer/paper_memory.py``;
 measured peak memory, optimizer-state bytes from the checkpoint, tokens/s) goes to
 ``results/table.md`` (one section per size) and the validation curves to
-``results/<size>/loss_curves.png``. ``--numerics galore`` runs adamw and galore in GaLore's
+``results/<size>/loss_curves.png``. ``--numerics galore`` runs every optimizer in GaLore's
 pure bf16 (``trainer.precision=bf16_pure``; run folders ``<optim>-bf16_pure-seed<k>``, table
-section and curves marked ``galore-numerics``); lorenza and lorenza_plus cannot, and run as
-by default.
+section and curves marked ``galore-numerics``), LORENZA's ascent applied in the forward.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def state_mib(folder: Path) -> float:
 
 
 def label(optim: str, numerics: str) -> str:
-    pure = precision(optim, numerics) == "bf16_pure"
+    pure = precision(numerics) == "bf16_pure"
     return f"{optim} (bf16_pure)" if pure else optim
 
 
