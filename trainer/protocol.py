@@ -111,6 +111,7 @@ GALORE = (
          "`bench/golden.py --precision bf16_pure`)"),
 )  # fmt: skip
 
+
 def peer_settings(optim: str, size: str) -> list[str]:
     """A peer's own scale and rank at ``size``, from its authors' scripts, where they differ
     from GaLore's (``tiny``: the 60m ones). Fira (github.com/xichen-fy/Fira,
