@@ -10,7 +10,8 @@ elements:
     GaLore / LORENZA    N + 2 N_o + Σ_i (2 r max(m_i, n_i) + r min(m_i, n_i))
                         (moments of Qᵀg are r x max; the basis Q is min x r; LORENZA's ZO
                         directions are regenerated from seeds: no memory)
-    Lorenza+            GaLore + one scalar per matrix (Fira's limiter)
+    Lorenza+, Fira,     GaLore + one scalar per matrix (Fira's limiter), at the run's r
+    APOLLO(-Mini)       (APOLLO-Mini: r = 1; APOLLO keeps its random projection as Q)
     LoRA / ReLoRA       N + A + 2 (A + N_o),  A = Σ_i r (m_i + n_i)   (frozen W, trained
                         adapters and embeddings/norms with Adam)
     low-rank factorized 3 (N_o + A)                           (W = BA trained from scratch)
@@ -110,7 +111,7 @@ def state_elements(s: Shapes, method: str, rank: int, conv: Convention = Convent
         return 2 * s.n
     if method in ("galore", "lorenza"):
         return 2 * others + moments + basis
-    if method == "lorenza_plus":
+    if method in ("lorenza_plus", "fira", "apollo", "apollo_mini"):  # + one norm per matrix
         return 2 * others + moments + basis + len(s.matrices)
     if method in ("lora", "relora"):
         return 2 * (adapters + (others if conv.lora_trains_others else 0))

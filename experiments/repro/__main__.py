@@ -51,6 +51,7 @@ from trainer.protocol import (
     finished,
     launcher,
     overrides,
+    peer_settings,
     precision,
     run_dir,
     submit_script,
@@ -70,6 +71,12 @@ def state_mib(folder: Path) -> float:
         )
         / 2**20
     )
+
+
+def rank_of(p: Protocol, size: str, optim: str) -> int:
+    """The rank a run used: the protocol's, or a peer's own (``peer_settings``)."""
+    own = [o for o in peer_settings(optim, size) if o.startswith("optim.rank=")]
+    return int(own[0].split("=")[1]) if own else p.rank
 
 
 def label(optim: str, numerics: str) -> str:
@@ -99,7 +106,7 @@ def summarize(p: Protocol, out: Path, size: str, optims: list[str], numerics: st
                 label(optim, numerics),
                 f"{mean:.2f}{spread}",
                 published or "—",
-                f"{estimate(s, method, p.rank, Convention()):.3f}",
+                f"{estimate(s, method, rank_of(p, size, optim), Convention()):.3f}",
                 f"{state_mib(folders[0]):.1f}",
                 f"{peak:.2f} ({mem_key.removesuffix('_GiB').replace('_', ' ')})",
                 f"{tok_s:,.0f}",
