@@ -4,7 +4,9 @@
 
 The memory claim of GaLore and LORENZA is about optimizer states: Adam moments of shape r x n
 instead of m x n, plus the basis ``Q``; LORENZA claims the same bytes as GaLore (its ZO
-directions are regenerated from seeds, never stored) and Lorenza+ adds one scalar per matrix.
+directions are regenerated from seeds, never stored) and Lorenza+ adds one scalar per matrix,
+as do Fira and APOLLO (whose random projection is kept, as its package keeps it); APOLLO-Mini
+runs at its rank 1.
 Rather than trust a formula, this builds each model, gives it small random gradients, takes
 one step of each variant and sums the bytes of every tensor in ``opt.state``. The
 sharpness-aware variants run with ``ρ = 0`` so that no closure is needed; their states do not
@@ -26,7 +28,7 @@ from trainer.registry import OPTIMIZERS
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256}  # GaLore's / the paper's r
 NO_RHO = {"rho_max": 0.0, "rho_min": 0.0}
-VARIANTS = {  # label: (the registered optimizer, extra kwargs)
+VARIANTS = {  # label: (the registered optimizer, extra kwargs[, its own rank])
     "AdamW 32-bit": ("adamw", {}),
     "AdamW 8-bit": ("adamw8bit", {}),
     "GaLore 32-bit": ("galore", {}),
@@ -36,6 +38,9 @@ VARIANTS = {  # label: (the registered optimizer, extra kwargs)
     "Lorenza+ 32-bit": ("lorenza_plus", NO_RHO),
     # the paper's literal directions Q diag(u) R keep the cobasis R (r x n) per matrix
     "LORENZA rank_r 32-bit": ("lorenza", {**NO_RHO, "perturbation": "rank_r"}),
+    "Fira 32-bit": ("fira", {}),
+    "APOLLO 32-bit": ("apollo", {}),
+    "APOLLO-Mini 32-bit": ("apollo_mini", {}, 1),
 }
 
 
@@ -54,10 +59,10 @@ def measure(name: str, rank: int, vocab: int) -> dict[str, int]:
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     out = {}
-    for label, (name, kwargs) in VARIANTS.items():
+    for label, (name, kwargs, *own) in VARIANTS.items():
         spec = OPTIMIZERS[name]
         params = (
-            lowrank_param_groups(model, rank, update_gap=200, scale=0.25)
+            lowrank_param_groups(model, own[0] if own else rank, update_gap=200, scale=0.25)
             if spec.lowrank
             else model.parameters()
         )
