@@ -38,9 +38,8 @@ from pathlib import Path
 import torch
 
 from bench.common import machine, markdown_table, study_results, write_section
-from trainer.metrics import run_rows
+from trainer.metrics import ROOT, run_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 WALL = "wall_seconds"  # a run's wall time, start-up and sharpness included
 
 
@@ -288,7 +287,11 @@ def main() -> None:
             folder = out / f"{name}-seed{seed}"
             if summary(folder, scale.steps) is None:
                 began = time.time()
-                subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+                done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(
+                        f"{name} seed {seed} failed ({done.returncode}): {done.stderr[-3000:]}"
+                    )
                 (folder / WALL).write_text(f"{time.time() - began:.1f}\n")
                 print(f"{name} seed {seed}: done ({time.time() - start:.0f} s)", flush=True)
     if args.dry_run:

@@ -24,8 +24,7 @@ import train
 from bench.common import machine, markdown_table, study_results, write_section
 from lorenza import SubspaceAdamW
 from trainer.config import to_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from trainer.metrics import ROOT
 
 
 def gradient(opt: SubspaceAdamW, closure) -> list[torch.Tensor]:

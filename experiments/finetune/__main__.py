@@ -40,9 +40,8 @@ from lorenza import LOREN, AdamW, GaLoreAdamW, Lorenza, MeZO, lowrank_param_grou
 from models import load_hf
 from trainer.config import to_config
 from trainer.exact_memory import peak_bytes, state_bytes
-from trainer.metrics import run_rows
+from trainer.metrics import ROOT, run_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "finetune"
 BATCH, SEQ, RANK = 8, 128, 32
 

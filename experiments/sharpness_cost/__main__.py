@@ -10,7 +10,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import yaml
@@ -18,9 +17,8 @@ import yaml
 from bench.common import machine, markdown_table, study_results, write_section
 from lorenza import AdamW
 from models import Llama, ModelConfig
+from trainer.metrics import ROOT
 from trainer.sharpness import hessian_top_eig, measure, measuring, sharp_ascent, sharp_random
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def seconds(fn, repeat: int = 1) -> tuple[float, object]:

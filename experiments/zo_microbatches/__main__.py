@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 from bench.common import markdown_table, study_results, write_section
-from trainer.metrics import run_rows
+from trainer.metrics import ROOT, run_rows
 from trainer.protocol import PROTOCOLS, Protocol, command, finished, run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = Protocol(**{**PROTOCOLS["tiny"].__dict__, "micro_batch": 2})
 SETTINGS = {0: "all 4 (paper)", 1: "1 of 4"}
 
