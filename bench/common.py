@@ -61,6 +61,10 @@ VARIANTS = {  # name: (label, the registered optimizer it runs)
     "galore": ("GaLore", "galore"),
     "lorenza": ("LORENZA", "lorenza"),
     "lorenza_zo1": ("LORENZA, ZO on 1 of {} micro-batches", "lorenza"),  # zo_microbatches=1
+    "lorenza_redraw": (
+        "LORENZA, optim.zo_buffer_mib=0 (random numbers drawn in every pass)",
+        "lorenza",
+    ),
     "lorenza_plus": ("Lorenza+", "lorenza_plus"),
     "adazo_sam": ("AdaZo-SAM", "adazo_sam"),
     "sam": ("SAM", "sam"),
@@ -117,6 +121,8 @@ class Run:
             if spec.lowrank
             else self.model.parameters()
         )
+        if variant == "lorenza_redraw":
+            kw["zo_buffer_mib"] = 0.0
         self.opt = spec.cls(params, lr=1e-3, blocks=blocks, **kw)
         self.hooks = None
         if mode != "unfused":
