@@ -5,7 +5,7 @@ CPU-sized model, with sharpness at the end and a Welch t-test against GaLore.
     python -m experiments.ablation --regime repeat       # the same on a small slice, many epochs
     python -m experiments.ablation --seeds 5 --dry-run   # print the train.py commands
     python -m experiments.ablation --names galore lorenza lorenza_plus fira lorenza_plus-svd \
-        apollo apollo_mini --section peers               # the peers, in a table of their own
+        lorenza_plus-svd-rho0 apollo apollo_mini --section peers   # the peers, a table apart
 
 Every run is ``train.py`` with ``trainer.resume=auto`` in ``results/ablation-<regime>/<name>-
 seed<k>``: rerunning continues unfinished runs and skips finished ones. The scale is cut to
@@ -88,9 +88,14 @@ GRID = {
     "apollo": ["optim=apollo"],
     "apollo_mini": ["optim=apollo_mini", "optim.rank=1"],
     "lorenza_plus-svd": ["optim=lorenza_plus", "optim.projection=svd"],
-}
-BASES = {"lorenza_plus-svd": "fira"}  # a sharpness-aware variant: name -> the method it extends
-DEFAULT = [n for n in GRID if n not in ("fira", "apollo", "apollo_mini", "lorenza_plus-svd")]
+    "lorenza_plus-svd-rho0": [
+        "optim=lorenza_plus", "optim.projection=svd", "optim.rho_max=0", "optim.rho_min=0"
+    ],
+}  # fmt: skip
+# a variant: name -> the method it extends (the ascent's own effect: with ρ against ρ = 0)
+BASES = {"lorenza_plus-svd": "lorenza_plus-svd-rho0", "lorenza_plus-svd-rho0": "fira"}
+PEERS = ("fira", "apollo", "apollo_mini", "lorenza_plus-svd", "lorenza_plus-svd-rho0")
+DEFAULT = [n for n in GRID if n not in PEERS]
 
 
 def repeat_corpus(out: Path, docs: int) -> Path:
