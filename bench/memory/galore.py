@@ -81,10 +81,18 @@ def main() -> None:
     if len(args.ranks) != len(args.models):
         sys.exit(f"--ranks {args.ranks}: give one rank per model ({len(args.models)})")
     code = version()  # before the hour of measuring, in which the tree may change
-    measured = measured_rows(args.models, args.ranks)
+    measured = []
+    for name, rank in zip(args.models, args.ranks, strict=True):  # kept as each model ends
+        measured += measured_rows([name], [rank])
+        write(measured, code, sys.argv[1:])
+
+
+def write(measured: list[list], code: str, argv: list[str]) -> None:
+    """The section ``galore_memory`` of ``bench/RESULTS.md``: the measured rows so far and the
+    7B plan."""
     text = (
         f"## LORENZA in GaLore's memory ({machine()}, code {code})\n\n"
-        f"`python -m bench.memory galore {' '.join(sys.argv[1:])}`: sample corpus "
+        f"`python -m bench.memory galore {' '.join(argv)}`: sample corpus "
         "(vocabulary 8000), bf16_pure weights, 8-bit states, micro-batch 1 x 256, block "
         "checkpointing, fused per block; exact bytes of the third step (weights, buffers and "
         "states held plus its peak) against the plan without headroom. × GaLore: measured, "
