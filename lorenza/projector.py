@@ -79,16 +79,20 @@ def generator_at(device: torch.device, seed: int) -> torch.Generator:
     return gen
 
 
+_APOLLO_SEEDS: dict[int, list[int]] = {}  # parameter number -> its seeds so far, in order
+
+
 def apollo_seed(index: int, refreshes: int) -> int:
     """The seed of APOLLO's projection of the optimizer's parameter number ``index`` (from 0)
     after ``refreshes`` earlier refreshes, as ``apollo-torch`` numbers them: the parameter's
     position from 1, then each refresh advances it to the 15th integer a CPU generator seeded
-    with it draws. It depends on the position only, not on the run's seed."""
-    seed = index + 1
-    for _ in range(refreshes):
-        gen = torch.Generator().manual_seed(seed)
-        seed = int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen)[-1])
-    return seed
+    with it draws. It depends on the position only, not on the run's seed, so the chains are
+    kept and each refresh advances its chain once (after a resume, from the start once)."""
+    chain = _APOLLO_SEEDS.setdefault(index, [index + 1])
+    while len(chain) <= refreshes:
+        gen = torch.Generator().manual_seed(chain[-1])
+        chain.append(int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen)[-1]))
+    return chain[refreshes]
 
 
 def random_basis(

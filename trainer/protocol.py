@@ -10,7 +10,8 @@ schedule, not of the items: llama_tiny on the bundled sample corpus, packed, 200
 launches, resumes and tabulates the runs is ``experiments/repro``.
 
 The peers (Fira, APOLLO, APOLLO-Mini) run the same protocol with their authors' own scale and
-rank where these differ from GaLore's (``PEERS``), so that each row is its method as published.
+rank where these differ from GaLore's (``peer_settings``), so that each row is its method as
+published.
 """
 
 from __future__ import annotations
