@@ -36,6 +36,7 @@ from lorenza.fused import FusedUpdates
 from lorenza.reduce import GradReducer, bytes_per_step
 from lorenza.schedule import lr_at
 from models import Llama, save_hf
+from trainer.build import build_model
 from trainer.checkpoint import (
     SaveFailed,
     all_finite,
@@ -44,7 +45,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.checks import ascent_in_forward, check_config
-from trainer.config import Config, autocast_context, to_config, weight_dtype
+from trainer.config import Config, autocast_context, to_config
 from trainer.console import CPU_WARNING_PARAMS, Console, cpu_flops_per_second, duration
 from trainer.distributed import (
     CommCounter,
@@ -93,10 +94,10 @@ from trainer.sharded_checkpoint import (
     save_sharded_checkpoint,
 )
 from trainer.sharding import (
+    count_gathers,
     fsdp_units,
     full_model_state,
     fuse_updates,
-    shard_model,
 )
 from trainer.sharpness import measure
 from trainer.step import ASCENT_WARNING, StepParts, StepResult, evaluate, train_step
@@ -171,7 +172,7 @@ def fit(
             if start.checkpoint is not None:
                 start.checkpoint, start.changes = resume(run, start.checkpoint, start.changes)
             elif cfg.model.init_from:
-                load_pretrained(run.model, cfg.model.init_from, run.ranks.is_main)
+                load_pretrained(run.model, cfg.model.init_from)
         except BaseException:
             start.release(refused=True)
             raise
@@ -237,9 +238,11 @@ class Run:
             self.log.log(**row)
 
     def evaluate(self, step: int) -> float:
+        gathered = self.parts.comm.gathered  # an evaluation's gathers are no step's traffic
         val_loss = evaluate(
             self.model, self.val_set, self.parts.autocast, self.device, reduce=not self.sharded
         )
+        self.parts.comm.gathered = gathered
         self.record(step=step, tokens=self.tokens, val_loss=val_loss, val_ppl=perplexity(val_loss))
         if self.console is not None:
             self.console.evaluation(step, val_loss, perplexity(val_loss))
@@ -313,15 +316,11 @@ def build_run(cfg: Config, tokenizer: Tokenizer, val: list | None = None) -> Run
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ranks = current()
     device = pick_device(t.device, ranks)
-    model = Llama(cfg.model).to(device, weight_dtype(t.precision))
     # probes, or an ascent in the forward (bf16 weights), that compiled graphs cannot see
     eager = OPTIMIZERS[cfg.optim.name].forward_only or ascent_in_forward(cfg)
     compiled = t.compile if t.compile is not None else device.type == "cuda" and not eager
-    if compiled:  # before any wrapping: DDP and FSDP2 then wrap compiled layers
-        model.compile_layers(t.compile_backend)
     sharded = cfg.dist.fsdp and ranks.enabled
-    if sharded:
-        shard_model(model)
+    model = build_model(cfg, device, compiled, sharded)
     optimizer = build_optimizer(model, cfg.optim, cfg.seed)
     fused = is_fused(cfg)
     per_param_clip = t.grad_clip > 0 and (fused or t.grad_clip_mode == "per_param")
@@ -347,6 +346,9 @@ def build_run(cfg: Config, tokenizer: Tokenizer, val: list | None = None) -> Run
     if val is None:
         val = validation_batches(cfg.data, tokenizer, t.batch_size, cfg.data.val_tokens)
     val = [(x.to(device), y.to(device)) for x, y in val]
+    comm = CommCounter(reducer, ddp)
+    if sharded:
+        count_gathers(model, comm)
     val_set = [  # FSDP: every rank runs every forward
         batch for i, batch in enumerate(val) if sharded or i % ranks.world == ranks.rank
     ]
@@ -355,7 +357,7 @@ def build_run(cfg: Config, tokenizer: Tokenizer, val: list | None = None) -> Run
         ranks,
         device,
         Path(t.run_dir),
-        StepParts(model, ddp, optimizer, hooks, autocast, CommCounter(reducer, ddp)),
+        StepParts(model, ddp, optimizer, hooks, autocast, comm),
         build_train_loader(cfg.data, tokenizer, t.batch_size, cfg.seed, ranks.rank, ranks.world),
         val_set,
         val[0],
@@ -530,8 +532,6 @@ class Meter:
         """Record a metrics line for the step just made; returns it."""
         run, parts, loss = self.run, self.run.parts, result.loss
         tok_s = self.tokens / (time.perf_counter() - self.start) / run.ranks.world  # per device
-        sent, full = parts.comm.take_per_step()
-        traffic = {"allreduce_bytes": sent, "allreduce_bytes_full": full}
         row = dict(
             step=run.step,
             loss=loss,
@@ -540,7 +540,7 @@ class Meter:
             tokens_per_s=tok_s,
             **({"mfu": tok_s * self.flops_per_token / (self.peak * 1e12)} if self.peak else {}),
             **peak_memory(run.device),
-            **(traffic if parts.comm.counts else {}),
+            **parts.comm.take_per_step(),
             skipped=run.skipped,
             skipped_lines=run.loader.skipped_lines,
             **({"grad_norm": float(result.grad_norm)} if result.grad_norm is not None else {}),

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.llama import Llama, ModelConfig
@@ -124,20 +125,54 @@ def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     ``model.safetensors.index.json`` lists (each a file inside ``folder``: an index pointing
     elsewhere is refused), in float32 (bf16/fp16 checkpoints are widened: training keeps
     float32 master weights)."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = shard_files(folder, json.loads(index.read_text()).get("weight_map"))
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(
-            f"{folder} has neither model.safetensors nor model.safetensors.index.json "
-            "(only safetensors checkpoints are read)"
-        )
     state = {}
-    for name in files:
+    for name in safetensors_files(folder):
         state.update(load_file(str(folder / name)))
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def safetensors_files(folder: Path) -> list[str]:
+    """``model.safetensors``, or the shard files ``model.safetensors.index.json`` lists."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return shard_files(folder, json.loads(index.read_text()).get("weight_map"))
+    if (folder / "model.safetensors").exists():
+        return ["model.safetensors"]
+    raise FileNotFoundError(
+        f"{folder} has neither model.safetensors nor model.safetensors.index.json "
+        "(only safetensors checkpoints are read)"
+    )
+
+
+def hf_tensor_files(folder: Path) -> dict[str, str]:
+    """The file of ``folder`` that holds each tensor, by its name in our model (from each
+    file's header: no tensor is read)."""
+    where = {}
+    for file in safetensors_files(folder):
+        with safe_open(str(folder / file), framework="pt") as f:
+            where.update({name.removeprefix("model."): file for name in f.keys()})
+    return where
+
+
+def hf_rows(
+    folder: Path, file: str, name: str, shape: torch.Size, start: int, stop: int
+) -> torch.Tensor:
+    """Rows ``start:stop`` of our parameter ``name`` (whole shape ``shape``) from
+    ``folder/file``, in the file's dtype: safetensors reads those bytes alone, and the file
+    is mapped for this call only, so the pages read are not kept mapped past it. A tensor of
+    another shape is refused, naming it."""
+    with safe_open(str(folder / file), framework="pt") as f:
+        rows = f.get_slice(_hf_name(name))
+        if rows.get_shape() != list(shape):
+            raise ValueError(
+                f"{folder / file}: {_hf_name(name)} has shape {rows.get_shape()}, the model "
+                f"needs {list(shape)}"
+            )
+        return rows[start:stop]
+
+
+def _hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else f"model.{name}"
 
 
 def shard_files(folder: Path, weight_map) -> list[str]:

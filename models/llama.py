@@ -18,6 +18,7 @@ both. Numerics follow Hugging Face too (RMSNorm in float32, rotary tables in flo
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 
 CHECKPOINTING = ("none", "block")
+INIT_BLOCK_ROWS = 256
+"""Rows of a weight drawn from one generator (``Llama.initial_rows``)."""
 RUNTIME_KEYS = ("activation_checkpointing", "loss_chunk")
 """ModelConfig fields that say how the model runs, not what it is (not part of a checkpoint's
 identity)."""
@@ -253,21 +256,32 @@ class Llama(nn.Module):
     """Decoder-only LLaMA returning next-token logits ``[batch, seq, vocab]``."""
 
     def __init__(self, cfg: ModelConfig):
+        """Built where ``torch.device`` says (the default device, or a ``with
+        torch.device(...)`` block): on ``meta`` the model has shapes only, and is given its
+        weights later by ``to_empty`` and ``init_weights`` (``trainer/build.py``: after
+        FSDP2 has sharded it, each rank writing its own rows)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        # drawn first, from the global generator: torch.manual_seed(s) before building
+        # decides the weights, whatever the device, layout or number of processes
+        self.init_seed = int(torch.randint(2**62, (), device="cpu"))
+        device = torch.get_default_device()
+        with torch.device("meta"):  # no memory and no draws here: init_weights draws
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.reset_rotary(self.lm_head.weight.device)
+        self.reset_rotary(torch.device("meta"))
         # A tied model's state dict holds the shared matrix once, as Hugging Face's files do
         # (safetensors refuses two names for one tensor): ``lm_head.weight`` is left out on
         # save and taken from ``embed_tokens.weight`` on load.
         self.register_state_dict_post_hook(_drop_tied_head)
         self.register_load_state_dict_pre_hook(_fill_tied_head)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
 
     def tie_weights(self) -> None:
         """Make ``lm_head.weight`` the embedding's parameter when tied (again after a load
@@ -293,9 +307,43 @@ class Llama(nn.Module):
             self.reset_rotary(self.rope_cos.device)
         return self
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.initializer_range)
+    @torch.no_grad()
+    def init_weights(self, local_rows=None) -> None:
+        """Every parameter set to its initial value and the rotary tables computed, after
+        ``to_empty``: ``local_rows(param)`` says which tensor this process holds of a
+        parameter and from which row (default: all of it, from row 0), and only those rows
+        are drawn (``initial_rows``)."""
+        self.tie_weights()  # to_empty gives the two names of a tied matrix two tensors
+        for name, param in self.named_parameters():
+            local, start = local_rows(param) if local_rows else (param, 0)
+            if local.numel():
+                local.copy_(self.initial_rows(name, start, start + local.shape[0]))
+        self.reset_rotary(self.lm_head.weight.device)
+
+    def initial_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of parameter ``name``'s initial value, in float32 on the CPU:
+        ones for the norms' scales, normal(0, ``initializer_range``) for every linear and
+        embedding weight. Each block of ``INIT_BLOCK_ROWS`` rows is drawn from a generator of
+        its own, seeded by (``init_seed``, name, block), so a process holding some rows of a
+        matrix draws those rows (and at most a block more at each end) and no others, and
+        the values are the same however the rows are split."""
+        shape = self.get_parameter(name).shape
+        if isinstance(self.get_submodule(name.rpartition(".")[0]), RMSNorm):
+            return torch.ones(stop - start, *shape[1:])
+        first, last = start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS
+        blocks = []
+        for block in range(first, last + 1):
+            rows = min(INIT_BLOCK_ROWS, shape[0] - block * INIT_BLOCK_ROWS)
+            key = f"{self.init_seed}/{name}/{block}".encode()
+            seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+            draw = torch.Generator().manual_seed(seed)
+            blocks.append(
+                torch.empty(rows, *shape[1:]).normal_(
+                    0.0, self.cfg.initializer_range, generator=draw
+                )
+            )
+        offset = first * INIT_BLOCK_ROWS
+        return torch.cat(blocks)[start - offset : stop - offset]
 
     def forward(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"

@@ -20,9 +20,12 @@ import torch
 
 import train
 from models import load_hf
+from models.hf import hf_weights
 from tests.conftest import ROOT, SMALL_RUN
+from tests.distributed_build import BUILDS
 from tests.test_resume import losses, stop_at, wait_for_steps
 from train import fit
+from trainer.build import build_model
 from trainer.checkpoint import latest_checkpoint
 from trainer.sharded_checkpoint import read_checkpoint
 
@@ -96,6 +99,23 @@ PURE_RUNS = [
     ["optim=adamw", "trainer.fused=false", "dist.fsdp=false"],
     ["optim=galore8bit", "trainer.fused=true", "dist.fsdp=true", "dist.lowrank_allreduce=true"],
 ]
+# trainer.precision=bf16 under FSDP2, with bf16 all-gathers and float32 reduce-scatters
+# (dist.mixed_precision, the default) and with float32 gathers, for each kind of update:
+# element-wise fused, GaLore's SVD unfused, APOLLO's random projection fused, 8-bit LORENZA
+# fused, and LORENZA fused with the low-rank reduction and sharded checkpoints (resumed below)
+BF16 = ["trainer.precision=bf16", "trainer.grad_clip=0", "dist.fsdp=true"]
+MIXED = [
+    ["optim=adamw", "trainer.fused=true"],
+    ["optim=galore", "trainer.fused=false"],
+    ["optim=apollo", "trainer.fused=true"],
+    ["optim=lorenza8bit", "trainer.fused=true"],
+    ["optim=lorenza", "trainer.fused=true", "dist.lowrank_allreduce=true", "trainer.save_every=2"],
+]
+MIXED_RUNS = [[*BF16, *m, f"dist.mixed_precision={on}"] for m in MIXED for on in ("true", "false")]
+BF16_TOLERANCE = 2e-3
+"""Losses of bf16 gathers against float32 gathers, relative: half a bf16 ulp (2^-9) is
+2e-3; the residual stream is bf16 between the units under bf16 gathers, float32 under
+autocast."""
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +208,7 @@ def two_process_runs(tmp_path_factory):
         for case in COMPILED
     ] + FSDP2_EXTRA + [
         [*SMALL_RUN, *RUN, *TWO_PROCS, *PURE, *run] for run in PURE_RUNS
-    ]  # fmt: skip
+    ] + [[*SMALL_RUN, *RUN, *TWO_PROCS, *run] for run in MIXED_RUNS]  # fmt: skip
     out = torchrun("tests/distributed_fit.py", str(root), json.dumps(runs))
     assert out.returncode == 0, out.stderr[-3000:]
     return root
@@ -336,6 +356,35 @@ def test_pure_bf16_in_two_processes_trains_as_one(which, two_process_runs, confi
     exact = PURE_RUNS[which][0] == "optim=adamw"
     assert max_relative_difference(w1, w2) <= (1e-6 if exact else 2e-2)
     assert losses[1] == pytest.approx(losses[0], rel=1e-6 if exact else 1e-3)
+
+
+def mixed_run(i: int) -> int:
+    """The run of ``two_process_runs`` that is ``MIXED_RUNS[i]``."""
+    return len(CASES) + 2 * len(LOWRANK) + len(COMPILED) + len(FSDP2_EXTRA) + len(PURE_RUNS) + i
+
+
+@pytest.mark.parametrize("which", range(len(MIXED)), ids=[m[0][6:] for m in MIXED])
+def test_bf16_gathers_halve_the_gathered_bytes_and_train_as_float32_gathers(
+    which, two_process_runs
+):
+    """Under ``trainer.precision=bf16`` FSDP2 gathers bf16 weights: every step's gathered
+    bytes are half those of float32 gathers (LORENZA's four gathers a step included), the
+    checkpoint's weights stay float32 masters, and the losses are those of float32 gathers
+    to bf16's rounding (BF16_TOLERANCE)."""
+    (w_bf16, _, rows_bf16), (w_fp32, _, rows_fp32) = (
+        final(two_process_runs / str(mixed_run(2 * which + i))) for i in (0, 1)
+    )
+    gathered = [
+        [r["allgather_bytes"] for r in rows if "loss" in r] for rows in (rows_bf16, rows_fp32)
+    ]
+    assert len(gathered[0]) == 4 and all(g > 0 for g in gathered[0])
+    assert [2 * g for g in gathered[0]] == gathered[1]
+    assert {w.dtype for w in w_bf16.values()} == {torch.float32}
+    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (rows_bf16, rows_fp32)]
+    gap = max(abs(a / b - 1) for a, b in zip(*losses, strict=True))
+    weights = max_relative_difference(w_fp32, w_bf16)
+    print(f"{MIXED[which]}: losses {gap:.1e} apart, weights {weights:.1e}")
+    assert gap <= BF16_TOLERANCE
 
 
 def launch(tmp_path, *overrides):
@@ -543,10 +592,11 @@ def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
 
 def test_fsdp2_resumes_its_own_and_a_single_process_checkpoint(two_process_runs, config, tmp_path):
     """2 ranks resume (a) their own step-2 checkpoint, each rank reading its shards -- also
-    with 8-bit states (lorenza8bit) -- and (b) a single process's (2 DataLoader workers: the
-    same 2 readers), sharded as it loads: both continue as the uninterrupted 2-process run,
-    (a) bit for bit. A resumed run's first forward is the zeroth-order one (no step-0
-    evaluation): FSDP2 must not build its unsharded weights as inference tensors there."""
+    with 8-bit states (lorenza8bit), and with bf16 gathers (float32 masters) -- and (b) a
+    single process's (2 DataLoader workers: the same 2 readers), sharded as it loads: both
+    continue as the uninterrupted 2-process run, (a) bit for bit. A resumed run's first
+    forward is the zeroth-order one (no step-0 evaluation): FSDP2 must not build its
+    unsharded weights as inference tensors there."""
     cases = [
         ("lorenza", "false", "true"),
         ("lorenza", "false", "true"),
@@ -557,14 +607,23 @@ def test_fsdp2_resumes_its_own_and_a_single_process_checkpoint(two_process_runs,
     fit(single)
     shutil.copytree(single.trainer.run_dir, tmp_path / "1")
     shutil.copytree(two_process_runs / str(CASES.index(cases[2])), tmp_path / "2")
-    for run in ("0", "1", "2"):
+    bf16_gathers = 2 * (len(MIXED) - 1)  # LORENZA's, with sharded checkpoints
+    mixed = mixed_run(bf16_gathers)
+    shutil.copytree(two_process_runs / str(mixed), tmp_path / "3")
+    for run in ("0", "1", "2", "3"):
         stop_at(tmp_path / run, 2)
     resume = ["trainer.resume=auto", "trainer.save_model=true"]
     runs = [[*SMALL_RUN, *RUN, *case_overrides(*c), "dist.fsdp=true", *resume] for c in cases]
+    runs += [[*SMALL_RUN, *RUN, *MIXED_RUNS[bf16_gathers], *resume]]
     out = torchrun("tests/distributed_fit.py", str(tmp_path), json.dumps(runs))
     assert out.returncode == 0, out.stderr[-3000:]
-    for run, case, tolerance in (("0", cases[0], 0), ("1", cases[1], 1e-6), ("2", cases[2], 0)):
-        uninterrupted = two_process_runs / str(CASES.index(case))
+    for run, uninterrupted, tolerance in (
+        ("0", CASES.index(cases[0]), 0),
+        ("1", CASES.index(cases[1]), 1e-6),
+        ("2", CASES.index(cases[2]), 0),
+        ("3", mixed, 0),
+    ):
+        uninterrupted = two_process_runs / str(uninterrupted)
         assert losses(tmp_path / run) == pytest.approx(losses(uninterrupted), rel=tolerance, abs=0)
         weights, _, _ = final(tmp_path / run)
         assert max_relative_difference(final(uninterrupted)[0], weights) <= tolerance
@@ -581,7 +640,7 @@ NONFINITE = [("adamw", "false", "false"), ("galore", "true", "false"), ("adamw",
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
     """``tests/distributed_checks.py``'s results: the sharded norms, the matrices kept by rows,
-    and the NONFINITE runs, from one 2-process torchrun job."""
+    the models built sharded, and the NONFINITE runs, from one 2-process torchrun job."""
     root = tmp_path_factory.mktemp("checks")
     runs = [
         [*SMALL_RUN, *RUN, *TWO_PROCS, *case_overrides(*case), f"dist.fsdp={case[2]}"]
@@ -635,3 +694,28 @@ def test_matrices_kept_by_rows_update_as_whole_ones(checks):
     # float32 bases: 64 x 32 for the right-projected, 64 x 32 for the left one
     assert result["32"]["basis_bytes"] == [4 * (32 + 32 + 64) * 32, 4 * 3 * 64 * 32]
     assert result["8"]["basis_bytes"] == [4 * (32 + 64 + 64) * 32, 4 * 3 * 64 * 32]
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_one_process_and_two_fsdp2_ranks_start_from_the_same_weights(name, checks, config):
+    """Built on ``meta`` and sharded, each rank drawing only its rows: gathered, the weights of
+    a build in one process, bit for bit (tied: the embedding's matrix is also the head)."""
+    sharded = torch.load(checks / f"build-{name}.pt")
+    cfg = config(*BUILDS[name])
+    torch.manual_seed(cfg.seed)
+    whole = build_model(cfg, torch.device("cpu"), False, False).state_dict()
+    assert sharded.keys() == whole.keys()
+    for key, value in whole.items():
+        assert torch.equal(sharded[key], value), key
+
+
+def test_a_pretrained_folder_read_by_rows_gives_the_broadcast_shards(checks):
+    """Each FSDP2 rank reading only its rows of a bf16 folder in two shard files: the weights
+    of rank 0 reading the folder whole and broadcasting each rank's shards, bit for bit, and
+    the folder's own weights."""
+    rows = torch.load(checks / "pretrained-rows.pt")
+    broadcast = torch.load(checks / "pretrained-broadcast.pt")
+    folder = {k.removeprefix("model."): v for k, v in hf_weights(checks / "pretrained").items()}
+    assert rows.keys() == broadcast.keys() == folder.keys()
+    for key, value in rows.items():
+        assert torch.equal(value, broadcast[key]) and torch.equal(value, folder[key]), key

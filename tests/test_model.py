@@ -32,6 +32,30 @@ def test_parameter_counts_match_galore_sizes(name, millions):
     assert model.num_params() / 1e6 == pytest.approx(millions, rel=2e-3)
 
 
+def test_initial_weights_are_the_same_however_their_rows_are_split():
+    """Each block of rows has a generator of its own, seeded by the model's seed, the
+    parameter's name and the block: any rows drawn alone are those rows of the whole matrix
+    (a rank of FSDP2 draws only its own), the blocks are distinct draws of the configured
+    normal, and ``torch.manual_seed`` decides them."""
+    cfg = ModelConfig(vocab_size=600, hidden_size=64, intermediate_size=96,
+                      num_attention_heads=4, num_hidden_layers=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    whole = model.embed_tokens.weight.detach()
+    for start, stop in ((0, 1), (100, 300), (255, 257), (250, 600), (599, 600)):
+        assert torch.equal(
+            model.initial_rows("embed_tokens.weight", start, stop), whole[start:stop]
+        )
+    assert not torch.equal(whole[:256], whole[256:512])  # each block its own draw
+    assert not torch.equal(whole, model.lm_head.weight)  # each matrix its own draws
+    assert whole.std().item() == pytest.approx(cfg.initializer_range, rel=0.02)
+    assert torch.equal(model.norm.weight, torch.ones(64))
+    torch.manual_seed(0)
+    assert torch.equal(Llama(cfg).embed_tokens.weight, whole)
+    torch.manual_seed(1)
+    assert not torch.equal(Llama(cfg).embed_tokens.weight, whole)
+
+
 def hf_twin(model: Llama) -> "transformers.LlamaForCausalLM":
     c = model.cfg
     hf_cfg = transformers.LlamaConfig(

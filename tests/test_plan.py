@@ -14,10 +14,12 @@ from data import load_tokenizer
 from models import Llama
 from models.presets import model_config
 from tests.conftest import ROOT
+from trainer.build import build_model
 from trainer.config import autocast_context, compose_config
 from trainer.exact_memory import activation_peak, peak_bytes, step_peak
 from trainer.plan import (
     activation_bytes,
+    build_bytes,
     forward_bytes,
     memory_plan,
     state_bytes,
@@ -241,3 +243,32 @@ def test_fsdp_divides_weights_gradients_and_full_rank_states(config):
     cfg.optim.name, cfg.trainer.fused = "lorenza", True  # each unit's gradients freed after it
     fused = {r.what: r.bytes for r in memory_plan(cfg).rows}
     assert fused["gradients"] < four["gradients"]
+
+
+def test_bf16_gathers_halve_the_gathered_weights_in_the_plan(config):
+    """Under FSDP2 with ``trainer.precision=bf16`` the units are gathered in bf16
+    (``dist.mixed_precision``): the plan's weights are the float32 shard plus half the bytes
+    of float32 gathers."""
+    cfg = config("model=llama_60m", "optim=adamw", "dist.fsdp=true", "trainer.precision=bf16",
+                 "trainer.plan_world=4")  # fmt: skip
+    cfg.model.vocab_size = cfg.data.vocab_size
+    with torch.device("meta"):
+        total = sum(p.numel() * 4 for p in Llama(cfg.model).parameters())
+    bf16 = {r.what: r.bytes for r in memory_plan(cfg).rows}
+    cfg.dist.mixed_precision = False
+    fp32 = {r.what: r.bytes for r in memory_plan(cfg).rows}
+    shard_and_buffers = 2 * bf16["weights"] - fp32["weights"]  # gathered: g / 2 and g
+    assert shard_and_buffers == pytest.approx(total / 4 + 2 * 4 * 1024 * 64, rel=1e-9)
+
+
+def test_building_a_model_holds_its_weights_and_at_most_the_planned_rows(config):
+    """``trainer.build.build_model`` allocates the weights and draws one parameter's rows at
+    a time: its exact peak is the weights plus no more than ``build_bytes`` (building the
+    whole model and then copying it would hold the weights twice)."""
+    cfg = config("model=llama_60m")
+    cfg.model.vocab_size = cfg.data.vocab_size
+    peak = peak_bytes(lambda: build_model(cfg, torch.device("cpu"), False, False))
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert weights < peak <= weights + build_bytes(model, 1) + 2 * 4 * 1024 * 64  # + rotary

@@ -227,6 +227,11 @@ class DistConfig:
     """Shard weights, gradients and full-rank optimizer states over the ranks (FSDP2
     ``fully_shard`` per decoder layer), for models that do not fit one device; with
     ``trainer.fused`` each unit is updated right after its reduce-scatter."""
+    mixed_precision: bool = True
+    """FSDP2 with ``trainer.precision=bf16``: gather the weights in bfloat16 and reduce the
+    gradients in float32 (torchtitan's ``MixedPrecisionPolicy``), half the bytes of
+    float32 gathers; the sharded weights, gradients and states stay float32. ``false``:
+    gather float32 weights and let autocast cast them in each layer."""
     in_flight: int = 1
     """Fused mode: units (blocks, or parameters at ``param`` granularity) whose gradient
     all-reduces are left running behind the backward before the oldest is waited for and

@@ -171,11 +171,13 @@ def check_replicas(model: torch.nn.Module) -> list[str]:
 
 class CommCounter:
     """Bytes all-reduced per step, and what averaging every full gradient would send (the
-    same under DDP, which always does)."""
+    same under DDP, which always does); under FSDP2 also the bytes of the weights it
+    all-gathers (``gathered``, filled by ``trainer.sharding.count_gathers``)."""
 
     def __init__(self, reducer: GradReducer | None, ddp: DistributedDataParallel | None):
         self.reducer, self.ddp = reducer, ddp
         self.ddp_bytes = 0
+        self.gathered: int | None = None  # None: no FSDP2 gathers to count
         self.steps = 0
         self.grad_bytes = (
             sum(p.numel() * p.element_size() for p in ddp.parameters() if p.requires_grad)
@@ -192,7 +194,13 @@ class CommCounter:
     def synced_backward(self) -> None:
         self.ddp_bytes += self.grad_bytes
 
-    def take_per_step(self) -> tuple[float, float]:
+    def take_per_step(self) -> dict[str, float]:
+        """The metrics line's traffic fields, per step since the last call."""
         sent, full = self.reducer.take_counts() if self.reducer else (self.ddp_bytes,) * 2
         steps, self.steps, self.ddp_bytes = max(self.steps, 1), 0, 0
-        return sent / steps, full / steps
+        traffic = {}
+        if self.counts:
+            traffic = {"allreduce_bytes": sent / steps, "allreduce_bytes_full": full / steps}
+        if self.gathered is not None:
+            traffic["allgather_bytes"], self.gathered = self.gathered / steps, 0
+        return traffic

@@ -13,11 +13,11 @@ import torch
 from data.hf_tokenizer import folder_tokenizer
 from lorenza import lowrank_param_groups
 from models import Llama
-from models.hf import hf_shape, hf_weights
+from models.hf import hf_rows, hf_shape, hf_tensor_files, hf_weights
 from trainer.config import Config
 from trainer.distributed import current
 from trainer.registry import OPTIMIZERS
-from trainer.sharding import is_sharded, load_model_state
+from trainer.sharding import is_sharded, local_rows
 
 
 def adopt_init_from(cfg: Config) -> None:
@@ -94,8 +94,24 @@ def copy_tokenizer_files(cfg: Config, folder: Path) -> None:
 
 
 @torch.no_grad()
-def load_pretrained(model: Llama, folder: str, main: bool = True) -> None:
-    """Copy the folder's weights (float32) into ``model``, which has its shape (sharded:
-    rank 0 reads them, the others receive their shards)."""
-    weights = hf_weights(Path(folder)) if main or not is_sharded(model) else {}
-    load_model_state(model, {k.removeprefix("model."): v for k, v in weights.items()})
+def load_pretrained(model: Llama, folder: str) -> None:
+    """Copy the folder's weights (float32, or the weights' dtype) into ``model``, which has
+    its shape. A sharded model's ranks each read only the rows of their own shards from the
+    safetensors files (no rank holds the whole model, nor maps a whole file); the weights
+    are those of loading the whole folder and handing each rank its shards, bit for bit."""
+    path = Path(folder)
+    if not is_sharded(model):
+        model.load_state_dict({k.removeprefix("model."): v for k, v in hf_weights(path).items()})
+        return
+    files = hf_tensor_files(path)
+    params = dict(model.named_parameters())  # a tied head is the embedding, read once
+    missing = sorted(params.keys() - files.keys())
+    unexpected = sorted(files.keys() - params.keys() - {"lm_head.weight"})
+    if missing or unexpected:
+        raise ValueError(
+            f"model.init_from={folder!r} does not hold this model's tensors: missing "
+            f"{missing or 'none'}, unexpected {unexpected or 'none'}"
+        )
+    for name, param in params.items():
+        local, start = local_rows(param)
+        local.copy_(hf_rows(path, files[name], name, param.shape, start, start + len(local)))

@@ -10,7 +10,8 @@ then counted from shapes, as the code that runs allocates it:
   parameters' element size), and buffers;
   FSDP2 keeps a 1/world shard plus the gathered units it is running: the root (tied
   embeddings and the final norm, if tied; else empty) and the two largest other units (the
-  current one and the prefetched next: decoder layers, the embedding, the norm with the head);
+  current one and the prefetched next: decoder layers, the embedding, the norm with the head),
+  gathered in bf16 under ``trainer.precision=bf16`` (``dist.mixed_precision``);
 - gradients, as ``trainer.fused`` keeps them: all of them unfused (plus DDP's buckets, a
   second copy), the largest unit's at a time when fused (a block, or a parameter), FSDP2's
   shard plus one unsharded unit while it is reduce-scattered; all of them, whatever the
@@ -26,7 +27,9 @@ then counted from shapes, as the code that runs allocates it:
   float32 logits and their gradients, a recomputed layer, or a weight's gradient being
   made -- and the ``Z`` each layer saves when the ascent is applied in the forward;
 - allocator headroom: ``trainer.plan_headroom`` of the rest, for the caching allocator's
-  fragmentation, and the CUDA context.
+  fragmentation, and the CUDA context;
+- apart from the step, the host memory that building the model takes beside its weights
+  (``build_bytes``: each rank draws or reads only its own rows).
 
 The peak of a step is the larger of its two moments: the start of the backward (every
 activation, the loss working set, no gradient yet, or the accumulated ones) and, unfused, the
@@ -52,7 +55,7 @@ from lorenza.loren import rows
 from lorenza.optimizer import kept_by_rows
 from lorenza.residual import reads_whole_gradient
 from models import Llama, ModelConfig
-from models.llama import Block
+from models.llama import INIT_BLOCK_ROWS, Block
 from trainer.config import Config, weight_dtype
 from trainer.optimizers import build_optimizer, is_fused
 from trainer.registry import OPTIMIZERS, spec_of
@@ -260,6 +263,8 @@ class Plan:
     """The activation line of the other checkpointing choice, for comparison."""
     assumptions: str = ""
     """Every setting the figures depend on, for the header."""
+    build: float = 0.0
+    """Host bytes a process holds at once while it builds the model (``build_bytes``)."""
 
     @property
     def fits(self) -> bool:
@@ -274,6 +279,10 @@ class Plan:
             f"{self.gpu_gib:g} GiB ({100 * self.peak / (self.gpu_gib * GIB):.0f}%)"
         )
         lines.append(self.alternative)
+        lines.append(
+            f"building the model takes {self.build / GIB:.3f} GiB of host memory at once per "
+            "process beside its weights (the largest rows drawn or read together)"
+        )
         return "\n".join(lines)
 
 
@@ -305,7 +314,7 @@ def memory_plan(cfg: Config) -> Plan:
     bits = "/".join(sorted({str(g.get("bits", 32)) for g in optimizer.param_groups}))
     sharded = f", full-rank and row-kept states sharded 1/{shards}" if shards > 1 else ""
     rows = [
-        weights_row(model, shards),
+        weights_row(model, shards, gather_bytes(cfg, shards)),
         gradients_row(cfg, model, units, forward_only, fused, world, shards),
         Row("optimizer states", state_bytes(optimizer, shards),
             f"{type(optimizer).__name__}, {bits}-bit{sharded}"),
@@ -334,7 +343,7 @@ def memory_plan(cfg: Config) -> Plan:
         allocated = held + grads + max(moment, temps)
     else:  # the start of the backward; its end, every gradient there; or the update, every
         # gradient reduced and (FSDP2) every unit resharded
-        transient = sum(fsdp_transient(model)) if shards > 1 else 0
+        transient = sum(fsdp_transient(model, gather_bytes(cfg, shards))) if shards > 1 else 0
         allocated = held + max(moment, grads, grads + temps - transient)
     context = 0.0 if t.device == "cpu" else CUDA_CONTEXT
     headroom = t.plan_headroom * allocated + context
@@ -342,8 +351,29 @@ def memory_plan(cfg: Config) -> Plan:
     rows.append(Row("allocator headroom + CUDA context", headroom, how))
     return Plan(
         rows, allocated, allocated + headroom, plan_gpu_gib(cfg), world, alternative,
-        assumptions(cfg, model, optimizer, world, fused),
+        assumptions(cfg, model, optimizer, world, fused), build_bytes(model, shards),
     )  # fmt: skip
+
+
+def build_bytes(model: Llama, shards: int) -> float:
+    """Host bytes a process holds at once while it builds (``trainer/build.py``): the float32
+    rows of the parameter whose rows on one rank are largest, blocks of ``INIT_BLOCK_ROWS``
+    rounded out at both ends, twice (the blocks drawn, then joined). Reading them from a
+    pretrained folder holds less (one copy, the file's mapped pages of it). The weights
+    themselves are on the device, a shard a rank; nothing else is allocated before the
+    optimizer."""
+
+    def rows(p: torch.Tensor) -> int:
+        return min(p.shape[0], math.ceil(p.shape[0] / shards) + 2 * INIT_BLOCK_ROWS)
+
+    return 2 * 4 * max(p.numel() // p.shape[0] * rows(p) for p in model.parameters())
+
+
+def gather_bytes(cfg: Config, shards: int) -> int | None:
+    """Bytes a value of the weights FSDP2 gathers under ``dist.mixed_precision`` (bf16: 2),
+    or None: in the weights' own dtype."""
+    mixed = cfg.trainer.precision == "bf16" and cfg.dist.mixed_precision
+    return 2 if shards > 1 and mixed else None
 
 
 def assumptions(
@@ -379,22 +409,29 @@ def weights_kind(model: Llama) -> str:
     return "bf16" if model.embed_tokens.weight.dtype == torch.bfloat16 else "fp32"
 
 
-def fsdp_unit_bytes(model: Llama) -> tuple[int, list[int]]:
+def fsdp_unit_bytes(model: Llama, element: int | None = None) -> tuple[int, list[int]]:
     """Bytes of FSDP2's units as ``trainer.sharding.shard_model`` makes them: ``(root,
-    the others)``. The root holds the tied embeddings and the final norm, if tied; else
-    nothing, the embedding and the norm with the head being units of their own."""
-    layers = [nbytes(layer.parameters()) for layer in model.layers]
+    the others)``, in the weights' dtype or at ``element`` bytes a value (bf16 gathers: 2).
+    The root holds the tied embeddings and the final norm, if tied; else nothing, the
+    embedding and the norm with the head being units of their own."""
+
+    def size(params) -> int:
+        params = list(params)
+        return nbytes(params) if element is None else element * sum(p.numel() for p in params)
+
+    layers = [size(layer.parameters()) for layer in model.layers]
     if model.cfg.tie_word_embeddings:
-        return nbytes(model.parameters()) - sum(layers), layers
-    ends = [nbytes(model.embed_tokens.parameters()),
-            nbytes([*model.norm.parameters(), *model.lm_head.parameters()])]  # fmt: skip
+        return size(model.parameters()) - sum(layers), layers
+    ends = [size(model.embed_tokens.parameters()),
+            size([*model.norm.parameters(), *model.lm_head.parameters()])]  # fmt: skip
     return 0, [*ends, *layers]
 
 
-def weights_row(model: Llama, shards: int) -> Row:
+def weights_row(model: Llama, shards: int, gather: int | None = None) -> Row:
     """Weights (float32 masters, or bf16_pure's bfloat16 ones) and buffers; FSDP2: a shard,
     plus the root (gathered from the first forward to the end of the backward) and the two
-    largest other units (the one running and the one prefetched)."""
+    largest other units (the one running and the one prefetched), gathered at ``gather``
+    bytes a value (bf16 gathers: 2) or in the weights' dtype."""
     total = nbytes(model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     kind = weights_kind(model)
@@ -402,16 +439,22 @@ def weights_row(model: Llama, shards: int) -> Row:
         masters = "masters" if kind == "fp32" else "weights"
         return Row("weights", total + buffers, f"{kind} {masters} + rotary tables")
     root = fsdp_unit_bytes(model)[0]
-    how = f"{kind} shard (1/{shards}) + gathered {'root and ' if root else ''}2 units"
-    return Row("weights", total / shards + fsdp_transient(model)[0] + buffers, how)
+    gathered = "bf16 " if gather == 2 else ""
+    how = f"{kind} shard (1/{shards}) + {gathered}gathered {'root and ' if root else ''}2 units"
+    return Row("weights", total / shards + fsdp_transient(model, gather)[0] + buffers, how)
 
 
-def fsdp_transient(model: Llama) -> tuple[int, int]:
+def fsdp_transient(model: Llama, gather: int | None = None) -> tuple[int, int]:
     """What FSDP2 holds only while units run, not at an unfused update (every unit
     resharded, every gradient reduced): ``(gathered weights, one unit's unsharded
-    gradient)``."""
-    root, units = fsdp_unit_bytes(model)
-    return root + sum(sorted(units)[-2:]), max(root, *units)
+    gradient)``. With ``gather`` (bf16 gathers: 2 bytes a value) the units are gathered and
+    their gradients computed in bf16, and each gradient is cast to float32 to be
+    reduce-scattered: the unit's gradient in both."""
+    root, units = fsdp_unit_bytes(model, gather)
+    gradient = max(root, *units)
+    if gather is not None:
+        gradient += max(fsdp_unit_bytes(model, 4)[0], *fsdp_unit_bytes(model, 4)[1])
+    return root + sum(sorted(units)[-2:]), gradient
 
 
 def gradients_row(
@@ -431,7 +474,7 @@ def gradients_row(
     if cfg.trainer.grad_accum > 1:  # summed over micro-batches, every one alive until the last
         return Row("gradients", total, f"{kind}, all: accumulated over {cfg.trainer.grad_accum}")
     if shards > 1:  # FSDP2 reduce-scatters a whole unit at once
-        unit = fsdp_transient(model)[1]
+        unit = fsdp_transient(model, gather_bytes(cfg, shards))[1]
         if fused:  # each unit updated after its reduce-scatter, its shards freed
             return Row("gradients", unit + unit / shards, "one FSDP unit unsharded + its shard")
         return Row(

@@ -7,9 +7,11 @@ are gathered only while it runs
 (``lorenza/sharded.py`` says how the low-rank optimizers update sharded matrices).
 
 Checkpoints of sharded runs are written shard by shard (``trainer/sharded_checkpoint.py``);
-``load_model_state`` shards whole weights (a checkpoint of a run without shards, or a
-pretrained model) for whatever the current layout is: rank 0 alone reads them and
-broadcasts the shards (the optimizer shards its own states as it loads them).
+``load_model_state`` shards whole weights (a checkpoint of a run without shards) for
+whatever the current layout is: rank 0 alone reads them and broadcasts the shards (the
+optimizer shards its own states as it loads them). A pretrained folder is read by rows
+instead, each rank its own (``trainer/init_from.py``), and a new model is built on ``meta``
+and drawn by rows (``trainer/build.py``, with ``local_rows``).
 ``full_model_state`` gathers the weights once, for the final Hugging Face export.
 """
 
@@ -21,27 +23,44 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from lorenza.fused import FusedUpdates
 from lorenza.perturb import Backward
 from models import Llama
+from trainer.distributed import CommCounter
 
 
-def shard_model(model: Llama) -> None:
+def shard_model(model: Llama, gather_dtype: torch.dtype | None = None) -> None:
     """FSDP2: one unit per decoder layer, one for the embedding, one for the final norm and
     the head, then the root. The root's parameters stay gathered from the first forward to
     the end of the backward; the embedding and the head in units of their own are gathered
     only while they run (at a vocabulary of 32000 and width 2048 that is 0.5 GiB of float32
     weights not held through the backward). Tied embeddings, one matrix used at both ends,
-    stay in the root."""
+    stay in the root. ``gather_dtype``: the weights are all-gathered (and the units compute)
+    in it, and the gradients reduce-scattered in float32 (``dist.mixed_precision``)."""
+    policy = MixedPrecisionPolicy()
+    if gather_dtype is not None:
+        policy = MixedPrecisionPolicy(param_dtype=gather_dtype, reduce_dtype=torch.float32)
     for layer in model.layers:
-        fully_shard(layer)
+        fully_shard(layer, mp_policy=policy)
     if not model.cfg.tie_word_embeddings:
-        fully_shard(model.embed_tokens)
-        fully_shard([model.norm, model.lm_head])
-    fully_shard(model)
+        fully_shard(model.embed_tokens, mp_policy=policy)
+        fully_shard([model.norm, model.lm_head], mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tensor this rank holds of a sharded parameter (FSDP2's rows, a view of its own
+    storage) and the row it starts at in the whole matrix."""
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    local = param.to_local()
+    assert tuple(local.shape) == tuple(shape), (local.shape, shape)
+    return local, offset[0]
 
 
 def _param_groups(model: Llama) -> list:
@@ -82,6 +101,8 @@ def fuse_updates(model: Llama, hooks: FusedUpdates, per_param: bool = False) -> 
                 for fsdp_param, p in zip(group.fsdp_params, params, strict=True):
                     unsharded = getattr(fsdp_param, "_unsharded_param", None)
                     grad = None if unsharded is None else unsharded.grad
+                    if grad is not None:  # as FSDP2 would reduce it (float32 under bf16 gathers)
+                        grad = grad.to(fsdp_param.reduce_dtype or grad.dtype)
                     if grad is not None and reducer.launch_projected(p, grad):
                         unsharded.grad = None  # FSDP2 reduce-scatters only gradients it finds
             original(*args)
@@ -89,6 +110,27 @@ def fuse_updates(model: Llama, hooks: FusedUpdates, per_param: bool = False) -> 
             hooks.reduced(params, per_param)
 
         group.post_backward = post_backward
+
+
+def count_gathers(model: Llama, counter: CommCounter) -> None:
+    """Add the bytes of each all-gather of the model's units (the whole unit, in the dtype it
+    is gathered in) to ``counter.gathered``: wraps each unit's ``FSDPParamGroup.unshard``,
+    which starts a gather only when the unit is sharded (a private API of torch 2.13, like
+    ``fuse_updates``'s)."""
+    counter.gathered = 0
+    for group in _param_groups(model):
+        original = group.unshard
+
+        def unshard(*args, original=original, group=group, **kwargs) -> None:
+            before = group._all_gather_result
+            original(*args, **kwargs)
+            after = group._all_gather_result
+            if after is not None and after is not before:  # a gather started
+                counter.gathered += (
+                    after.all_gather_output.numel() * after.all_gather_output.element_size()
+                )
+
+        group.unshard = unshard
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

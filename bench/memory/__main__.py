@@ -4,6 +4,7 @@
     states         optimizer-state bytes of every variant, measured (states.py)
     fused          fused (in-backward) against unfused updates: memory and step time (fused.py)
     fsdp           peak memory per rank under FSDP2, beside the planner (fsdp.py)
+    build          host memory per rank while FSDP2 builds and loads a model (build.py)
     forward_only   MeZO/LOREN steps against an inference forward, exact bytes (forward_only.py)
     plan           the planner against measured peaks (plan.py)
     galore         LORENZA beside GaLore on bf16 weights, 8-bit states; the 7B plan (galore.py)
@@ -16,7 +17,7 @@ its options.
 import importlib
 import sys
 
-WHAT = ("estimate", "states", "fused", "fsdp", "forward_only", "plan", "galore", "loss")
+WHAT = ("estimate", "states", "fused", "fsdp", "build", "forward_only", "plan", "galore", "loss")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in WHAT:
