@@ -15,7 +15,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q '$(TORCH)' -e '.[dev,eval]'
+	$(PY) -m pip install -q '$(TORCH)' -e '.[dev,eval,hf]'
 	touch $(STAMP)
 
 demo: install  ## train llama_tiny on the bundled sample corpus (CPU, a few minutes; replaces runs/demo)

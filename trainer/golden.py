@@ -156,6 +156,73 @@ def reference(folder: Path, args: list[str], jitter: float = 0.0) -> list[float]
     return out
 
 
+def through_trainer(folder: Path, args: list[str], run_dir: Path, resume: bool = False) -> list:
+    """The step losses of ``transformers.LlamaForCausalLM`` loaded from ``folder`` and trained
+    by ``lorenza.integrations.hf.LorenzaTrainer`` with ``train.py``'s optimizer, settings,
+    schedule and batches (``args``: its overrides), checkpointing in ``run_dir`` every 2 steps;
+    ``resume``: from the newest checkpoint there."""
+    import transformers
+
+    from data import load_tokenizer, train_batches
+    from lorenza.integrations.hf import LorenzaTrainer
+    from models.llama import loss_fn
+
+    cfg = make_config(folder / "unused", *args, f"model.init_from={folder}")
+    t, o = cfg.trainer, cfg.optim
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.path)
+
+    class Rows(torch.utils.data.IterableDataset):  # train.py's micro-batches, row by row
+        def __iter__(self):
+            batches = train_batches(cfg.data, tokenizer, t.batch_size, cfg.seed)
+            for _ in range(t.max_steps * t.grad_accum):
+                x, y = next(batches)
+                yield from ({"input_ids": a, "labels": b} for a, b in zip(x, y, strict=True))
+
+    def loss(outputs, labels, num_items_in_batch=None):  # as train.py: labels are the next
+        # tokens already, each micro-batch's mean divided by the accumulation
+        return loss_fn(outputs.logits, labels) / t.grad_accum
+
+    losses = []
+
+    class Recorded(LorenzaTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            out = super().training_step(model, inputs, num_items_in_batch)
+            losses.append(float(out))
+            return out
+
+    forward_only = o.name in ("mezo", "loren")
+    extra = {} if forward_only else {"update_gap": o.update_gap, "scale": o.scale}
+    if o.name.startswith("lorenza"):
+        extra |= {"rho_max": o.rho_max, "rho_min": o.rho_min, "mu": o.mu,
+                  "min_lr_ratio": o.min_lr_ratio}  # fmt: skip
+    if forward_only:
+        extra = {"mu": o.mu}
+    schedule = {"lr_scheduler_type": "constant_with_warmup"}  # MeZO's and LOREN's
+    if o.schedule == "cosine":
+        schedule = {"lr_scheduler_type": "cosine_with_min_lr",
+                    "lr_scheduler_kwargs": {"min_lr_rate": o.min_lr_ratio}}  # fmt: skip
+    schedule["warmup_steps"] = int(o.warmup_ratio * t.max_steps)
+    training = transformers.TrainingArguments(
+        output_dir=str(run_dir), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=o.lr, weight_decay=o.weight_decay,
+        adam_beta1=o.beta1, adam_beta2=o.beta2, adam_epsilon=o.eps, max_grad_norm=0.0,
+        **schedule, seed=cfg.seed, use_cpu=True,
+        save_strategy="steps", save_steps=2, logging_steps=1, report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    for layer in model.model.layers:  # ours lists a layer's norms before what each feeds, and
+        # MeZO draws one direction per parameter in that order
+        order = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+        layer._modules = {name: layer._modules[name] for name in order}
+    trainer = Recorded(
+        model=model, args=training, train_dataset=Rows(), compute_loss_func=loss,
+        optim=o.name, rank=o.rank, optim_kwargs=extra,
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=resume or None)
+    return [sum(losses[i : i + t.grad_accum]) for i in range(0, len(losses), t.grad_accum)]
+
+
 def compare(
     s: Setup, settings: list[str] | None = None, floor: bool = False, seed: int = 0
 ) -> dict[str, tuple[list[float], list[float]]]:
