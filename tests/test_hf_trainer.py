@@ -62,7 +62,7 @@ def test_a_resumed_trainer_run_continues_bit_for_bit(optim, folder, tmp_path):
     assert resumed == whole[2:]
 
 
-def test_a_bad_optimizer_or_rank_is_refused_naming_it(folder):
+def test_a_bad_optimizer_or_rank_is_refused_naming_it(folder, monkeypatch):
     import transformers
 
     from lorenza.integrations.hf import LorenzaTrainer
@@ -77,6 +77,11 @@ def test_a_bad_optimizer_or_rank_is_refused_naming_it(folder):
     trainer = LorenzaTrainer(model=model, args=args, target_modules=("nothing",))
     with pytest.raises(ValueError, match="target_modules=\\('nothing',\\)"):
         trainer.create_optimizer()
+    # forward probes in several processes: each would probe its own batch
+    monkeypatch.setattr(transformers.TrainingArguments, "world_size", property(lambda _: 2))
+    with pytest.raises(ValueError, match="optim='mezo' in 2 processes"):
+        LorenzaTrainer(model=model, args=args, optim="mezo")
+    LorenzaTrainer(model=model, args=args, optim="galore")  # its gradients are averaged
 
 
 def test_the_trainer_takes_every_name_train_py_takes():
@@ -85,3 +90,36 @@ def test_the_trainer_takes_every_name_train_py_takes():
     from trainer.registry import OPTIMIZERS
 
     assert {name: (spec.cls, spec.bits) for name, spec in OPTIMIZERS.items()} == HF
+
+
+@pytest.mark.parametrize(
+    "study,first,updates",
+    [("glue", ("cola", 4), 30 * -(-8_551 // 16)), ("loren_superglue", ("rte", None), 8)],
+)
+def test_the_paper_protocols_plan_offline_and_refuse_to_download_in_one_line(study, first, updates):
+    """``python -m experiments.glue`` (30 epochs of batches of 16, both ranks) and
+    ``experiments.loren_superglue`` (512 examples in batches of 64, one epoch): ``--dry-run``
+    lists the runs; without the Hub a run stops in one line before any work; a bad argument
+    is refused naming it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def run(*args, **env):
+        return subprocess.run([sys.executable, "-m", f"experiments.{study}", *args], cwd=ROOT,
+                              capture_output=True, text=True, env={**os.environ, **env},
+                              timeout=120)  # fmt: skip
+
+    planned = run("--dry-run")
+    rows = [json.loads(line) for line in planned.stdout.splitlines() if line.startswith("{")]
+    assert planned.returncode == 0 and (rows[0]["task"], rows[0].get("rank")) == first
+    assert rows[0]["updates"] == updates and "GPU hours: not measured" in planned.stdout
+    offline = run(HF_HUB_OFFLINE="1")
+    assert offline.returncode == 1 and "not reachable" in offline.stderr
+    assert len(offline.stderr.strip().splitlines()) == 1
+    bad = run("--optim", "adam", "--dry-run")
+    assert bad.returncode == 2 if study == "loren_superglue" else bad.returncode == 1
+    assert "adam" in bad.stderr

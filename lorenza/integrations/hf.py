@@ -17,6 +17,9 @@ at ``W + ε``, clipping, ``optimizer.step()`` (which puts ``W`` back and updates
 learning-rate scheduler (which moves ρ with the learning rate), ``Trainer``'s checkpoints
 and resume are ``Trainer``'s own.
 
+The optimizers that probe the loss with forward passes (LORENZA, Lorenza+, AdaZo-SAM,
+MeZO, LOREN) run in one process here: several processes would each probe their own batch.
+
 Low-rank matrices are chosen as GaLore's ``optim_target_modules``: the weights of
 ``nn.Linear`` modules whose name contains one of ``target_modules``. Updates are not fused
 into the backward: ``Trainer`` clips and steps after the whole backward, and owns it.
@@ -87,6 +90,13 @@ class LorenzaTrainer(Trainer):
         self._step_batches: list = []
         self._step_items = None
         super().__init__(*args, **kwargs)
+        probes = OPTIMIZERS[optim][0] in (*FORWARD_ONLY, Lorenza, LorenzaPlus, AdaZoSAM)
+        if probes and self.args.world_size > 1:
+            raise ValueError(
+                f"optim={optim!r} in {self.args.world_size} processes: its forward probes' "
+                "losses would not be averaged over the processes, which could then move "
+                "apart; run it in one process (train.py averages them)"
+            )
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
