@@ -17,13 +17,8 @@ from tests.conftest import ROOT
 from trainer.build import build_model
 from trainer.config import autocast_context, compose_config
 from trainer.exact_memory import activation_peak, peak_bytes, step_peak
-from trainer.plan import (
-    activation_bytes,
-    build_bytes,
-    forward_bytes,
-    memory_plan,
-    state_bytes,
-)
+from trainer.plan import build_bytes, memory_plan, state_bytes
+from trainer.plan_activations import activation_bytes, forward_bytes
 from trainer.registry import OPTIMIZERS
 from trainer.step import train_step
 

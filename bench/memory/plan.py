@@ -31,7 +31,7 @@ from bench.common import machine, markdown_table, write_section
 from models.presets import model_config
 from trainer.config import PRECISIONS
 from trainer.exact_memory import activation_peak, step_peak
-from trainer.plan import activation_bytes
+from trainer.plan_activations import activation_bytes
 
 MIB = 2**20
 
