@@ -58,7 +58,8 @@ for a trainer whose backward depends on it (which gradients to reduce, what to l
 or simply ``opt.step(closure)``, which does the three. With data parallelism the closure must
 leave gradients averaged over the ranks when it runs a backward, and return the mean loss.
 
-Checkpoints (``state_dict``/``load_state_dict``) are in ``optimizer_state.py``.
+Checkpoints (``state_dict``/``load_state_dict``) are in ``optimizer_state.py``, the argument
+checks in ``arguments.py``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from lorenza.adam import (
-    BITS,
     BLOCKSIZE,
     MIN_8BIT_SIZE,
     adam8bit_direction,
@@ -79,10 +79,10 @@ from lorenza.adam import (
     bnb_adam_update,
     init_moments,
 )
+from lorenza.arguments import check_groups, partition
 from lorenza.optimizer_state import CheckpointState
 from lorenza.perturb import BackwardFn, Closure, Perturbation, check_arguments
 from lorenza.projector import (
-    PROJECTIONS,
     STREAM_SKETCH,
     apollo_seed,
     apply_back_,
@@ -93,15 +93,12 @@ from lorenza.projector import (
     seeded_generator,
 )
 from lorenza.residual import (
-    RESIDUALS,
-    SCALINGS,
     fira_residual,
     norm_scaled,
     reads_whole_gradient,
 )
 from lorenza.sharded import (
     add_full_,
-    check_blocks,
     full,
     local,
     rows_like,
@@ -207,7 +204,7 @@ class SubspaceAdamW(CheckpointState):
             in_forward=ascent_in_forward,
         )
         check_arguments(perturbation, **ascent)
-        self._check()
+        check_groups(self.param_groups, self.perturbation)
         for group in self.param_groups:
             group.setdefault("max_lr", group["lr"])
         params = [p for g in self.param_groups for p in g["params"]]
@@ -217,7 +214,7 @@ class SubspaceAdamW(CheckpointState):
         """Right-projected matrices sharded by rows (FSDP2) whose m x r moments each rank keeps
         only its rows of, projecting only its rows of the gradient, and whose n x r basis is
         split by rows too, gathered whenever it is used (``lorenza/sharded.py``)."""
-        self.blocks = self._check_blocks(blocks, params)
+        self.blocks = partition(blocks, params)
         self.step_count = 0  # completed optimizer steps: keys the random streams
         self._fresh: set[torch.Tensor] = set()  # bases already refreshed this step
         self.hooks = None
@@ -225,72 +222,6 @@ class SubspaceAdamW(CheckpointState):
         each of the step's own backwards is for (``Backward``)."""
         self.ascent = Perturbation(self, perturbation, **ascent) if perturbation else None
         """The sharpness-aware perturbation (``perturb.py``), or ``None``."""
-
-    # ----------------------------------------------------------------------------- checks
-    def _check(self) -> None:
-        """``ValueError`` naming the argument and value, before any step."""
-
-        def bad(name, value, allowed):
-            raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
-
-        for g in self.param_groups:
-            if g["bits"] not in BITS:
-                bad("bits", g["bits"], f"one of {BITS}")
-            for p in g["params"] if g["bits"] == 8 and g["rank"] is None else []:
-                if isinstance(p, DTensor) and p.numel() >= MIN_8BIT_SIZE:
-                    check_blocks(tuple(p.shape), p.device_mesh.size(), BLOCKSIZE)
-            if not g["lr"] >= 0:
-                bad("lr", g["lr"], ">= 0")
-            if g["rank"] is None:
-                continue
-            if not (isinstance(g["update_gap"], int) and g["update_gap"] > 0):
-                bad("update_gap", g["update_gap"], "a positive integer")
-            if g["projection"] not in PROJECTIONS:
-                bad("projection", g["projection"], f"one of {PROJECTIONS}")
-            if g["residual"] not in RESIDUALS:
-                bad("residual", g["residual"], f"one of {RESIDUALS}")
-            if g["scaling"] not in SCALINGS:
-                bad("scaling", g["scaling"], f"one of {SCALINGS}")
-            if g["scaling"] and g["residual"]:
-                bad("residual", g["residual"], "None with scaling (APOLLO's update is whole)")
-            if g["projection"] == "random" and not g["scaling"]:
-                bad("projection", "random", "ssrf or svd without scaling (an update projected "
-                    "back needs an orthonormal basis)")  # fmt: skip
-            if self.perturbation and g["scaling"]:
-                bad("perturbation", self.perturbation, "None with scaling (the ascent's restore "
-                    "rides on the projected-back update, which APOLLO lacks)")  # fmt: skip
-            if g["oversample"] < 0 or g["power_iters"] < 0:
-                bad("oversample/power_iters", (g["oversample"], g["power_iters"]), ">= 0")
-            for p in g["params"]:
-                if p.ndim != 2:
-                    bad(
-                        "rank",
-                        g["rank"],
-                        f"None for the {p.ndim}-D parameter of shape "
-                        f"{tuple(p.shape)} (only matrices can be low-rank)",
-                    )
-                if not (isinstance(g["rank"], int) and 0 < g["rank"] <= min(p.shape)):
-                    bad(
-                        "rank",
-                        g["rank"],
-                        f"an integer in [1, {min(p.shape)}] for a managed "
-                        f"matrix of shape {tuple(p.shape)}",
-                    )
-
-    @staticmethod
-    def _check_blocks(blocks, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """``blocks`` must hold every parameter exactly once."""
-        if blocks is None:
-            return [params]
-        blocks = [list(b) for b in blocks if len(b)]
-        seen = [p for b in blocks for p in b]
-        ids, want = {id(p) for p in seen}, {id(p) for p in params}
-        if len(seen) != len(ids) or ids != want:
-            raise ValueError(
-                f"blocks={len(blocks)} blocks of {len(seen)} parameters is invalid: must be a "
-                f"partition of the optimizer's {len(params)} parameters (each exactly once)"
-            )
-        return blocks
 
     def _keeps_rows(self, p: torch.Tensor) -> bool:
         if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
