@@ -577,8 +577,7 @@ def export(run: Run, tokenizer: Tokenizer) -> None:
     if run.sharded and t.save_model:  # a plain copy of the gathered weights, on rank 0 only
         weights = full_model_state(run.model)  # a collective: every rank takes part
         if run.ranks.is_main:
-            model = Llama(run.cfg.model)
-            model.load_state_dict(weights)
+            model = Llama.from_state_dict(run.cfg.model, weights)
     if not run.ranks.is_main:
         return
     run.log.close()

@@ -251,10 +251,5 @@ def load_hf(folder: str | os.PathLike, name: str = "hf") -> Llama:
     folder = Path(folder)
     cfg = ModelConfig(name=name, **hf_shape(folder))
     cfg.validate()
-    with torch.device("meta"):
-        model = Llama(cfg)
     state = {k.removeprefix("model."): v for k, v in hf_weights(folder).items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
-    model.reset_rotary(model.lm_head.weight.device)
-    return model
+    return Llama.from_state_dict(cfg, state)

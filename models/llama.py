@@ -283,6 +283,18 @@ class Llama(nn.Module):
             self.to_empty(device=device)
             self.init_weights()
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict) -> Llama:
+        """A model holding the tensors of ``state`` (a whole ``state_dict``) as its weights,
+        built on ``meta`` first: no initial weights are made only to be overwritten, so the
+        model costs its weights' bytes once."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.tie_weights()
+        model.reset_rotary(model.lm_head.weight.device)
+        return model
+
     def tie_weights(self) -> None:
         """Make ``lm_head.weight`` the embedding's parameter when tied (again after a load
         with ``assign=True``, which gives each name its own parameter)."""
