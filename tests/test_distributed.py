@@ -100,15 +100,21 @@ PURE_RUNS = [
     ["optim=galore8bit", "trainer.fused=true", "dist.fsdp=true", "dist.lowrank_allreduce=true"],
 ]
 # trainer.precision=bf16 under FSDP2, with bf16 all-gathers and float32 reduce-scatters
-# (dist.mixed_precision, the default) and with float32 gathers, for each kind of update:
-# element-wise fused, GaLore's SVD unfused, APOLLO's random projection fused, 8-bit LORENZA
-# fused, and LORENZA fused with the low-rank reduction and sharded checkpoints (resumed below)
+# (dist.mixed_precision, the default) and with float32 gathers, for every optimizer FSDP2
+# takes, fused or not; last, LORENZA fused with the low-rank reduction and sharded
+# checkpoints (resumed below)
 BF16 = ["trainer.precision=bf16", "trainer.grad_clip=0", "dist.fsdp=true"]
 MIXED = [
     ["optim=adamw", "trainer.fused=true"],
+    ["optim=adamw8bit", "trainer.fused=false"],
     ["optim=galore", "trainer.fused=false"],
+    ["optim=galore8bit", "trainer.fused=true"],
+    ["optim=fira", "trainer.fused=false"],
     ["optim=apollo", "trainer.fused=true"],
+    ["optim=apollo_mini", "trainer.fused=false"],
     ["optim=lorenza8bit", "trainer.fused=true"],
+    ["optim=lorenza_plus", "trainer.fused=true"],
+    ["optim=adazo_sam", "trainer.fused=false"],
     ["optim=lorenza", "trainer.fused=true", "dist.lowrank_allreduce=true", "trainer.save_every=2"],
 ]
 MIXED_RUNS = [[*BF16, *m, f"dist.mixed_precision={on}"] for m in MIXED for on in ("true", "false")]
