@@ -2,7 +2,8 @@
 
 The config checks, the trainer, the memory planner, the paper-memory table and the
 benchmarks ask this table instead of testing names or classes. Adding an optimizer is its
-class in ``lorenza/``, one entry here and one ``configs/optim/<name>.yaml``.
+class in ``lorenza/``, its name in ``lorenza/names.py``, its facts here (``_FACTS``) and one
+``configs/optim/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -11,19 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorenza import (
-    APOLLO,
-    LOREN,
-    AdamW,
-    AdaZoSAM,
-    APOLLOMini,
-    Fira,
-    GaLoreAdamW,
-    Lorenza,
-    LorenzaPlus,
-    MeZO,
-    SAMAdamW,
-)
+from lorenza.names import OPTIMIZER_NAMES
 
 ASCENTS = (None, "zo", "sam")
 STATES = ("adam", "loren", "none")
@@ -56,21 +45,25 @@ class OptimizerSpec:
 
 _LORENZA = dict(lowrank=True, ascent="zo", directions=("zo", "rank_r"))
 
+_FACTS = {  # what each name is, beyond its class and bits (lorenza/names.py)
+    "adamw": {},
+    "adamw8bit": {},
+    "galore": dict(lowrank=True),
+    "galore8bit": dict(lowrank=True),
+    "fira": dict(lowrank=True, whole_gradient=True),
+    "apollo": dict(lowrank=True, whole_gradient=True),
+    "apollo_mini": dict(lowrank=True, whole_gradient=True),
+    "lorenza": _LORENZA,
+    "lorenza8bit": _LORENZA,
+    "lorenza_plus": dict(whole_gradient=True, **_LORENZA),
+    "adazo_sam": dict(ascent="zo"),
+    "sam": dict(ascent="sam"),
+    "mezo": dict(forward_only=True, state="none"),
+    "loren": dict(forward_only=True, state="loren"),
+}
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec(AdamW),
-    "adamw8bit": OptimizerSpec(AdamW, bits=8),
-    "galore": OptimizerSpec(GaLoreAdamW, lowrank=True),
-    "galore8bit": OptimizerSpec(GaLoreAdamW, lowrank=True, bits=8),
-    "fira": OptimizerSpec(Fira, lowrank=True, whole_gradient=True),
-    "apollo": OptimizerSpec(APOLLO, lowrank=True, whole_gradient=True),
-    "apollo_mini": OptimizerSpec(APOLLOMini, lowrank=True, whole_gradient=True),
-    "lorenza": OptimizerSpec(Lorenza, **_LORENZA),
-    "lorenza8bit": OptimizerSpec(Lorenza, bits=8, **_LORENZA),
-    "lorenza_plus": OptimizerSpec(LorenzaPlus, whole_gradient=True, **_LORENZA),
-    "adazo_sam": OptimizerSpec(AdaZoSAM, ascent="zo"),
-    "sam": OptimizerSpec(SAMAdamW, ascent="sam"),
-    "mezo": OptimizerSpec(MeZO, forward_only=True, state="none"),
-    "loren": OptimizerSpec(LOREN, forward_only=True, state="loren"),
+    name: OptimizerSpec(cls, bits=bits, **_FACTS[name])
+    for name, (cls, bits) in OPTIMIZER_NAMES.items()
 }
 
 

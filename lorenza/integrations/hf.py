@@ -33,34 +33,9 @@ from transformers import Trainer
 from lorenza.groups import lowrank_param_groups, module_blocks
 from lorenza.loren import LOREN
 from lorenza.mezo import MeZO
-from lorenza.variants import (
-    APOLLO,
-    AdamW,
-    AdaZoSAM,
-    APOLLOMini,
-    Fira,
-    GaLoreAdamW,
-    Lorenza,
-    LorenzaPlus,
-    SAMAdamW,
-)
+from lorenza.names import OPTIMIZER_NAMES as OPTIMIZERS
+from lorenza.variants import APOLLO, AdaZoSAM, APOLLOMini, Fira, GaLoreAdamW, Lorenza, LorenzaPlus
 
-OPTIMIZERS = {  # train.py's names (optim=...): the class, and its states' bits
-    "adamw": (AdamW, 32),
-    "adamw8bit": (AdamW, 8),
-    "galore": (GaLoreAdamW, 32),
-    "galore8bit": (GaLoreAdamW, 8),
-    "fira": (Fira, 32),
-    "apollo": (APOLLO, 32),
-    "apollo_mini": (APOLLOMini, 32),
-    "lorenza": (Lorenza, 32),
-    "lorenza8bit": (Lorenza, 8),
-    "lorenza_plus": (LorenzaPlus, 32),
-    "adazo_sam": (AdaZoSAM, 32),
-    "sam": (SAMAdamW, 32),
-    "mezo": (MeZO, 32),
-    "loren": (LOREN, 32),
-}
 LOWRANK = (GaLoreAdamW, Fira, APOLLO, APOLLOMini, Lorenza, LorenzaPlus)
 FORWARD_ONLY = (MeZO, LOREN)
 
