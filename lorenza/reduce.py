@@ -56,17 +56,21 @@ class GradReducer:
             p.grad = None
         self._start(p, grad if low is None else low, low)
 
-    def launch_projected(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
+    def launch_projected(
+        self, p: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> bool:
         """FSDP2: ``grad`` is this rank's whole, not yet reduced gradient of the sharded
-        ``p``. When the update reads only ``Qᵀ g``, start averaging that and return True (the
+        ``p``, which FSDP2 reduces in ``dtype`` (default: its own). When the update reads
+        only ``Qᵀ g``, start averaging that (of ``grad`` in ``dtype``) and return True (the
         caller frees ``grad``, which FSDP2 then does not reduce-scatter); else count ``grad``
         as FSDP2's to reduce-scatter whole and return False."""
-        size = grad.numel() * grad.element_size()
+        dtype = dtype or grad.dtype
+        size = grad.numel() * dtype.itemsize
         self.bytes_full += size
         if not (self.lowrank and self.optimizer.reduces_projected(p)):
             self.bytes_sent += size
             return False
-        low = self.optimizer.project_grad(p, grad).contiguous()
+        low = self.optimizer.project_grad(p, grad.to(dtype)).contiguous()
         self._start(p, low, low)
         return True
 

@@ -312,7 +312,8 @@ def fsdp_transient(model: Llama, gather: int | None = None) -> tuple[int, int]:
     root, units = fsdp_unit_bytes(model, gather)
     gradient = max(root, *units)
     if gather is not None:
-        gradient += max(fsdp_unit_bytes(model, 4)[0], *fsdp_unit_bytes(model, 4)[1])
+        root32, units32 = fsdp_unit_bytes(model, 4)
+        gradient += max(root32, *units32)
     return root + sum(sorted(units)[-2:]), gradient
 
 

@@ -101,9 +101,9 @@ def fuse_updates(model: Llama, hooks: FusedUpdates, per_param: bool = False) -> 
                 for fsdp_param, p in zip(group.fsdp_params, params, strict=True):
                     unsharded = getattr(fsdp_param, "_unsharded_param", None)
                     grad = None if unsharded is None else unsharded.grad
-                    if grad is not None:  # as FSDP2 would reduce it (float32 under bf16 gathers)
-                        grad = grad.to(fsdp_param.reduce_dtype or grad.dtype)
-                    if grad is not None and reducer.launch_projected(p, grad):
+                    # in the dtype FSDP2 would reduce it in (float32 under bf16 gathers)
+                    dtype = fsdp_param.reduce_dtype
+                    if grad is not None and reducer.launch_projected(p, grad, dtype):
                         unsharded.grad = None  # FSDP2 reduce-scatters only gradients it finds
             original(*args)
             group._wait_for_post_backward()  # the reduce-scatter's output is ready to read
